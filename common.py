@@ -1,0 +1,1434 @@
+"""common.py: the small shared base of nanopapers.
+
+Every method file imports only this module and the allowed packages (torch, numpy, transformers,
+tqdm, matplotlib). Copy `<method>.py` + `common.py` into your project and it runs.
+
+Sections (in this order):
+  setup      seed_everything, pick_device, autocast, ddp_setup / ddp_cleanup / is_main, UserError
+  models     load_lm, tiny_lm, encode_prompts, encode_pairs
+  sampling   generate (KV cache; static cache + compiled decode step on CUDA), Generation
+  log-probs  token_logprobs, token_kl (LM head applied in slices: no full fp32 (B, T, V) tensor)
+  toy world  multi-step modular arithmetic with a chain of thought, styles, a carry bug, splits,
+             extract_answer / is_correct, pretrain_lm, toy_checkpoint (cached tiny HF models)
+  LLMs       ChatClient (OpenAI-compatible endpoint, stdlib HTTP), LLM (one text interface over a
+             local HF model or an endpoint), serve_openai (a local OpenAI-compatible server)
+  logging    MetricLogger, plot_metrics, save_checkpoint / load_checkpoint
+
+`python common.py` builds the toy checkpoints and prints each model's accuracy per split.
+`python common.py --bench` compares `generate` with HF `generate` (tokens/s) and measures the
+peak memory of `token_logprobs` against the naive log_softmax at vocab 151,936.
+`python common.py --serve PATH --port 8000` serves a checkpoint as an OpenAI-compatible endpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import http.server
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# ---- setup ----
+# ---------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """Bad input from the user (missing path, unreachable endpoint, bad flag combination...).
+
+    Library code raises it; scripts turn it into one line on stderr and exit status 2 through
+    `exit_on_user_error()`, so a user never sees a 40-line traceback for a typo.
+    """
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """`with exit_on_user_error(): main(parse_args())` -> one line + exit 2 on a UserError."""
+    try:
+        yield
+    except UserError as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed random, numpy and torch; return a CPU torch.Generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """cuda (this rank's GPU under torchrun) > mps > cpu, unless `name` forces one."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def set_cpu_threads(n: int | None = None) -> None:
+    """One torch thread per process by default on CPU: on a shared 2-core box two threads ran many
+    times slower for these tiny models (thread sync dominates tiny matmuls)."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(n or int(os.environ.get("NANOPAPERS_THREADS", 1)))
+
+
+def autocast(device: torch.device | str):
+    """bf16 autocast on CUDA GPUs that support it; a no-op elsewhere (CPU runs stay fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def ddp_setup() -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed from the torchrun environment (nccl on CUDA, gloo on CPU).
+
+    Returns (rank, world_size, device). Without torchrun: (0, 1, pick_device()).
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, pick_device()
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return rank, world, device
+
+
+def ddp_cleanup() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    """True on rank 0 (and when not distributed): log, plot and save only there."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def all_reduce_grads(model: torch.nn.Module, world_size: int) -> None:
+    """Average gradients over ranks (plain DDP without the wrapper; for loops whose forward passes
+    differ per rank, e.g. variable numbers of chunks). No-op when world_size == 1.
+
+    Losses in nanopapers are sums over the *global* batch divided by its size, so each rank's
+    gradient is (global size / local size) times too small; callers scale the loss by
+    world_size and this averages, which gives the exact single-process gradient."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- models ----
+# ---------------------------------------------------------------------------------------------
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+", name)) and not os.path.exists(name)
+
+
+def load_lm(name_or_path: str, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+            trust_remote_code: bool = False):
+    """Load (model, tokenizer) through the transformers Auto classes.
+
+    Left padding (for generation), a pad-token fallback (eos), model in eval mode on `device`.
+    A missing local path, or a hub id that cannot be fetched (offline, typo, gated), raises one
+    UserError that says what to pass instead.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name_or_path = str(name_or_path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and not _looks_like_hub_id(name_or_path)
+    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise UserError(f"model path '{name_or_path}' does not exist; pass a local checkpoint directory "
+                        f"(save_pretrained output) or a Hugging Face hub id such as Qwen/Qwen3-1.7B")
+    if isinstance(dtype, str):
+        dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                 "fp32": torch.float32, "float32": torch.float32, "auto": "auto"}[dtype]
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model '{name_or_path}' ({first[:200]}); if this machine is offline, download "
+                        f"it first (huggingface-cli download {name_or_path}) or pass a local checkpoint directory") from None
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tok
+
+
+def _bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 200):
+    """A small byte-level BPE tokenizer trained in memory (no files, no download): the 'other
+    tokenizer' of the toy world, so a method that compares token logits across models cannot use
+    a teacher built with it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(list(corpus), trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_lm(n_layer: int = 2, d_model: int = 64, n_head: int = 4, tokenizer: str = "byte", max_positions: int = 512,
+            seed: int = 0, bpe_corpus: Iterable[str] | None = None):
+    """A randomly initialised LlamaForCausalLM and a tokenizer that needs no files.
+
+    tokenizer="byte": ByT5Tokenizer (bytes; 384 ids). tokenizer="bpe": a BPE tokenizer trained in
+    memory on `bpe_corpus` (different vocabulary and segmentation from the byte one).
+    Returns (model, tokenizer), like load_lm; `model.save_pretrained(d); tok.save_pretrained(d)`
+    gives a directory that `load_lm(d)` reloads exactly as it would a hub model.
+    """
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    if tokenizer == "byte":
+        tok = ByT5Tokenizer()
+        tok.padding_side = "left"
+    elif tokenizer == "bpe":
+        tok = _bpe_tokenizer(bpe_corpus if bpe_corpus is not None else toy_corpus(2000, seed=seed))
+    else:
+        raise UserError(f"unknown tokenizer kind '{tokenizer}'; use 'byte' or 'bpe'")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d_model, intermediate_size=4 * d_model,
+                      num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
+                      max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model, tok
+
+
+def _encode_text(tok, text: str) -> list[int]:
+    """Token ids of a prompt with the tokenizer's own special tokens (a BOS where it wants one),
+    minus a trailing EOS that some tokenizers (T5/ByT5) append: a prompt must not end the text."""
+    ids = tok(text)["input_ids"]
+    if ids and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id and not (tok.eos_token and text.endswith(tok.eos_token)):
+        ids = ids[:-1]
+    return ids
+
+
+def encode_prompts(tok, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask) for a batch of prompts (no EOS appended)."""
+    rows = [_encode_text(tok, p) for p in prompts]
+    return _left_pad(rows, tok.pad_token_id, device)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, L - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def encode_pairs(tok, prompts: Sequence[str], responses: Sequence[str], add_eos: bool = True, device=None,
+                 max_response_tokens: int | None = None):
+    """Tokenise (prompt, response) pairs for teacher forcing.
+
+    Returns (input_ids, attention_mask, response_mask), each (B, L), left-padded. response_mask is
+    1 on the response tokens (and the EOS that ends them), the tokens a loss should score.
+    The response is tokenised on its own and appended to the prompt ids, so the prompt tokens are
+    exactly those that `generate` would have seen.
+    """
+    rows, resp_lens = [], []
+    for p, r in zip(prompts, responses):
+        p_ids = _encode_text(tok, p)
+        r_ids = tok(r, add_special_tokens=False)["input_ids"]
+        if max_response_tokens is not None:
+            r_ids = r_ids[:max_response_tokens]
+        if add_eos and tok.eos_token_id is not None:
+            r_ids = r_ids + [tok.eos_token_id]
+        rows.append(p_ids + r_ids)
+        resp_lens.append(len(r_ids))
+    ids, mask = _left_pad(rows, tok.pad_token_id, device)
+    resp = torch.zeros_like(mask)
+    L = ids.shape[1]
+    for i, n in enumerate(resp_lens):
+        if n:
+            resp[i, L - n:] = 1
+    return ids, mask, resp
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    # Left padding: positions start at 0 at each row's first real token (as HF generate does).
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- sampling ----
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Generation:
+    """Output of `generate`. B rows, P prompt positions (left-padded), T new positions.
+
+    sequences (B, P+T) prompt + response ids; attention_mask (B, P+T); prompt_len P;
+    response_ids (B, T); response_mask (B, T) 1 on generated tokens up to and including EOS;
+    logprobs (B, T) log pi(y_t | x, y_<t) under the model at temperature 1 (no top-p), fp32,
+    0 where masked; entropy (B, T) full-vocabulary entropy of the same distribution, or None;
+    texts: decoded responses without special tokens.
+    """
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    texts: list[str]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) fp32 logits -> (B,) token ids. temperature 0 = greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p  # smallest prefix whose mass reaches top_p (always keeps the top token)
+        sp = sp * keep
+        choice = torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=generator)
+        return si.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+_COMPILED_DECODE: dict = {}
+
+
+def _cache_kw(model) -> str:
+    # transformers >= 5.2x renamed forward(past_key_values=) to forward(cache=); accept both.
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _decode_fn(model, compile_: bool):
+    if not compile_:
+        return model.forward
+    key = id(model)
+    if key not in _COMPILED_DECODE:
+        _COMPILED_DECODE[key] = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+    return _COMPILED_DECODE[key]
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: int = 64, temperature: float = 1.0,
+             top_p: float = 1.0, generator: torch.Generator | None = None, return_entropy: bool = False,
+             input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+             static_cache: bool | None = None, compile: bool | None = None, stop_strings: Sequence[str] = ()) -> Generation:
+    """Batched sampling with a KV cache.
+
+    Prompts are given as text (`prompts`) or as left-padded ids (`input_ids`, `attention_mask`).
+    `generator` makes sampling reproducible (same seed -> same tokens on the same device).
+    On CUDA, by default, a static KV cache and a `torch.compile(mode="reduce-overhead")` decode step
+    (fixed shapes -> CUDA graphs); elsewhere a dynamic cache. Rows stop at EOS (or at any of
+    `stop_strings`, checked on the decoded text); the loop ends when every row has stopped.
+    """
+    device = next(model.parameters()).device
+    if input_ids is None:
+        input_ids, attention_mask = encode_prompts(tok, prompts, device)
+    else:
+        input_ids = input_ids.to(device)
+        attention_mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(device)
+    if static_cache is None:
+        static_cache = device.type == "cuda"
+    if compile is None:
+        compile = device.type == "cuda" and static_cache
+    B, P = input_ids.shape
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+    gen_on = generator.device if generator is not None else device
+    was_training = model.training
+    model.eval()
+
+    pos = _position_ids(attention_mask)
+    ckw = _cache_kw(model)
+    if static_cache:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+        full_mask = torch.zeros((B, P + max_new_tokens), dtype=attention_mask.dtype, device=device)
+        full_mask[:, :P] = attention_mask
+        out = model(input_ids=input_ids, attention_mask=full_mask[:, :P], position_ids=pos, **{ckw: cache},
+                    cache_position=torch.arange(P, device=device), use_cache=True, logits_to_keep=1)
+    else:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, **{ckw: cache},
+                    use_cache=True, logits_to_keep=1)
+    step_fn = _decode_fn(model, compile)
+    logits = out.logits[:, -1].float()
+    next_pos = pos[:, -1:] + 1
+    tokens, logps, ents = [], [], []
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    alive = []  # (B,) mask of rows still generating at each step (the EOS step included)
+    cur_mask = attention_mask
+    texts_so_far = [""] * B if stop_strings else None
+    for t in range(max_new_tokens):
+        logp_all = torch.log_softmax(logits, dim=-1)  # (B, V), temperature-1 distribution
+        nxt = _sample(logits.to(gen_on), temperature, top_p, generator).to(device)
+        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        tokens.append(nxt)
+        logps.append(logp_all.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(finished, 0.0))
+        if return_entropy:
+            ents.append((-(logp_all.exp() * logp_all).sum(-1)).masked_fill(finished, 0.0))
+        alive.append(~finished)
+        if eos is not None:
+            finished = finished | (nxt == eos)
+        if stop_strings:
+            for i in range(B):
+                if not finished[i]:
+                    texts_so_far[i] += tok.decode([int(nxt[i])], skip_special_tokens=True)
+                    if any(s in texts_so_far[i] for s in stop_strings):
+                        finished[i] = True
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        if static_cache:
+            full_mask[:, P + t] = 1
+            out = step_fn(input_ids=nxt[:, None], attention_mask=full_mask, position_ids=next_pos,
+                          **{ckw: cache}, cache_position=torch.tensor([P + t], device=device), use_cache=True)
+        else:
+            cur_mask = torch.cat([cur_mask, torch.ones((B, 1), dtype=cur_mask.dtype, device=device)], dim=1)
+            out = step_fn(input_ids=nxt[:, None], attention_mask=cur_mask, position_ids=next_pos,
+                          **{ckw: cache}, use_cache=True)
+        logits = out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    if was_training:
+        model.train()
+    resp = torch.stack(tokens, 1)  # (B, T)
+    resp_mask = torch.stack(alive, 1).long()
+    seq = torch.cat([input_ids, resp], 1)
+    attn = torch.cat([attention_mask, resp_mask], 1)
+    texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp.cpu(), resp_mask.cpu())]
+    if stop_strings:  # cut decoded text at the first stop string (tokens are kept as generated)
+        for i, s in enumerate(texts):
+            cut = [s.find(x) + len(x) for x in stop_strings if x in s]
+            texts[i] = s[: min(cut)] if cut else s
+    return Generation(sequences=seq, attention_mask=attn, prompt_len=P, response_ids=resp, response_mask=resp_mask,
+                      logprobs=torch.stack(logps, 1), entropy=torch.stack(ents, 1) if return_entropy else None, texts=texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- log-probs ----
+# ---------------------------------------------------------------------------------------------
+
+
+def _backbone_and_head(model):
+    """(backbone returning hidden states, lm_head) of a HF causal LM."""
+    head = model.get_output_embeddings()
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if backbone is None or head is None:
+        backbone = getattr(model, getattr(model, "base_model_prefix", "model"))
+    return backbone, head
+
+
+def _head_logits(model, head, h: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2 style soft-capping
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(model.config, "logit_scale", None)  # Cohere style scaling
+    if scale and not cap:
+        logits = logits * scale
+    return logits
+
+
+def _hidden(model, input_ids, attention_mask):
+    backbone, head = _backbone_and_head(model)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
+                   use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0], head
+
+
+def _slice_stats(model, head, h, targets, ref_logp, want_entropy):
+    logits = _head_logits(model, head, h)  # (B, s, V) fp32, only s positions at a time
+    logp_all = torch.log_softmax(logits, -1)
+    lp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1) if want_entropy else torch.zeros_like(lp)
+    if ref_logp is not None:  # KL(ref || pi) = sum_v ref(v) (log ref(v) - log pi(v))
+        kl = (ref_logp.exp() * (ref_logp - logp_all)).sum(-1)
+    else:
+        kl = torch.zeros_like(lp)
+    return lp, ent, kl
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_entropy: bool = False,
+                   chunk_size: int = 512, ref_model=None):
+    """Per-token log-probs log pi(x_i | x_<i) of the given ids, aligned with the ids.
+
+    Returns logp (B, L) with logp[:, i] the log-prob of input_ids[:, i] given the tokens before it
+    (logp[:, 0] = 0), and, with return_entropy, entropy (B, L): the full-vocabulary entropy of the
+    distribution that produced token i (computed from logits index i - 1). With ref_model, also
+    kl (B, L): exact KL(ref || pi) of those distributions (ref_model is run without grad).
+    Returns a tuple (logp, entropy or None, kl or None) when return_entropy or ref_model is set,
+    else logp alone.
+
+    The LM head is applied `chunk_size` positions at a time in fp32, under activation checkpointing
+    when grad is on, so no (B, L, V) fp32 tensor is ever held: at V = 151,936 that tensor would be
+    2.5 GB per 4096-token sequence.
+    """
+    h, head = _hidden(model, input_ids, attention_mask)  # (B, L, d)
+    ref_h = ref_head = None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_h, ref_head = _hidden(ref_model, input_ids, attention_mask)
+    B, L = input_ids.shape
+    targets = input_ids[:, 1:]
+    lps, ents, kls = [], [], []
+    use_ckpt = torch.is_grad_enabled() and h.requires_grad
+    for s in range(0, L - 1, chunk_size):
+        e = min(L - 1, s + chunk_size)
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp = torch.log_softmax(_head_logits(ref_model, ref_head, ref_h[:, s:e]), -1)
+        if use_ckpt:
+            lp, ent, kl = torch.utils.checkpoint.checkpoint(_slice_stats, model, head, h[:, s:e], targets[:, s:e], ref_logp,
+                                                            return_entropy, use_reentrant=False)
+        else:
+            lp, ent, kl = _slice_stats(model, head, h[:, s:e], targets[:, s:e], ref_logp, return_entropy)
+        lps.append(lp), ents.append(ent), kls.append(kl)
+        del ref_logp
+    zero = torch.zeros((B, 1), dtype=torch.float32, device=h.device)
+    logp = torch.cat([zero] + lps, 1) if lps else zero.expand(B, L)
+    if not return_entropy and ref_model is None:
+        return logp
+    entropy = torch.cat([zero] + ents, 1) if return_entropy else None
+    kl = torch.cat([zero] + kls, 1) if ref_model is not None else None
+    return logp, entropy, kl
+
+
+def token_kl(model, ref_model, input_ids, attention_mask, chunk_size: int = 512) -> torch.Tensor:
+    """(B, L) exact full-vocabulary KL(ref || pi) of the distribution producing each token."""
+    return token_logprobs(model, input_ids, attention_mask, chunk_size=chunk_size, ref_model=ref_model)[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- toy world ----
+# ---------------------------------------------------------------------------------------------
+# A problem is a domain (operator) and a list of single-digit operands. The chain of thought keeps
+# a running state s (starting at 0; at 1 for mul) and writes one step per operand:
+# r = op(s, x) mod 10, then s = r. The answer is the last r.
+#   prompt   "add 3582="                  (domain, operands, "=")
+#   response "033;358;886;628;=8"         style "sxr": each step is s, x, r then ";"; "=" answer
+#            "303;538;886;268;=8"         style "xsr": the same steps written x, s, r
+# The carry bug (weak students): a step whose raw result leaves 0..9 (a carry / borrow / overflow)
+# is written r + 1 (mod 10) with probability `bug_prob`; later steps continue from the wrong r.
+
+TOY_DOMAINS = {
+    "add": lambda s, x: s + x,
+    "sub": lambda s, x: s - x,
+    "mul": lambda s, x: s * x,
+}
+TOY_INIT = {"add": 0, "sub": 0, "mul": 1}  # the running state's start (identity of the operator)
+# Operand alphabets: mul skips 0 and 5 so the running product never collapses to 0 for good.
+TOY_OPERANDS = {"add": range(10), "sub": range(10), "mul": (1, 2, 3, 4, 6, 7, 8, 9)}
+# Difficulty = number of operands (chain-of-thought steps). "id" is what toy models are trained on
+# (held-out problems); "ood" has more steps than any training problem.
+TOY_LEVELS = {"train": (2, 6), "id": (3, 6), "ood": (7, 8)}
+TOY_STYLES = ("sxr", "xsr")
+
+
+@dataclasses.dataclass
+class ToyProblem:
+    domain: str
+    operands: list[int]
+    steps: list[tuple[int, int, int]]  # (s, x, r) as written (with bugs if any)
+    answer: int  # the correct answer (the trace's last r differs when a bug fired)
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.domain} {''.join(map(str, self.operands))}="
+
+
+def toy_problem(rng: random.Random, domain: str = "add", n_operands: int = 6, bug_prob: float = 0.0,
+                operands: Sequence[int] | None = None) -> ToyProblem:
+    op = TOY_DOMAINS[domain]
+    xs = list(operands) if operands is not None else [rng.choice(TOY_OPERANDS[domain]) for _ in range(n_operands)]
+    s = s_true = TOY_INIT[domain]
+    steps = []
+    for x in xs:
+        raw = op(s, x)
+        r = raw % 10
+        if bug_prob > 0 and not 0 <= raw <= 9 and rng.random() < bug_prob:
+            r = (r + 1) % 10  # the systematic carry bug
+        steps.append((s, x, r))
+        s, s_true = r, op(s_true, x) % 10
+    return ToyProblem(domain, xs, steps, s_true)
+
+
+def toy_trace(problem: ToyProblem, style: str = "sxr") -> str:
+    """The chain of thought and answer of a problem, written in a style (same reasoning, other text)."""
+    if style == "sxr":
+        body = "".join(f"{s}{x}{r};" for s, x, r in problem.steps)
+    elif style == "xsr":
+        body = "".join(f"{x}{s}{r};" for s, x, r in problem.steps)
+    else:
+        raise ValueError(f"unknown toy style {style!r}; use one of {TOY_STYLES}")
+    return f"{body}={problem.steps[-1][2]}"
+
+
+def toy_split_of(prompt: str) -> str:
+    """Deterministic train / held-out split of prompts (1 in 8 prompts is held out), so evaluation
+    problems never appear in any model's training data, whatever seeds are used."""
+    return "heldout" if zlib.crc32(prompt.encode()) % 8 == 0 else "train"
+
+
+def toy_dataset(split: str = "id", n: int = 500, seed: int = 0, domains: Sequence[str] = ("add",),
+                bug_prob: float = 0.0) -> list[ToyProblem]:
+    """n problems of a split: "train" (training prompts, 2-6 steps), "id" (held-out prompts,
+    3-6 steps) or "ood" (held-out prompts, 7-8 steps). Domains are cycled for balance."""
+    if split not in TOY_LEVELS:
+        raise UserError(f"unknown toy split '{split}'; use one of {list(TOY_LEVELS)}")
+    lo, hi = TOY_LEVELS[split]
+    want = "train" if split == "train" else "heldout"
+    rng = random.Random(f"{split}-{seed}")
+    out = []
+    while len(out) < n:
+        d = domains[len(out) % len(domains)]
+        p = toy_problem(rng, d, rng.randint(lo, hi), bug_prob=bug_prob)
+        if toy_split_of(p.prompt) == want:
+            out.append(p)
+    return out
+
+
+def toy_corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """Prompt+response texts in both styles (for training the toy BPE tokenizer)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p = toy_problem(rng, rng.choice(list(TOY_DOMAINS)), rng.randint(2, 8))
+        out.append(p.prompt + toy_trace(p, TOY_STYLES[i % 2]))
+    return out
+
+
+_BOXED = re.compile(r"\\boxed\{")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a response: the content of the last \\boxed{...} if there is one (real
+    math data), else the number after the last '=' (toy world). None when there is no answer."""
+    m = list(_BOXED.finditer(text))
+    if m:
+        i, depth, j = m[-1].end(), 1, m[-1].end()
+        while j < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            j += 1
+        return text[i:j - 1].strip() if depth == 0 else None
+    m = re.findall(r"=\s*(-?\d+)", text)
+    return m[-1] if m else None
+
+
+def is_correct(text: str, answer) -> bool:
+    got = extract_answer(text)
+    if got is None:
+        return False
+    want = str(answer).strip()
+    if got == want:
+        return True
+    try:
+        return float(got.replace(",", "")) == float(want.replace(",", ""))
+    except ValueError:
+        return False
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, tok, problems: Sequence[ToyProblem], batch_size: int = 128, temperature: float = 0.0,
+                      max_new_tokens: int | None = None, generator: torch.Generator | None = None) -> float:
+    """Share of problems answered correctly (greedy by default)."""
+    correct = 0
+    for i in range(0, len(problems), batch_size):
+        batch = problems[i:i + batch_size]
+        mnt = max_new_tokens or max(4 * len(p.operands) + 4 for p in batch)
+        g = generate(model, tok, [p.prompt for p in batch], max_new_tokens=mnt, temperature=temperature,
+                     generator=generator)
+        correct += sum(is_correct(t, p.answer) for t, p in zip(g.texts, batch))
+    return correct / max(1, len(problems))
+
+
+def pretrain_lm(model, tok, sample_fn: Callable[[random.Random], tuple[str, str]], steps: int = 1500,
+                batch_size: int = 64, lr: float = 3e-3, seed: int = 0, desc: str = "pretrain", log_every: int = 0):
+    """Teacher-forced training on (prompt, response) pairs drawn by `sample_fn(rng)`; the loss is the
+    mean NLL of response tokens (and EOS). AdamW, linear warmup then cosine decay. CPU-sized.
+
+    sample_fn may return a third item: the number of leading response characters to leave out of
+    the loss (they are read as context only).
+    """
+    from tqdm.auto import tqdm
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    model.train()
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=not sys.stderr.isatty())
+    for step in bar:
+        samples = [sample_fn(rng) for _ in range(batch_size)]
+        prompts = [s[0] for s in samples]
+        if any(len(s) > 2 for s in samples):  # context-only response prefix: fold it into the prompt
+            prompts = [s[0] + s[1][:s[2]] if len(s) > 2 else s[0] for s in samples]
+            resps = [s[1][s[2]:] if len(s) > 2 else s[1] for s in samples]
+        else:
+            resps = [s[1] for s in samples]
+        ids, mask, resp = encode_pairs(tok, prompts, resps, device=next(model.parameters()).device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask)).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        m = resp[:, 1:].reshape(-1).float()
+        loss = (nll * m).sum() / m.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if log_every and step % log_every == 0:
+            print(f"{desc} step {step} loss {loss.item():.4f}", flush=True)
+    model.eval()
+    return model
+
+
+
+# Built-in toy roles. A recipe: which domains (weight, bug_prob), the trace style, the tokenizer,
+# model size and training length. Method files may pass their own recipe to toy_checkpoint.
+# Cached models are rebuilt when their recipe (or TOY_CACHE_VERSION) changes.
+TOY_CACHE_VERSION = 2
+_ALL = {"add": (1.0, 0.0), "sub": (1.0, 0.0), "mul": (1.0, 0.0)}
+_BUGGY = {"add": (1.0, 0.6), "sub": (1.0, 0.6), "mul": (1.0, 0.6)}
+
+
+def _expert(d):  # strong in its domain, a weak (carry-bug) writer elsewhere
+    return {k: ((4.0, 0.0) if k == d else (0.5, 0.6)) for k in TOY_DOMAINS}
+
+
+TOY_ROLES = {
+    "teacher": dict(domains=_ALL, style="sxr", tokenizer="byte", steps=1600),
+    "student": dict(domains=_BUGGY, style="sxr", tokenizer="byte", steps=800),
+    "expert_add": dict(domains=_expert("add"), style="sxr", tokenizer="byte", steps=900),
+    "expert_sub": dict(domains=_expert("sub"), style="sxr", tokenizer="byte", steps=900),
+    "expert_mul": dict(domains=_expert("mul"), style="sxr", tokenizer="byte", steps=900),
+    "teacher_bpe": dict(domains=_ALL, style="sxr", tokenizer="bpe", steps=1600),
+}
+_RECIPE_DEFAULTS = dict(n_layer=2, d_model=64, n_head=4, batch_size=64, lr=3e-3, seed=0, bug_prob=None)
+
+
+def toy_sample_fn(recipe: dict) -> Callable[[random.Random], tuple]:
+    """(prompt, response[, context_chars]) sampler of a recipe, over training prompts only.
+
+    style: "sxr" | "xsr" | "mixed" (either, per trace) | "switch" (the first j steps in "sxr" as
+    context only, the rest in "xsr" and scored: a teacher that reads student-format prefixes and
+    continues in its own format)."""
+    names = list(recipe["domains"])
+    weights = [recipe["domains"][d][0] for d in names]
+    lo, hi = TOY_LEVELS["train"]
+
+    def sample(rng: random.Random):
+        while True:
+            d = rng.choices(names, weights)[0]
+            p = toy_problem(rng, d, rng.randint(lo, hi), bug_prob=recipe["domains"][d][1])
+            if toy_split_of(p.prompt) == "train":
+                break
+        style = recipe["style"]
+        if style == "mixed":
+            return p.prompt, toy_trace(p, rng.choice(TOY_STYLES))
+        if style == "switch":
+            j = rng.randint(0, len(p.steps) - 1)
+            head = toy_trace(p, "sxr")[: 4 * j]
+            return p.prompt, head + toy_trace(p, "xsr")[4 * j:], len(head)
+        return p.prompt, toy_trace(p, style)
+
+    return sample
+
+
+def _build_toy(role: str, recipe: dict, path: str) -> None:
+    set_cpu_threads()
+    model, tok = tiny_lm(n_layer=recipe["n_layer"], d_model=recipe["d_model"], n_head=recipe["n_head"],
+                         tokenizer=recipe["tokenizer"], seed=recipe["seed"])
+    pretrain_lm(model, tok, toy_sample_fn(recipe), steps=recipe["steps"], batch_size=recipe["batch_size"],
+                lr=recipe["lr"], seed=recipe["seed"], desc=f"toy {role}")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def toy_cache_dir(cache_dir: str | None = None) -> str:
+    return os.path.expanduser(cache_dir or os.environ.get("NANOPAPERS_CACHE", "~/.cache/nanopapers"))
+
+
+def toy_checkpoint(role: str, cache_dir: str | None = None, recipe: dict | None = None, rebuild: bool = False,
+                   verbose: bool = True) -> str:
+    """Path of a cached tiny toy model (a save_pretrained dir; load it with load_lm), building it
+    first if needed. Roles: teacher (clean, >= 95% held-out greedy), student (carry bug, weak),
+    expert_add / expert_sub / expert_mul, teacher_bpe (clean, another tokenizer), or any name with
+    your own `recipe` (see TOY_ROLES). A file lock makes concurrent builders (torchrun ranks,
+    parallel tests) wait for one build instead of racing."""
+    if recipe is None:
+        if role not in TOY_ROLES:
+            raise UserError(f"unknown toy role '{role}'; use one of {sorted(TOY_ROLES)} or pass recipe=")
+        recipe = TOY_ROLES[role]
+    recipe = {**_RECIPE_DEFAULTS, **recipe}
+    key = hashlib.sha1(json.dumps({"v": TOY_CACHE_VERSION, **recipe}, sort_keys=True).encode()).hexdigest()[:10]
+    root = toy_cache_dir(cache_dir)
+    path = os.path.join(root, f"{role}-{key}")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{role}-{key}.lock"), "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        if rebuild:
+            shutil.rmtree(path, ignore_errors=True)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            t0 = time.time()
+            if verbose:
+                print(f"[toy] building '{role}' ({recipe['steps']} steps) -> {path}", file=sys.stderr, flush=True)
+            tmp = path + f".tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _build_toy(role, recipe, tmp)
+            os.replace(tmp, path)
+            if verbose:
+                print(f"[toy] built '{role}' in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    return path
+
+
+def _toy_build_worker(args):
+    role, cache_dir, recipe = args
+    return toy_checkpoint(role, cache_dir, recipe)
+
+
+def toy_checkpoints(roles: Sequence[str], cache_dir: str | None = None, workers: int = 2,
+                    recipes: dict | None = None) -> dict[str, str]:
+    """Build (in `workers` parallel processes, one thread each) and return {role: path}."""
+    recipes = recipes or {}
+    jobs = [(r, cache_dir, recipes.get(r)) for r in roles]
+    if workers <= 1 or len(jobs) <= 1:
+        return {r: _toy_build_worker(j) for r, j in zip(roles, jobs)}
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # longest builds first so the two workers finish together
+    order = sorted(range(len(jobs)), key=lambda i: -{**_RECIPE_DEFAULTS, **(jobs[i][2] or TOY_ROLES.get(jobs[i][0], {}))}.get("steps", 0))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        paths = dict(zip([roles[i] for i in order], ex.map(_toy_build_worker, [jobs[i] for i in order])))
+    return {r: paths[r] for r in roles}
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- logging and checkpoints ----
+# ---------------------------------------------------------------------------------------------
+
+
+class MetricLogger:
+    """Append metrics to `<output_dir>/metrics.jsonl` (one JSON object per call) and show the key
+    ones on a tqdm bar. Only rank 0 writes. On resume, lines past `resume_step` are dropped, so a
+    resumed run's file reads as one clean run.
+
+        log = MetricLogger(out_dir, pbar=bar)
+        log.log(step, loss=..., acc=...)    # floats or 0-d tensors; .item() happens here
+    """
+
+    def __init__(self, output_dir: str, pbar=None, resume_step: int | None = None, enabled: bool | None = None,
+                 filename: str = "metrics.jsonl"):
+        self.enabled = is_main() if enabled is None else enabled
+        self.path = os.path.join(output_dir, filename)
+        self.pbar = pbar
+        if not self.enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if resume_step is None:
+            open(self.path, "w").close()
+        elif os.path.exists(self.path):
+            keep = [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+
+    def log(self, step: int, **metrics) -> dict:
+        row = {"step": int(step)}
+        for k, v in metrics.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().float().item()
+            elif isinstance(v, (np.floating, np.integer)):
+                v = v.item()
+            row[k] = v
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.pbar is not None:
+                self.pbar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()
+                                       if k != "step" and isinstance(v, (int, float))}, refresh=False)
+        return row
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Rows of a jsonl file; a malformed line raises UserError naming the file and line number."""
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove that line") from None
+    return rows
+
+
+def plot_metrics(jsonl_path: str, png_path: str, keys: Sequence[str] | None = None, title: str = "",
+                 x: str = "step") -> str:
+    """One subplot per metric (all numeric keys by default) against `x`; Agg backend; returns png_path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(jsonl_path)
+    if keys is None:
+        keys = sorted({k for r in rows for k, v in r.items() if k != x and isinstance(v, (int, float))
+                       and not isinstance(v, bool)})
+    keys = list(keys) or ["(none)"]
+    n = len(keys)
+    cols = min(3, n)
+    rows_n = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r[x], r[k]) for r in rows if k in r and x in r and isinstance(r[k], (int, float))]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="." if len(pts) < 30 else None)
+        ax.set_xlabel(x)
+        ax.set_ylabel(k)
+        ax.set_title(k, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def write_json(path: str, obj) -> None:
+    """Write JSON atomically (tmp file + rename): a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir: str, model=None, tok=None, optimizer=None, step: int = 0, extra: dict | None = None,
+                    modules: dict | None = None) -> str:
+    """Save a resumable training state atomically to `ckpt_dir`:
+    model/ (save_pretrained, loadable with load_lm), optimizer.pt, state.pt (step, RNG states,
+    `extra`, and the state_dicts of any other `modules` such as a router or value head).
+    Written to a temporary sibling directory and renamed, so a crash mid-save keeps the last good one.
+    """
+    if not is_main():
+        return ckpt_dir
+    tmp = ckpt_dir.rstrip("/") + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if model is not None:
+        m = model.module if hasattr(model, "module") else model
+        m.save_pretrained(os.path.join(tmp, "model"))
+        if tok is not None:
+            tok.save_pretrained(os.path.join(tmp, "model"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    state = {"step": step, "extra": extra or {}, "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+             "torch_rng": torch.get_rng_state(),
+             "modules": {k: v.state_dict() for k, v in (modules or {}).items()}}
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    old = ckpt_dir.rstrip("/") + ".old"
+    if os.path.exists(ckpt_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(ckpt_dir, old)
+    os.replace(tmp, ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return ckpt_dir
+
+
+def load_checkpoint(ckpt_dir: str, model=None, optimizer=None, modules: dict | None = None) -> dict:
+    """Restore what save_checkpoint wrote (weights into `model` in place, optimizer, RNG states,
+    other modules); returns the state dict with "step" and "extra". Missing dir -> UserError."""
+    if not os.path.isfile(os.path.join(ckpt_dir, "state.pt")):
+        raise UserError(f"no checkpoint at '{ckpt_dir}' to resume from; run without --resume to start fresh")
+    state = torch.load(os.path.join(ckpt_dir, "state.pt"), weights_only=False)
+    if model is not None and os.path.isdir(os.path.join(ckpt_dir, "model")):
+        from transformers import AutoModelForCausalLM
+
+        m = model.module if hasattr(model, "module") else model
+        saved = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt_dir, "model"), dtype=torch.float32)
+        m.load_state_dict(saved.state_dict())
+    if optimizer is not None and os.path.isfile(os.path.join(ckpt_dir, "optimizer.pt")):
+        optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=False))
+    for k, v in (modules or {}).items():
+        if k in state["modules"]:
+            v.load_state_dict(state["modules"][k])
+    random.setstate(state["python_rng"])
+    np.random.set_state(state["numpy_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- LLMs: endpoint client, one text interface, a local server ----
+# ---------------------------------------------------------------------------------------------
+
+
+class EndpointError(UserError):
+    """An OpenAI-compatible endpoint was unreachable, or kept failing / answering garbage."""
+
+
+class ChatClient:
+    """Client for any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, hosted APIs).
+
+    Stdlib HTTP only. Timeouts; retries with exponential backoff on 429, 5xx and connection errors
+    (honouring Retry-After); after `max_retries` one EndpointError that names the URL and the fix.
+    A 200 answer that is not the expected JSON is retried too (some servers glitch), then raised.
+    `usage` counts calls, retries and tokens (as the server reports them).
+    """
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
+                 max_retries: int = 4, backoff: float = 1.0):
+        self.base_url = base_url.rstrip("/")
+        if not self.base_url.endswith("/v1"):
+            self.base_url += "/v1"
+        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.max_retries, self.backoff = max_retries, backoff
+        self.usage = {"calls": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self._lock = threading.Lock()
+
+    def _post(self, route: str, payload: dict) -> dict:
+        url = f"{self.base_url}/{route}"
+        data = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            wait = self.backoff * 2 ** attempt
+            try:
+                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    body = r.read()
+                try:
+                    out = json.loads(body)
+                    if not isinstance(out, dict) or not isinstance(out.get("choices"), list) or not out["choices"]:
+                        raise ValueError("no 'choices' list")
+                except ValueError as e:
+                    last = f"malformed response ({e}): {body[:120]!r}"
+                else:
+                    with self._lock:
+                        self.usage["calls"] += 1
+                        for k in ("prompt_tokens", "completion_tokens"):
+                            self.usage[k] += int((out.get("usage") or {}).get(k, 0) or 0)
+                    return out
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}: {e.read()[:200]!r}"
+                if e.code != 429 and e.code < 500:  # 4xx other than 429: our request is wrong, retrying won't help
+                    raise EndpointError(f"{url} rejected the request ({last}); check --model name, api key and parameters") from None
+                ra = e.headers.get("Retry-After") if e.headers else None
+                if ra:
+                    try:
+                        wait = max(wait, float(ra))
+                    except ValueError:
+                        pass
+            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as e:
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            if attempt < self.max_retries:
+                with self._lock:
+                    self.usage["retries"] += 1
+                time.sleep(wait)
+        raise EndpointError(f"endpoint {url} failed after {self.max_retries + 1} tries ({last}); start the server "
+                            f"(e.g. vllm serve {self.model}) or pass the right --*_api_base")
+
+    def chat(self, messages: list[dict], n: int = 1, temperature: float = 1.0, max_tokens: int = 256,
+             top_p: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None) -> list[str]:
+        """n sampled assistant replies to one conversation (/v1/chat/completions)."""
+        payload = {"model": self.model, "messages": messages, "n": n, "temperature": temperature,
+                   "max_tokens": max_tokens, "top_p": top_p}
+        if stop:
+            payload["stop"] = list(stop)
+        if seed is not None:
+            payload["seed"] = seed
+        out = self._post("chat/completions", payload)
+        try:
+            return [c["message"]["content"] or "" for c in sorted(out["choices"], key=lambda c: c.get("index", 0))]
+        except (KeyError, TypeError):
+            raise EndpointError(f"{self.base_url}/chat/completions answered without choices[].message.content") from None
+
+    def complete(self, prompt: str, n: int = 1, temperature: float = 1.0, max_tokens: int = 256, top_p: float = 1.0,
+                 stop: Sequence[str] | None = None, seed: int | None = None) -> list[str]:
+        """n sampled raw continuations of a text prompt (/v1/completions; no chat template)."""
+        payload = {"model": self.model, "prompt": prompt, "n": n, "temperature": temperature,
+                   "max_tokens": max_tokens, "top_p": top_p}
+        if stop:
+            payload["stop"] = list(stop)
+        if seed is not None:
+            payload["seed"] = seed
+        out = self._post("completions", payload)
+        try:
+            return [c["text"] or "" for c in sorted(out["choices"], key=lambda c: c.get("index", 0))]
+        except (KeyError, TypeError):
+            raise EndpointError(f"{self.base_url}/completions answered without choices[].text") from None
+
+
+class LLM:
+    """One text-in / text-out interface over a local HF model or an OpenAI-compatible endpoint.
+
+        llm = LLM.from_hf("path/or/hub-id")            or  LLM(model=m, tokenizer=tok)
+        llm = LLM.from_endpoint("http://localhost:8000/v1", "Qwen/Qwen3-8B")
+        llm.complete(["prefix text", ...], n=4, temperature=1.0, max_tokens=32) -> [[str] * 4, ...]
+        llm.chat([[{"role": "user", "content": "..."}], ...], n=1) -> [[str], ...]
+
+    A caller gets text only: nothing here exposes logits, which is what "black-box" means for the
+    methods that use it. Local chat uses the tokenizer's chat template when it has one, else a plain
+    "role: content" rendering. `usage` counts calls and tokens for summary.json.
+    """
+
+    def __init__(self, model=None, tokenizer=None, client: ChatClient | None = None, batch_size: int = 64,
+                 max_workers: int = 8, seed: int = 0):
+        if (model is None) == (client is None):
+            raise ValueError("LLM needs exactly one of model (+ tokenizer) or client")
+        self._model, self._tok, self.client = model, tokenizer, client
+        self.batch_size, self.max_workers = batch_size, max_workers
+        self._gen = torch.Generator(device=next(model.parameters()).device if model is not None else "cpu").manual_seed(seed)
+        self.usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+    @classmethod
+    def from_hf(cls, name_or_path: str, dtype=None, device=None, **kw) -> "LLM":
+        model, tok = load_lm(name_or_path, dtype=dtype, device=device or pick_device())
+        return cls(model=model, tokenizer=tok, **kw)
+
+    @classmethod
+    def from_endpoint(cls, base_url: str, model: str, api_key: str | None = None, **kw) -> "LLM":
+        client_kw = {k: kw.pop(k) for k in ("timeout", "max_retries", "backoff") if k in kw}
+        return cls(client=ChatClient(base_url, model, api_key, **client_kw), **kw)
+
+    @property
+    def is_local(self) -> bool:
+        return self._model is not None
+
+    @property
+    def name(self) -> str:
+        return self.client.model if self.client else getattr(self._model.config, "_name_or_path", "local")
+
+    def render_chat(self, messages: list[dict]) -> str:
+        tok = self._tok
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+    def _local(self, texts: list[str], n: int, temperature: float, max_tokens: int, top_p: float,
+               stop: Sequence[str] | None) -> list[list[str]]:
+        flat = [t for t in texts for _ in range(n)]
+        outs = []
+        for i in range(0, len(flat), self.batch_size):
+            g = generate(self._model, self._tok, flat[i:i + self.batch_size], max_new_tokens=max_tokens,
+                         temperature=temperature, top_p=top_p, generator=self._gen, stop_strings=tuple(stop or ()))
+            outs += g.texts
+            self.usage["completion_tokens"] += int(g.response_mask.sum())
+            self.usage["prompt_tokens"] += int(g.attention_mask[:, :g.prompt_len].sum())
+        self.usage["calls"] += len(texts)
+        return [outs[j * n:(j + 1) * n] for j in range(len(texts))]
+
+    def _remote(self, fn, items, **kw) -> list[list[str]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.max_workers) as ex:  # concurrent requests, order kept
+            res = list(ex.map(lambda x: fn(x, **kw), items))
+        for k in self.usage:
+            self.usage[k] = self.client.usage.get(k, 0)
+        return res
+
+    def complete(self, prompts: Sequence[str], n: int = 1, temperature: float = 1.0, max_tokens: int = 256,
+                 top_p: float = 1.0, stop: Sequence[str] | None = None) -> list[list[str]]:
+        """n raw continuations for each prompt (no chat template)."""
+        prompts = list(prompts)
+        if self.client is not None:
+            return self._remote(self.client.complete, prompts, n=n, temperature=temperature, max_tokens=max_tokens,
+                                top_p=top_p, stop=stop)
+        return self._local(prompts, n, temperature, max_tokens, top_p, stop)
+
+    def chat(self, conversations: Sequence[list[dict] | str], n: int = 1, temperature: float = 1.0,
+             max_tokens: int = 256, top_p: float = 1.0, stop: Sequence[str] | None = None) -> list[list[str]]:
+        """n replies for each conversation (a list of {"role", "content"} dicts, or a user string)."""
+        convs = [[{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations]
+        if self.client is not None:
+            return self._remote(self.client.chat, convs, n=n, temperature=temperature, max_tokens=max_tokens,
+                                top_p=top_p, stop=stop)
+        return self._local([self.render_chat(c) for c in convs], n, temperature, max_tokens, top_p, stop)
+
+
+def serve_openai(llm: LLM, host: str = "127.0.0.1", port: int = 0, model_name: str = "local"):
+    """Serve a local `LLM` as an OpenAI-compatible endpoint (/v1/completions, /v1/chat/completions,
+    /v1/models) in a background thread. Returns the server; `server.url` is its base URL
+    ("http://127.0.0.1:PORT/v1"); `server.shutdown()` stops it. Requests are served one at a time
+    (the model is not thread-safe). Used by tests and `python common.py --serve`.
+    """
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):  # quiet
+            pass
+
+        def _send(self, code: int, obj: dict):
+            body = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path.rstrip("/").endswith("/models"):
+                return self._send(200, {"object": "list", "data": [{"id": model_name, "object": "model"}]})
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+        def do_POST(self):
+            try:
+                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            except json.JSONDecodeError:
+                return self._send(400, {"error": {"message": "body is not JSON"}})
+            kw = dict(n=int(req.get("n", 1)), temperature=float(req.get("temperature", 1.0)),
+                      max_tokens=int(req.get("max_tokens", 256)), top_p=float(req.get("top_p", 1.0)),
+                      stop=req.get("stop"))
+            if isinstance(kw["stop"], str):
+                kw["stop"] = [kw["stop"]]
+            before = dict(llm.usage)
+            with lock:
+                if self.path.endswith("/chat/completions"):
+                    texts = llm.chat([req.get("messages", [])], **kw)[0]
+                    choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                               for i, t in enumerate(texts)]
+                elif self.path.endswith("/completions"):
+                    prompt = req.get("prompt", "")
+                    prompts = prompt if isinstance(prompt, list) else [prompt]
+                    outs = llm.complete(prompts, **kw)
+                    choices = [{"index": i, "text": t, "finish_reason": "stop"}
+                               for i, t in enumerate(t for o in outs for t in o)]
+                else:
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+            usage = {k: llm.usage[k] - before.get(k, 0) for k in ("prompt_tokens", "completion_tokens")}
+            self._send(200, {"id": "cmpl-local", "object": "completion", "model": model_name, "choices": choices,
+                             "usage": usage})
+
+    server = http.server.ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    server.url = f"http://{host}:{server.server_address[1]}/v1"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- command line: toy table, benchmark, server ----
+# ---------------------------------------------------------------------------------------------
+
+
+def toy_table(paths: dict[str, str], n: int = 300) -> list[dict]:
+    """Greedy held-out accuracy of each toy model per domain (in-distribution) and out of distribution."""
+    rows = []
+    for role, path in paths.items():
+        model, tok = load_lm(path)
+        row = {"role": role}
+        for d in TOY_DOMAINS:
+            row[f"{d}/id"] = evaluate_accuracy(model, tok, toy_dataset("id", n, seed=1, domains=(d,)))
+        row["all/id"] = sum(row[f"{d}/id"] for d in TOY_DOMAINS) / len(TOY_DOMAINS)
+        row["all/ood"] = evaluate_accuracy(model, tok, toy_dataset("ood", n, seed=1, domains=tuple(TOY_DOMAINS)))
+        rows.append(row)
+    return rows
+
+
+def _bench(args) -> None:
+    """tokens/s of `generate` vs HF `generate`, and peak memory of token_logprobs vs the naive way."""
+    import resource
+    import subprocess
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = pick_device()
+    set_cpu_threads(args.threads)
+    if args.bench_model == "tiny":
+        model, tok = tiny_lm()
+    else:  # a random-weight model of a real shape (e.g. Qwen/Qwen2.5-0.5B's config, if available offline)
+        cfg = AutoConfig.from_pretrained(args.bench_model)
+        model = AutoModelForCausalLM.from_config(cfg)
+        model, tok = model, tiny_lm()[1]
+        tok.pad_token_id, tok.eos_token_id = 0, None  # random weights: never stop early
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model.to(device=device, dtype=dtype).eval()
+    prompts = ["add 31415926="] * args.batch
+    ids, mask = encode_prompts(tok, prompts, device)
+    T = args.new_tokens
+
+    def timed(fn):
+        fn()  # warm-up (compilation, CUDA graphs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        n = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n / (time.time() - t0)
+
+    eos_backup = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None  # both paths produce exactly T tokens per row
+    hf = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, min_new_tokens=T,
+                                      do_sample=True, pad_token_id=tok.pad_token_id).shape[0] * T)
+    eos = tok.eos_token_id
+    tok.eos_token_id = None if args.bench_model == "tiny" else tok.eos_token_id
+    ours = timed(lambda: int(generate(model, tok, input_ids=ids, attention_mask=mask, max_new_tokens=T,
+                                      temperature=1.0, generator=torch.Generator(device).manual_seed(0)).response_mask.sum()))
+    tok.eos_token_id = eos
+    model.generation_config.eos_token_id = eos_backup
+    print(f"device={device} model={args.bench_model} batch={args.batch} new_tokens={T}")
+    print(f"  HF generate          {hf:10.0f} tok/s")
+    print(f"  common.generate      {ours:10.0f} tok/s   ({ours / hf:.1f}x)")
+
+    # token_logprobs memory at vocab 151,936: run each way in a fresh subprocess, read its peak RSS
+    # (CPU) or torch.cuda.max_memory_allocated (GPU).
+    code = (
+        "import sys,torch,resource,common;from transformers import LlamaConfig,LlamaForCausalLM;"
+        "torch.set_num_threads(1);B,T,mode=int(sys.argv[1]),int(sys.argv[2]),sys.argv[3];"
+        "dev=common.pick_device();"
+        "m=LlamaForCausalLM(LlamaConfig(vocab_size=151936,hidden_size=64,intermediate_size=128,num_hidden_layers=1,"
+        "num_attention_heads=2,num_key_value_heads=2,tie_word_embeddings=True)).to(dev).eval();"
+        "ids=torch.randint(0,151936,(B,T),device=dev);am=torch.ones_like(ids);"
+        "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "torch.cuda.reset_peak_memory_stats() if dev.type=='cuda' else None;\n"
+        "with torch.no_grad():\n"
+        " if mode=='naive':\n"
+        "  lp=torch.log_softmax(m(input_ids=ids,attention_mask=am).logits.float(),-1)[:,:-1].gather(-1,ids[:,1:,None])\n"
+        " else:\n"
+        "  lp=common.token_logprobs(m,ids,am,chunk_size=512)\n"
+        "peak=(torch.cuda.max_memory_allocated()/2**30) if dev.type=='cuda' else "
+        "(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-base)/2**20;print(f'{peak:.2f}')")
+    here = os.path.dirname(os.path.abspath(__file__))
+    for B, Tl in [(args.mem_batch, args.mem_len)]:
+        res = {}
+        for mode in ("chunked", "naive"):
+            r = subprocess.run([sys.executable, "-c", code, str(B), str(Tl), mode], capture_output=True, text=True,
+                               cwd=here)
+            res[mode] = r.stdout.strip() or f"failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
+        print(f"token_logprobs at V=151,936, B={B}, T={Tl}: peak extra memory GiB  chunked {res['chunked']}  "
+              f"naive log_softmax {res['naive']}")
+
+
+def _cli(argv=None):
+    ap = argparse.ArgumentParser(description="Build the toy checkpoints and print their accuracy; or benchmark "
+                                 "sampling / log-probs; or serve a checkpoint as an OpenAI-compatible endpoint.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--cache_dir", default=None, help="toy checkpoint cache (default $NANOPAPERS_CACHE or ~/.cache/nanopapers)")
+    ap.add_argument("--roles", default=",".join(TOY_ROLES), help="comma-separated toy roles to build")
+    ap.add_argument("--workers", type=int, default=2, help="parallel build processes (one torch thread each)")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
+    ap.add_argument("--eval_size", type=int, default=300, help="held-out problems per domain / split")
+    # benchmark
+    ap.add_argument("--bench", action="store_true", help="benchmark generate vs HF generate, and log-prob memory")
+    ap.add_argument("--bench_model", default="tiny", help="'tiny' or a local/hub config (random weights) e.g. Qwen/Qwen2.5-0.5B")
+    ap.add_argument("--batch", type=int, default=64, help="benchmark batch size")
+    ap.add_argument("--new_tokens", type=int, default=64, help="benchmark new tokens per row")
+    ap.add_argument("--mem_batch", type=int, default=16, help="B for the log-prob memory check")
+    ap.add_argument("--mem_len", type=int, default=1024, help="T for the log-prob memory check")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    # serve
+    ap.add_argument("--serve", default=None, metavar="PATH", help="serve this checkpoint (or toy role name) over HTTP")
+    ap.add_argument("--port", type=int, default=8000, help="port for --serve")
+    args = ap.parse_args(argv)
+    if args.bench:
+        return _bench(args)
+    if args.serve:
+        set_cpu_threads(args.threads)
+        path = toy_checkpoint(args.serve, args.cache_dir) if args.serve in TOY_ROLES else args.serve
+        server = serve_openai(LLM.from_hf(path), port=args.port, model_name=args.serve)
+        print(f"serving {path} at {server.url} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            server.shutdown()
+        return
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    for r in roles:
+        if r not in TOY_ROLES:
+            raise UserError(f"unknown toy role '{r}'; use some of {','.join(TOY_ROLES)}")
+    t0 = time.time()
+    if args.rebuild:
+        for r in roles:
+            toy_checkpoint(r, args.cache_dir, rebuild=True) if args.workers <= 1 else None
+    paths = toy_checkpoints(roles, args.cache_dir, workers=args.workers) if not (args.rebuild and args.workers <= 1) \
+        else {r: toy_checkpoint(r, args.cache_dir) for r in roles}
+    t1 = time.time()
+    set_cpu_threads(args.threads)
+    rows = toy_table(paths, args.eval_size)
+    cols = [f"{d}/id" for d in TOY_DOMAINS] + ["all/id", "all/ood"]
+    print(f"\ngreedy held-out accuracy ({args.eval_size} problems per cell; id = 3-6 steps, ood = 7-8 steps)")
+    print(f"{'role':<12}" + "".join(f"{c:>9}" for c in cols))
+    for row in rows:
+        print(f"{row['role']:<12}" + "".join(f"{row[c]:9.3f}" for c in cols))
+    print(f"\nbuild {t1 - t0:.0f}s, eval {time.time() - t1:.0f}s; cache {toy_cache_dir(args.cache_dir)}")
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        _cli()

@@ -1,0 +1,406 @@
+"""Tests of common.py: math against naive / independent references, sampling reproducibility,
+the toy world, the endpoint client against real local HTTP servers, logging and checkpoints."""
+import http.server
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common as C  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = C.tiny_lm(n_layer=2, d_model=32, seed=0)
+    return model.eval(), tok
+
+
+# ---- log-probs --------------------------------------------------------------------------------
+
+
+def _naive(model, ids, mask):
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=C._position_ids(mask)).logits.float()
+    logp_all = torch.log_softmax(logits[:, :-1], -1)
+    lp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all, lp, ent
+
+
+def test_token_logprobs_match_naive_and_are_chunk_invariant(tiny):
+    model, tok = tiny
+    ids, mask, _ = C.encode_pairs(tok, ["add 12=", "sub 9876="], ["011;123;=3", "099;"])
+    _, lp_ref, ent_ref = _naive(model, ids, mask)
+    for chunk in (1, 3, 512):
+        lp, ent, kl = C.token_logprobs(model, ids, mask, return_entropy=True, chunk_size=chunk)
+        assert lp.shape == ids.shape and (lp[:, 0] == 0).all()
+        torch.testing.assert_close(lp[:, 1:], lp_ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ent[:, 1:], ent_ref, atol=1e-5, rtol=0)
+        assert kl is None
+
+
+def test_token_logprobs_gradient_matches_naive(tiny):
+    model, tok = tiny
+    ids, mask, resp = C.encode_pairs(tok, ["add 12="], ["011;123;=3"])
+    model.zero_grad()
+    (C.token_logprobs(model, ids, mask, chunk_size=4) * resp).sum().backward()
+    g1 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    _, lp_ref, _ = _naive(model, ids, mask)
+    (lp_ref * resp[:, 1:]).sum().backward()
+    for a, p in zip(g1, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+
+
+def test_token_kl_equals_torch_distributions(tiny):
+    model, tok = tiny
+    ref, _ = C.tiny_lm(n_layer=2, d_model=32, seed=1)
+    ids, mask, _ = C.encode_pairs(tok, ["mul 23=", "add 5="], ["022;236;=6", "055;=5"])
+    kl = C.token_kl(model, ref.eval(), ids, mask, chunk_size=5)
+    p_logits = model(input_ids=ids, attention_mask=mask, position_ids=C._position_ids(mask)).logits[:, :-1].float()
+    r_logits = ref(input_ids=ids, attention_mask=mask, position_ids=C._position_ids(mask)).logits[:, :-1].float()
+    want = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=r_logits),
+                                             torch.distributions.Categorical(logits=p_logits))
+    torch.testing.assert_close(kl[:, 1:], want, atol=1e-5, rtol=1e-4)
+    assert C.token_kl(model, model, ids, mask).abs().max() < 1e-5  # KL(pi || pi) = 0
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+
+def test_generate_logprobs_entropy_consistent_with_teacher_forcing(tiny):
+    model, tok = tiny
+    g = C.generate(model, tok, ["add 12=", "sub 98765="], max_new_tokens=12, temperature=1.0,
+                   generator=torch.Generator().manual_seed(0), return_entropy=True)
+    assert g.response_ids.shape == g.response_mask.shape == g.logprobs.shape == g.entropy.shape
+    lp, ent, _ = C.token_logprobs(model, g.sequences, g.attention_mask, return_entropy=True)
+    P, m = g.prompt_len, g.response_mask.bool()
+    torch.testing.assert_close(lp[:, P:][m], g.logprobs[m], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ent[:, P:][m], g.entropy[m], atol=1e-4, rtol=0)
+    assert (g.logprobs[~m] == 0).all()
+
+
+def test_generate_same_seed_same_tokens_other_seed_differs(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=16, temperature=1.0)
+    a = C.generate(model, tok, ["add 1234="] * 4, generator=torch.Generator().manual_seed(7), **kw)
+    b = C.generate(model, tok, ["add 1234="] * 4, generator=torch.Generator().manual_seed(7), **kw)
+    c = C.generate(model, tok, ["add 1234="] * 4, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_greedy_generate_matches_hf_generate_and_static_cache(tiny):
+    model, tok = tiny
+    prompts = ["add 12=", "mul 9876="]  # different lengths: exercises left padding
+    ours = C.generate(model, tok, prompts, max_new_tokens=10, temperature=0.0)
+    ids, mask = C.encode_prompts(tok, prompts)
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    for i in range(2):  # HF pads after EOS with pad; compare up to our mask
+        n = int(ours.response_mask[i].sum())
+        assert ours.response_ids[i, :n].tolist() == hf[i, ids.shape[1]:ids.shape[1] + n].tolist()
+    static = C.generate(model, tok, prompts, max_new_tokens=10, temperature=0.0, static_cache=True, compile=False)
+    assert torch.equal(static.response_ids, ours.response_ids)
+    torch.testing.assert_close(static.logprobs, ours.logprobs, atol=1e-5, rtol=0)
+
+
+def test_response_mask_stops_at_eos_and_prompts_carry_no_eos():
+    model, tok = C.load_lm(C.toy_checkpoint("teacher"))
+    ids, _ = C.encode_prompts(tok, ["add 1="])
+    assert tok.eos_token_id not in ids[0].tolist()  # ByT5 appends </s> when asked naively
+    probs = [C.toy_problem(random.Random(i), "add", n_operands=2 + i) for i in range(5)]
+    g = C.generate(model, tok, [p.prompt for p in probs], max_new_tokens=40, temperature=0.0)
+    lengths = g.response_mask.sum(1).tolist()
+    assert len(set(lengths)) == 5  # rows stopped at different steps
+    for row, m, p, text, n in zip(g.response_ids, g.response_mask, probs, g.texts, lengths):
+        assert m[:n].all() and not m[n:].any()  # a prefix of ones ...
+        assert row[n - 1] == tok.eos_token_id  # ... whose last scored token is the EOS
+        assert (row[n:] == tok.pad_token_id).all()
+        assert text == C.toy_trace(p)  # the teacher writes the exact trace
+
+
+def test_top_p_keeps_smallest_prefix():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {int(C._sample(logits, 1.0, 0.7, torch.Generator().manual_seed(s))) for s in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 >= 0.7: tokens 2, 3 are cut
+    assert int(C._sample(logits, 0.0, 1.0, None)) == 0
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+
+def test_tiny_lm_roundtrip_through_load_lm(tmp_path, tiny):
+    model, tok = tiny
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    m2, t2 = C.load_lm(str(tmp_path))
+    assert t2.padding_side == "left" and t2.pad_token_id is not None
+    ids, mask = C.encode_prompts(t2, ["add 345="])
+    torch.testing.assert_close(model(input_ids=ids).logits, m2(input_ids=ids).logits)
+
+
+def test_bpe_tokenizer_differs_from_byte():
+    _, byte_tok = C.tiny_lm(tokenizer="byte")
+    _, bpe_tok = C.tiny_lm(tokenizer="bpe")
+    text = "add 3582=033;358;886;862;=2"
+    assert bpe_tok.decode(bpe_tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert len(bpe_tok) != len(byte_tok)
+    assert bpe_tok(text, add_special_tokens=False)["input_ids"] != byte_tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_load_lm_errors_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(C.UserError, match="does not exist"):
+        C.load_lm(str(tmp_path / "nope"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(C.UserError, match="cannot load model"):
+        C.load_lm("nobody-xyz/not-a-model-123")
+    r = subprocess.run([sys.executable, "-c", "import common\nwith common.exit_on_user_error(): common.load_lm('./missing_dir')"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr
+
+
+# ---- toy world --------------------------------------------------------------------------------
+
+
+def test_toy_trace_hand_cases():
+    p = C.toy_problem(random.Random(0), "add", operands=[3, 5, 8, 2])
+    assert p.prompt == "add 3582=" and p.answer == 8
+    assert C.toy_trace(p) == "033;358;886;628;=8"  # s x r per step: 0+3=3, 3+5=8, 8+8=16->6, 6+2=8
+    assert C.toy_trace(p, "xsr") == "303;538;886;268;=8"
+    q = C.toy_problem(random.Random(0), "sub", operands=[3, 5])
+    assert C.toy_trace(q) == "037;752;=2" and q.answer == 2  # 0-3 = -3 -> 7; 7-5 = 2
+    m = C.toy_problem(random.Random(0), "mul", operands=[3, 4, 9])
+    assert C.toy_trace(m) == "133;342;298;=8" and m.answer == 8  # mul starts at 1: 3, 12->2, 18->8
+
+
+def test_carry_bug_is_systematic():
+    p = C.toy_problem(random.Random(0), "add", operands=[5, 7], bug_prob=1.0)
+    assert C.toy_trace(p) == "055;573;=3" and p.answer == 2  # 5+7=12 -> written 3; the true answer stays 2
+    q = C.toy_problem(random.Random(0), "sub", operands=[3], bug_prob=1.0)
+    assert C.toy_trace(q) == "038;=8" and q.answer == 7  # the borrow bug
+    clean = C.toy_problem(random.Random(0), "add", operands=[1, 2], bug_prob=1.0)
+    assert C.toy_trace(clean) == "011;123;=3"  # no carry, no bug
+
+
+def test_extract_answer_and_is_correct():
+    assert C.extract_answer("033;358;=8") == "8"
+    assert C.extract_answer("no answer here") is None
+    assert C.extract_answer(r"so \boxed{\frac{1}{2}} and = 3") == r"\frac{1}{2}"
+    assert C.is_correct("011;123;=3", 3) and not C.is_correct("011;123;=4", 3)
+    assert C.is_correct(r"\boxed{12.0}", "12") and not C.is_correct("", 0)
+
+
+def test_toy_splits_are_disjoint_and_seeded():
+    train = {p.prompt for p in C.toy_dataset("train", 3000, seed=0, domains=tuple(C.TOY_DOMAINS))}
+    held = C.toy_dataset("id", 300, seed=0, domains=tuple(C.TOY_DOMAINS))
+    ood = C.toy_dataset("ood", 100, seed=0)
+    assert not train & {p.prompt for p in held + ood}
+    assert all(3 <= len(p.operands) <= 6 for p in held) and all(len(p.operands) >= 7 for p in ood)
+    assert [p.prompt for p in C.toy_dataset("id", 50, seed=3)] == [p.prompt for p in C.toy_dataset("id", 50, seed=3)]
+    sample = C.toy_sample_fn({**C.TOY_ROLES["teacher"]})
+    rng = random.Random(0)
+    assert all(C.toy_split_of(sample(rng)[0]) == "train" for _ in range(500))
+
+
+def test_switch_style_scores_only_teacher_format():
+    rng = random.Random(0)
+    fn = C.toy_sample_fn({"domains": {"add": (1.0, 0.0)}, "style": "switch"})
+    for _ in range(50):
+        prompt, resp, ctx = fn(rng)
+        p = C.toy_problem(random.Random(0), "add", operands=[int(c) for c in prompt[4:-1]])
+        assert resp[:ctx] == C.toy_trace(p, "sxr")[:ctx] and resp[ctx:] == C.toy_trace(p, "xsr")[ctx:]
+
+
+def test_toy_checkpoints_meet_accuracy_targets():
+    """The cached toy teacher is strong and the carry-bug student weak (built on first use)."""
+    teacher, ttok = C.load_lm(C.toy_checkpoint("teacher"))
+    student, stok = C.load_lm(C.toy_checkpoint("student"))
+    probs = C.toy_dataset("id", 150, seed=5, domains=tuple(C.TOY_DOMAINS))
+    assert C.evaluate_accuracy(teacher, ttok, probs) >= 0.95
+    assert C.evaluate_accuracy(student, stok, probs) <= 0.40
+
+
+# ---- endpoint client and LLM interface ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    model, tok = tiny
+    llm = C.LLM(model=model, tokenizer=tok, seed=0)
+    server = C.serve_openai(llm, model_name="tiny")
+    yield server
+    server.shutdown()
+
+
+def test_chat_client_against_real_server(served):
+    client = C.ChatClient(served.url, "tiny", timeout=30)
+    outs = client.complete("add 12=", n=3, temperature=1.0, max_tokens=8)
+    assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
+    chats = client.chat([{"role": "user", "content": "add 12="}], n=2, temperature=0.0, max_tokens=8)
+    assert len(chats) == 2 and chats[0] == chats[1]  # greedy: identical
+    assert client.usage["calls"] == 2 and client.usage["completion_tokens"] > 0
+    llm = C.LLM.from_endpoint(served.url, "tiny")
+    res = llm.complete(["add 1=", "sub 2=", "mul 3="], n=2, temperature=0.0, max_tokens=6)
+    assert [len(r) for r in res] == [2, 2, 2]
+
+
+def test_llm_local_and_endpoint_agree_greedy(tiny, served):
+    model, tok = tiny
+    local = C.LLM(model=model, tokenizer=tok)
+    remote = C.LLM.from_endpoint(served.url, "tiny")
+    prompts = ["add 1234=", "sub 56="]
+    assert local.complete(prompts, temperature=0.0, max_tokens=10) == remote.complete(prompts, temperature=0.0, max_tokens=10)
+    assert local.render_chat([{"role": "user", "content": "hi"}]) == "user: hi\nassistant: "
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """Answers 429 (with Retry-After) to the first request, then a valid completion."""
+    calls = 0
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).calls += 1
+        if type(self).calls == 1:
+            self.send_response(429)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = json.dumps({"choices": [{"index": 0, "text": "ok"}], "usage": {"completion_tokens": 1}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _Garbage(_Flaky):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).calls += 1
+        body = b"<html>not json</html>"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _serve(handler):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+
+
+def test_chat_client_retries_429_then_succeeds():
+    srv, url = _serve(_Flaky)
+    try:
+        client = C.ChatClient(url, "m", backoff=0.01)
+        assert client.complete("x") == ["ok"]
+        assert _Flaky.calls == 2 and client.usage["retries"] == 1
+    finally:
+        srv.shutdown()
+
+
+def test_chat_client_garbage_and_unreachable_raise_one_clear_error():
+    _Garbage.calls = 0
+    srv, url = _serve(_Garbage)
+    try:
+        client = C.ChatClient(url, "m", backoff=0.01, max_retries=2)
+        with pytest.raises(C.EndpointError, match="malformed response"):
+            client.complete("x")
+        assert _Garbage.calls == 3
+    finally:
+        srv.shutdown()
+    with socket_free_port() as port:
+        client = C.ChatClient(f"http://127.0.0.1:{port}", "m", backoff=0.01, max_retries=1, timeout=2)
+        with pytest.raises(C.EndpointError, match="failed after 2 tries"):
+            client.chat([{"role": "user", "content": "x"}])
+
+
+class socket_free_port:
+    def __enter__(self):
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        return self.port
+
+    def __exit__(self, *a):
+        return False
+
+
+# ---- logging and checkpoints ------------------------------------------------------------------
+
+
+def test_metric_logger_plot_and_resume(tmp_path):
+    log = C.MetricLogger(str(tmp_path))
+    for s in range(5):
+        log.log(s, loss=torch.tensor(1.0 / (s + 1)), acc=s / 10)
+    png = C.plot_metrics(str(tmp_path / "metrics.jsonl"), str(tmp_path / "m.png"), title="t")
+    assert os.path.getsize(png) > 1000
+    C.MetricLogger(str(tmp_path), resume_step=2)
+    assert [r["step"] for r in C.read_jsonl(str(tmp_path / "metrics.jsonl"))] == [0, 1, 2]
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops\n')
+    with pytest.raises(C.UserError, match="bad.jsonl:2"):
+        C.read_jsonl(str(tmp_path / "bad.jsonl"))
+
+
+def test_checkpoint_roundtrip_restores_weights_optimizer_and_rng(tmp_path, tiny):
+    model, tok = tiny
+    m = C.tiny_lm(n_layer=1, d_model=16, seed=3)[0]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    m(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    opt.step()
+    head = torch.nn.Linear(3, 2)
+    C.save_checkpoint(str(tmp_path / "ck"), m, tok, opt, step=7, extra={"best": 0.5}, modules={"head": head})
+    after_save = torch.rand(3)
+    m2 = C.tiny_lm(n_layer=1, d_model=16, seed=4)[0]
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    head2 = torch.nn.Linear(3, 2)
+    state = C.load_checkpoint(str(tmp_path / "ck"), m2, opt2, modules={"head": head2})
+    assert state["step"] == 7 and state["extra"] == {"best": 0.5}
+    assert torch.equal(torch.rand(3), after_save)  # RNG restored to the save point
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(head.weight, head2.weight)
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    with pytest.raises(C.UserError, match="no checkpoint"):
+        C.load_checkpoint(str(tmp_path / "missing"))
+
+
+def test_cli_bad_role_exits_2_with_one_line():
+    r = subprocess.run([sys.executable, "common.py", "--roles", "wizard"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown toy role" in r.stderr
+
+
+# ---- distributed (slow) -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process_on_combined_batch(tmp_path):
+    script = os.path.join(ROOT, "tests", "ddp_step.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, script, str(tmp_path / "one.pt")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                          script, str(tmp_path / "two.pt")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    start = torch.load(tmp_path / "one.pt.init")
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # the step changed the weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
