@@ -580,8 +580,10 @@ TOY_DOMAINS = {
 TOY_INIT = {"add": 0, "sub": 0, "mul": 1}  # the running state's start (identity of the operator)
 # Operand alphabets: mul skips 0 and 5 so the running product never collapses to 0 for good.
 TOY_OPERANDS = {"add": range(10), "sub": range(10), "mul": (1, 2, 3, 4, 6, 7, 8, 9)}
-# Difficulty = number of operands (chain-of-thought steps). "id" is what toy models are trained on
-# (held-out problems); "ood" has more steps than any training problem.
+# Difficulty = number of operands (chain-of-thought steps). "id": held-out problems of the lengths
+# toy models mostly train on; "ood": longer problems (7-8 steps). Only `long_share` (10%) of
+# pretraining traces are that long: with none, every tiny model sits at chance there (RoPE models
+# this small do not extrapolate in length), and the split could not tell methods apart.
 TOY_LEVELS = {"train": (2, 6), "id": (3, 6), "ood": (7, 8)}
 TOY_STYLES = ("sxr", "xsr")
 
@@ -751,7 +753,7 @@ def pretrain_lm(model, tok, sample_fn: Callable[[random.Random], tuple[str, str]
 # Built-in toy roles. A recipe: which domains (weight, bug_prob), the trace style, the tokenizer,
 # model size and training length. Method files may pass their own recipe to toy_checkpoint.
 # Cached models are rebuilt when their recipe (or TOY_CACHE_VERSION) changes.
-TOY_CACHE_VERSION = 2
+TOY_CACHE_VERSION = 3
 _ALL = {"add": (1.0, 0.0), "sub": (1.0, 0.0), "mul": (1.0, 0.0)}
 _BUGGY = {"add": (1.0, 0.6), "sub": (1.0, 0.6), "mul": (1.0, 0.6)}
 
@@ -768,7 +770,7 @@ TOY_ROLES = {
     "expert_mul": dict(domains=_expert("mul"), style="sxr", tokenizer="byte", steps=900),
     "teacher_bpe": dict(domains=_ALL, style="sxr", tokenizer="bpe", steps=1600),
 }
-_RECIPE_DEFAULTS = dict(n_layer=2, d_model=64, n_head=4, batch_size=64, lr=3e-3, seed=0, bug_prob=None)
+_RECIPE_DEFAULTS = dict(n_layer=2, d_model=64, n_head=4, batch_size=64, lr=3e-3, seed=0, long_share=0.1)
 
 
 def toy_sample_fn(recipe: dict) -> Callable[[random.Random], tuple]:
@@ -779,11 +781,12 @@ def toy_sample_fn(recipe: dict) -> Callable[[random.Random], tuple]:
     continues in its own format)."""
     names = list(recipe["domains"])
     weights = [recipe["domains"][d][0] for d in names]
-    lo, hi = TOY_LEVELS["train"]
+    long_share = recipe.get("long_share", _RECIPE_DEFAULTS["long_share"])
 
     def sample(rng: random.Random):
         while True:
             d = rng.choices(names, weights)[0]
+            lo, hi = TOY_LEVELS["ood" if rng.random() < long_share else "train"]
             p = toy_problem(rng, d, rng.randint(lo, hi), bug_prob=recipe["domains"][d][1])
             if toy_split_of(p.prompt) == "train":
                 break
@@ -800,6 +803,9 @@ def toy_sample_fn(recipe: dict) -> Callable[[random.Random], tuple]:
 
 
 def _build_toy(role: str, recipe: dict, path: str) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the build log
     set_cpu_threads()
     model, tok = tiny_lm(n_layer=recipe["n_layer"], d_model=recipe["d_model"], n_head=recipe["n_head"],
                          tokenizer=recipe["tokenizer"], seed=recipe["seed"])
@@ -847,15 +853,25 @@ def toy_checkpoint(role: str, cache_dir: str | None = None, recipe: dict | None 
 
 
 def _toy_build_worker(args):
-    role, cache_dir, recipe = args
-    return toy_checkpoint(role, cache_dir, recipe)
+    role, cache_dir, recipe, rebuild = args
+    return toy_checkpoint(role, cache_dir, recipe, rebuild=rebuild)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Build workers end when the parent does (a killed `python common.py` leaves no orphans)."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def toy_checkpoints(roles: Sequence[str], cache_dir: str | None = None, workers: int = 2,
-                    recipes: dict | None = None) -> dict[str, str]:
+                    recipes: dict | None = None, rebuild: bool = False) -> dict[str, str]:
     """Build (in `workers` parallel processes, one thread each) and return {role: path}."""
     recipes = recipes or {}
-    jobs = [(r, cache_dir, recipes.get(r)) for r in roles]
+    jobs = [(r, cache_dir, recipes.get(r), rebuild) for r in roles]
     if workers <= 1 or len(jobs) <= 1:
         return {r: _toy_build_worker(j) for r, j in zip(roles, jobs)}
     import multiprocessing as mp
@@ -863,7 +879,8 @@ def toy_checkpoints(roles: Sequence[str], cache_dir: str | None = None, workers:
 
     # longest builds first so the two workers finish together
     order = sorted(range(len(jobs)), key=lambda i: -{**_RECIPE_DEFAULTS, **(jobs[i][2] or TOY_ROLES.get(jobs[i][0], {}))}.get("steps", 0))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
+                             initargs=(os.getpid(),)) as ex:
         paths = dict(zip([roles[i] for i in order], ex.map(_toy_build_worker, [jobs[i] for i in order])))
     return {r: paths[r] for r in roles}
 
@@ -1255,8 +1272,8 @@ def serve_openai(llm: LLM, host: str = "127.0.0.1", port: int = 0, model_name: s
                       stop=req.get("stop"))
             if isinstance(kw["stop"], str):
                 kw["stop"] = [kw["stop"]]
-            before = dict(llm.usage)
             with lock:
+                before = dict(llm.usage)
                 if self.path.endswith("/chat/completions"):
                     texts = llm.chat([req.get("messages", [])], **kw)[0]
                     choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
@@ -1269,7 +1286,7 @@ def serve_openai(llm: LLM, host: str = "127.0.0.1", port: int = 0, model_name: s
                                for i, t in enumerate(t for o in outs for t in o)]
                 else:
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
-            usage = {k: llm.usage[k] - before.get(k, 0) for k in ("prompt_tokens", "completion_tokens")}
+                usage = {k: llm.usage[k] - before.get(k, 0) for k in ("prompt_tokens", "completion_tokens")}
             self._send(200, {"id": "cmpl-local", "object": "completion", "model": model_name, "choices": choices,
                              "usage": usage})
 
@@ -1299,27 +1316,39 @@ def toy_table(paths: dict[str, str], n: int = 300) -> list[dict]:
     return rows
 
 
+BENCH_SHAPES = {  # random-weight models of real shapes, built from a config (no download)
+    "tiny": None,
+    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
 def _bench(args) -> None:
     """tokens/s of `generate` vs HF `generate`, and peak memory of token_logprobs vs the naive way."""
-    import resource
     import subprocess
+    import types
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device = pick_device()
     set_cpu_threads(args.threads)
+    byte_tok = tiny_lm()[1]
     if args.bench_model == "tiny":
-        model, tok = tiny_lm()
-    else:  # a random-weight model of a real shape (e.g. Qwen/Qwen2.5-0.5B's config, if available offline)
-        cfg = AutoConfig.from_pretrained(args.bench_model)
-        model = AutoModelForCausalLM.from_config(cfg)
-        model, tok = model, tiny_lm()[1]
-        tok.pad_token_id, tok.eos_token_id = 0, None  # random weights: never stop early
+        model = tiny_lm()[0]
+    elif args.bench_model in BENCH_SHAPES:
+        cfg = dict(BENCH_SHAPES[args.bench_model])
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    else:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.bench_model))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model.to(device=device, dtype=dtype).eval()
-    prompts = ["add 31415926="] * args.batch
-    ids, mask = encode_prompts(tok, prompts, device)
+    ids, mask = encode_prompts(byte_tok, ["add 31415926="] * args.batch, device)
     T = args.new_tokens
+    # No EOS for either path: every row produces exactly T tokens, so tokens/s compare like for like.
+    no_eos = types.SimpleNamespace(eos_token_id=None, pad_token_id=0, decode=byte_tok.decode)
+    model.generation_config.eos_token_id = None
 
     def timed(fn):
         fn()  # warm-up (compilation, CUDA graphs)
@@ -1331,19 +1360,16 @@ def _bench(args) -> None:
             torch.cuda.synchronize()
         return n / (time.time() - t0)
 
-    eos_backup = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = None  # both paths produce exactly T tokens per row
-    hf = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, min_new_tokens=T,
-                                      do_sample=True, pad_token_id=tok.pad_token_id).shape[0] * T)
-    eos = tok.eos_token_id
-    tok.eos_token_id = None if args.bench_model == "tiny" else tok.eos_token_id
-    ours = timed(lambda: int(generate(model, tok, input_ids=ids, attention_mask=mask, max_new_tokens=T,
-                                      temperature=1.0, generator=torch.Generator(device).manual_seed(0)).response_mask.sum()))
-    tok.eos_token_id = eos
-    model.generation_config.eos_token_id = eos_backup
-    print(f"device={device} model={args.bench_model} batch={args.batch} new_tokens={T}")
-    print(f"  HF generate          {hf:10.0f} tok/s")
-    print(f"  common.generate      {ours:10.0f} tok/s   ({ours / hf:.1f}x)")
+    hf = timed(lambda: (model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=True,
+                                       pad_token_id=0).shape[1] - ids.shape[1]) * args.batch)
+    ours = timed(lambda: int(generate(model, no_eos, input_ids=ids, attention_mask=mask, max_new_tokens=T,
+                                      generator=torch.Generator(device).manual_seed(0)).response_mask.sum()))
+    print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu, '}"
+          f"{'' if device.type == 'cuda' else f'{torch.get_num_threads()} thread(s)'}) model={args.bench_model} "
+          f"dtype={dtype} batch={args.batch} new_tokens={T}")
+    print(f"  HF generate (sampling)      {hf:10.0f} tok/s")
+    print(f"  common.generate             {ours:10.0f} tok/s   ({ours / hf:.2f}x)"
+          f"{'  static cache + torch.compile decode' if device.type == 'cuda' else '  dynamic cache'}")
 
     # token_logprobs memory at vocab 151,936: run each way in a fresh subprocess, read its peak RSS
     # (CPU) or torch.cuda.max_memory_allocated (GPU).
@@ -1364,14 +1390,23 @@ def _bench(args) -> None:
         "peak=(torch.cuda.max_memory_allocated()/2**30) if dev.type=='cuda' else "
         "(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-base)/2**20;print(f'{peak:.2f}')")
     here = os.path.dirname(os.path.abspath(__file__))
-    for B, Tl in [(args.mem_batch, args.mem_len)]:
-        res = {}
-        for mode in ("chunked", "naive"):
-            r = subprocess.run([sys.executable, "-c", code, str(B), str(Tl), mode], capture_output=True, text=True,
-                               cwd=here)
-            res[mode] = r.stdout.strip() or f"failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
-        print(f"token_logprobs at V=151,936, B={B}, T={Tl}: peak extra memory GiB  chunked {res['chunked']}  "
-              f"naive log_softmax {res['naive']}")
+    Tl = args.mem_len
+    print(f"peak extra memory (GiB) of per-token log-probs at V=151,936, T={Tl} (1-layer d=64 model: the LM head "
+          f"and the softmax dominate):")
+    for mode, B in (("chunked", args.mem_batch), ("naive", args.mem_naive_batch), ("naive", args.mem_batch)):
+        if mode == "naive" and B * Tl * 151936 * 8 > 0.6 * _total_memory():
+            print(f"  {mode:8s} B={B:3d}: not run (needs ~{B * Tl * 151936 * 8 / 2**30:.0f} GiB: logits + log_softmax "
+                  f"in fp32; this machine has {_total_memory() / 2**30:.0f} GiB)")
+            continue
+        r = subprocess.run([sys.executable, "-c", code, str(B), str(Tl), mode], capture_output=True, text=True, cwd=here)
+        res = r.stdout.strip() or f"failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
+        print(f"  {'common.token_logprobs' if mode == 'chunked' else 'naive log_softmax+gather':26s} B={B:3d}: {res}")
+
+
+def _total_memory() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _cli(argv=None):
@@ -1385,11 +1420,13 @@ def _cli(argv=None):
     ap.add_argument("--eval_size", type=int, default=300, help="held-out problems per domain / split")
     # benchmark
     ap.add_argument("--bench", action="store_true", help="benchmark generate vs HF generate, and log-prob memory")
-    ap.add_argument("--bench_model", default="tiny", help="'tiny' or a local/hub config (random weights) e.g. Qwen/Qwen2.5-0.5B")
+    ap.add_argument("--bench_model", default="tiny", help=f"random-weight model: one of {list(BENCH_SHAPES)} or a "
+                    "local config dir")
     ap.add_argument("--batch", type=int, default=64, help="benchmark batch size")
     ap.add_argument("--new_tokens", type=int, default=64, help="benchmark new tokens per row")
     ap.add_argument("--mem_batch", type=int, default=16, help="B for the log-prob memory check")
     ap.add_argument("--mem_len", type=int, default=1024, help="T for the log-prob memory check")
+    ap.add_argument("--mem_naive_batch", type=int, default=2, help="B at which the naive way is also measured")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     # serve
     ap.add_argument("--serve", default=None, metavar="PATH", help="serve this checkpoint (or toy role name) over HTTP")
@@ -1413,11 +1450,7 @@ def _cli(argv=None):
         if r not in TOY_ROLES:
             raise UserError(f"unknown toy role '{r}'; use some of {','.join(TOY_ROLES)}")
     t0 = time.time()
-    if args.rebuild:
-        for r in roles:
-            toy_checkpoint(r, args.cache_dir, rebuild=True) if args.workers <= 1 else None
-    paths = toy_checkpoints(roles, args.cache_dir, workers=args.workers) if not (args.rebuild and args.workers <= 1) \
-        else {r: toy_checkpoint(r, args.cache_dir) for r in roles}
+    paths = toy_checkpoints(roles, args.cache_dir, workers=args.workers, rebuild=args.rebuild)
     t1 = time.time()
     set_cpu_threads(args.threads)
     rows = toy_table(paths, args.eval_size)
