@@ -520,9 +520,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     Returns a tuple (logp, entropy or None, kl or None) when return_entropy or ref_model is set,
     else logp alone.
 
-    The LM head is applied `chunk_size` positions at a time in fp32, under activation checkpointing
-    when grad is on, so no (B, L, V) fp32 tensor is ever held: at V = 151,936 that tensor would be
-    2.5 GB per 4096-token sequence.
+    The LM head is applied to `chunk_size` positions (of all B * L) at a time in fp32, under
+    activation checkpointing when grad is on, so no (B, L, V) fp32 tensor is ever held: at
+    V = 151,936 that tensor would be 2.5 GB per 4096-token sequence; a slice is 0.3 GB.
     """
     h, head = _hidden(model, input_ids, attention_mask)  # (B, L, d)
     ref_h = ref_head = None
@@ -530,29 +530,36 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         with torch.no_grad():
             ref_h, ref_head = _hidden(ref_model, input_ids, attention_mask)
     B, L = input_ids.shape
-    targets = input_ids[:, 1:]
+    # Flatten the B * (L - 1) predicting positions and apply the head `chunk_size` positions at a
+    # time: the largest fp32 tensor is (chunk_size, V), whatever B and L are.
+    hs = h[:, :-1].reshape(B * (L - 1), -1)
+    targets = input_ids[:, 1:].reshape(-1)
+    ref_hs = ref_h[:, :-1].reshape(B * (L - 1), -1) if ref_h is not None else None
     lps, ents, kls = [], [], []
     use_ckpt = torch.is_grad_enabled() and h.requires_grad
-    for s in range(0, L - 1, chunk_size):
-        e = min(L - 1, s + chunk_size)
+    for s in range(0, hs.shape[0], chunk_size):
+        e = min(hs.shape[0], s + chunk_size)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad():
-                ref_logp = torch.log_softmax(_head_logits(ref_model, ref_head, ref_h[:, s:e]), -1)
+                ref_logp = torch.log_softmax(_head_logits(ref_model, ref_head, ref_hs[s:e]), -1)
         if use_ckpt:
-            lp, ent, kl = torch.utils.checkpoint.checkpoint(_slice_stats, model, head, h[:, s:e], targets[:, s:e], ref_logp,
+            lp, ent, kl = torch.utils.checkpoint.checkpoint(_slice_stats, model, head, hs[s:e], targets[s:e], ref_logp,
                                                             return_entropy, use_reentrant=False)
         else:
-            lp, ent, kl = _slice_stats(model, head, h[:, s:e], targets[:, s:e], ref_logp, return_entropy)
+            lp, ent, kl = _slice_stats(model, head, hs[s:e], targets[s:e], ref_logp, return_entropy)
         lps.append(lp), ents.append(ent), kls.append(kl)
         del ref_logp
     zero = torch.zeros((B, 1), dtype=torch.float32, device=h.device)
-    logp = torch.cat([zero] + lps, 1) if lps else zero.expand(B, L)
+
+    def unflat(parts):  # (B * (L - 1),) -> (B, L) with column 0 = 0 (no prediction for the first token)
+        body = torch.cat(parts).view(B, L - 1) if parts else zero[:, :0]
+        return torch.cat([zero, body], 1)
+
+    logp = unflat(lps)
     if not return_entropy and ref_model is None:
         return logp
-    entropy = torch.cat([zero] + ents, 1) if return_entropy else None
-    kl = torch.cat([zero] + kls, 1) if ref_model is not None else None
-    return logp, entropy, kl
+    return logp, unflat(ents) if return_entropy else None, unflat(kls) if ref_model is not None else None
 
 
 def token_kl(model, ref_model, input_ids, attention_mask, chunk_size: int = 512) -> torch.Tensor:
@@ -1347,7 +1354,7 @@ def _bench(args) -> None:
     ids, mask = encode_prompts(byte_tok, ["add 31415926="] * args.batch, device)
     T = args.new_tokens
     # No EOS for either path: every row produces exactly T tokens, so tokens/s compare like for like.
-    no_eos = types.SimpleNamespace(eos_token_id=None, pad_token_id=0, decode=byte_tok.decode)
+    no_eos = types.SimpleNamespace(eos_token_id=None, pad_token_id=0, decode=lambda ids, **kw: "")
     model.generation_config.eos_token_id = None
 
     def timed(fn):
