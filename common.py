@@ -1125,10 +1125,12 @@ class ChatClient:
                             f"(e.g. vllm serve {self.model}) or pass the right --*_api_base")
 
     def chat(self, messages: list[dict], n: int = 1, temperature: float = 1.0, max_tokens: int = 256,
-             top_p: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None) -> list[str]:
-        """n sampled assistant replies to one conversation (/v1/chat/completions)."""
+             top_p: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
+             extra_body: dict | None = None) -> list[str]:
+        """n sampled assistant replies to one conversation (/v1/chat/completions). `extra_body` is
+        merged into the request (e.g. {"response_format": {"type": "json_object"}})."""
         payload = {"model": self.model, "messages": messages, "n": n, "temperature": temperature,
-                   "max_tokens": max_tokens, "top_p": top_p}
+                   "max_tokens": max_tokens, "top_p": top_p, **(extra_body or {})}
         if stop:
             payload["stop"] = list(stop)
         if seed is not None:
@@ -1140,10 +1142,10 @@ class ChatClient:
             raise EndpointError(f"{self.base_url}/chat/completions answered without choices[].message.content") from None
 
     def complete(self, prompt: str, n: int = 1, temperature: float = 1.0, max_tokens: int = 256, top_p: float = 1.0,
-                 stop: Sequence[str] | None = None, seed: int | None = None) -> list[str]:
+                 stop: Sequence[str] | None = None, seed: int | None = None, extra_body: dict | None = None) -> list[str]:
         """n sampled raw continuations of a text prompt (/v1/completions; no chat template)."""
         payload = {"model": self.model, "prompt": prompt, "n": n, "temperature": temperature,
-                   "max_tokens": max_tokens, "top_p": top_p}
+                   "max_tokens": max_tokens, "top_p": top_p, **(extra_body or {})}
         if stop:
             payload["stop"] = list(stop)
         if seed is not None:
@@ -1224,21 +1226,23 @@ class LLM:
         return res
 
     def complete(self, prompts: Sequence[str], n: int = 1, temperature: float = 1.0, max_tokens: int = 256,
-                 top_p: float = 1.0, stop: Sequence[str] | None = None) -> list[list[str]]:
-        """n raw continuations for each prompt (no chat template)."""
+                 top_p: float = 1.0, stop: Sequence[str] | None = None, extra_body: dict | None = None) -> list[list[str]]:
+        """n raw continuations for each prompt (no chat template). `extra_body` goes to endpoints only."""
         prompts = list(prompts)
         if self.client is not None:
             return self._remote(self.client.complete, prompts, n=n, temperature=temperature, max_tokens=max_tokens,
-                                top_p=top_p, stop=stop)
+                                top_p=top_p, stop=stop, extra_body=extra_body)
         return self._local(prompts, n, temperature, max_tokens, top_p, stop)
 
     def chat(self, conversations: Sequence[list[dict] | str], n: int = 1, temperature: float = 1.0,
-             max_tokens: int = 256, top_p: float = 1.0, stop: Sequence[str] | None = None) -> list[list[str]]:
-        """n replies for each conversation (a list of {"role", "content"} dicts, or a user string)."""
+             max_tokens: int = 256, top_p: float = 1.0, stop: Sequence[str] | None = None,
+             extra_body: dict | None = None) -> list[list[str]]:
+        """n replies for each conversation (a list of {"role", "content"} dicts, or a user string).
+        `extra_body` (e.g. JSON mode) goes to endpoints only; a local model ignores it."""
         convs = [[{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations]
         if self.client is not None:
             return self._remote(self.client.chat, convs, n=n, temperature=temperature, max_tokens=max_tokens,
-                                top_p=top_p, stop=stop)
+                                top_p=top_p, stop=stop, extra_body=extra_body)
         return self._local([self.render_chat(c) for c in convs], n, temperature, max_tokens, top_p, stop)
 
 

@@ -266,12 +266,13 @@ def test_llm_local_and_endpoint_agree_greedy(tiny, served):
 class _Flaky(http.server.BaseHTTPRequestHandler):
     """Answers 429 (with Retry-After) to the first request, then a valid completion."""
     calls = 0
+    last_body = None
 
     def log_message(self, *a):
         pass
 
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).last_body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         type(self).calls += 1
         if type(self).calls == 1:
             self.send_response(429)
@@ -307,8 +308,9 @@ def test_chat_client_retries_429_then_succeeds():
     srv, url = _serve(_Flaky)
     try:
         client = C.ChatClient(url, "m", backoff=0.01)
-        assert client.complete("x") == ["ok"]
+        assert client.complete("x", extra_body={"response_format": {"type": "json_object"}}) == ["ok"]
         assert _Flaky.calls == 2 and client.usage["retries"] == 1
+        assert _Flaky.last_body["response_format"] == {"type": "json_object"} and _Flaky.last_body["prompt"] == "x"
     finally:
         srv.shutdown()
 
