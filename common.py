@@ -203,7 +203,7 @@ def load_lm(name_or_path: str, dtype: torch.dtype | str | None = None, device: t
     return model, tok
 
 
-def _bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 200):
+def bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 200):
     """A small byte-level BPE tokenizer trained in memory (no files, no download): the 'other
     tokenizer' of the toy world, so a method that compares token logits across models cannot use
     a teacher built with it."""
@@ -222,7 +222,7 @@ def _bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 200):
 
 
 def tiny_lm(n_layer: int = 2, d_model: int = 64, n_head: int = 4, tokenizer: str = "byte", max_positions: int = 512,
-            seed: int = 0, bpe_corpus: Iterable[str] | None = None):
+            seed: int = 0, bpe_corpus: Iterable[str] | None = None, bpe_vocab_size: int = 200):
     """A randomly initialised LlamaForCausalLM and a tokenizer that needs no files.
 
     tokenizer="byte": ByT5Tokenizer (bytes; 384 ids). tokenizer="bpe": a BPE tokenizer trained in
@@ -236,7 +236,7 @@ def tiny_lm(n_layer: int = 2, d_model: int = 64, n_head: int = 4, tokenizer: str
         tok = ByT5Tokenizer()
         tok.padding_side = "left"
     elif tokenizer == "bpe":
-        tok = _bpe_tokenizer(bpe_corpus if bpe_corpus is not None else toy_corpus(2000, seed=seed))
+        tok = bpe_tokenizer(bpe_corpus if bpe_corpus is not None else toy_corpus(2000, seed=seed), bpe_vocab_size)
     else:
         raise UserError(f"unknown tokenizer kind '{tokenizer}'; use 'byte' or 'bpe'")
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d_model, intermediate_size=4 * d_model,
@@ -262,10 +262,11 @@ def _encode_text(tok, text: str) -> list[int]:
 def encode_prompts(tok, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (input_ids, attention_mask) for a batch of prompts (no EOS appended)."""
     rows = [_encode_text(tok, p) for p in prompts]
-    return _left_pad(rows, tok.pad_token_id, device)
+    return left_pad(rows, tok.pad_token_id, device)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> left-padded (input_ids, attention_mask)."""
     L = max(1, max(len(r) for r in rows))
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), L), dtype=torch.long)
@@ -295,7 +296,7 @@ def encode_pairs(tok, prompts: Sequence[str], responses: Sequence[str], add_eos:
             r_ids = r_ids + [tok.eos_token_id]
         rows.append(p_ids + r_ids)
         resp_lens.append(len(r_ids))
-    ids, mask = _left_pad(rows, tok.pad_token_id, device)
+    ids, mask = left_pad(rows, tok.pad_token_id, device)
     resp = torch.zeros_like(mask)
     L = ids.shape[1]
     for i, n in enumerate(resp_lens):
@@ -304,9 +305,12 @@ def encode_pairs(tok, prompts: Sequence[str], responses: Sequence[str], add_eos:
     return ids, mask, resp
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    # Left padding: positions start at 0 at each row's first real token (as HF generate does).
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left padding: positions start at 0 at each row's first real token (as HF generate does)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+_position_ids = position_ids  # old private name, kept for callers written against it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +401,7 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
     was_training = model.training
     model.eval()
 
-    pos = _position_ids(attention_mask)
+    pos = position_ids(attention_mask)
     ckw = _cache_kw(model)
     if static_cache:
         from transformers import StaticCache
@@ -492,7 +496,7 @@ def _head_logits(model, head, h: torch.Tensor) -> torch.Tensor:
 
 def _hidden(model, input_ids, attention_mask):
     backbone, head = _backbone_and_head(model)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                    use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0], head
 
@@ -739,7 +743,7 @@ def pretrain_lm(model, tok, sample_fn: Callable[[random.Random], tuple[str, str]
         else:
             resps = [s[1] for s in samples]
         ids, mask, resp = encode_pairs(tok, prompts, resps, device=next(model.parameters()).device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask)).logits[:, :-1].float()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         m = resp[:, 1:].reshape(-1).float()
         loss = (nll * m).sum() / m.sum()

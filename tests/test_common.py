@@ -28,7 +28,7 @@ def tiny():
 
 
 def _naive(model, ids, mask):
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=C._position_ids(mask)).logits.float()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=C.position_ids(mask)).logits.float()
     logp_all = torch.log_softmax(logits[:, :-1], -1)
     lp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1)
@@ -66,8 +66,8 @@ def test_token_kl_equals_torch_distributions(tiny):
     ref, _ = C.tiny_lm(n_layer=2, d_model=32, seed=1)
     ids, mask, _ = C.encode_pairs(tok, ["mul 23=", "add 5="], ["022;236;=6", "055;=5"])
     kl = C.token_kl(model, ref.eval(), ids, mask, chunk_size=5)
-    p_logits = model(input_ids=ids, attention_mask=mask, position_ids=C._position_ids(mask)).logits[:, :-1].float()
-    r_logits = ref(input_ids=ids, attention_mask=mask, position_ids=C._position_ids(mask)).logits[:, :-1].float()
+    p_logits = model(input_ids=ids, attention_mask=mask, position_ids=C.position_ids(mask)).logits[:, :-1].float()
+    r_logits = ref(input_ids=ids, attention_mask=mask, position_ids=C.position_ids(mask)).logits[:, :-1].float()
     want = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=r_logits),
                                              torch.distributions.Categorical(logits=p_logits))
     torch.testing.assert_close(kl[:, 1:], want, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,1785 @@
+"""dreamgym.py: agent RL on synthetic experience from a reasoning experience model, with sim-to-real.
+
+Paper: "Scaling Agent Learning via Experience Synthesis" (DreamGym), Z. Chen, Z. Zhao, ... J. Weston,
+D. Huynh, ICLR 2026, arXiv 2511.03773, https://arxiv.org/abs/2511.03773 (no official code).
+
+Idea. Real agent environments are slow and costly to roll out in. An LLM *experience model* M_exp,
+fine-tuned on offline real transitions, reads the task, the history, the current abstract text state,
+the action and the top-k most similar real transitions from a replay buffer; it writes a reasoning
+trace, then the next state, the outcome reward and done. The policy (an LM emitting text actions)
+is trained with GRPO entirely inside M_exp; a curriculum asks M_exp (as task generator) for
+variants of the tasks whose group rewards vary most. Sim-to-real (S2R) adds a little real RL after.
+
+Equations implemented (numbering of this file; the paper's Eq. 4-7 where they exist):
+  (1) M_exp(R_t, s_{t+1}, r_{t+1}, d | tau, {(s_i, a_i)}_{i<t}, D_k, s_t, a_t)       [paper Eq. 4]
+  (2) L_SFT = -log P(R* | s, a, H, D_k) - log P(s', r, d | s, a, R*, H, D_k)          [paper Eq. 5]
+      (token-mean NLL over the target tokens; inadmissible actions -> failure, r = 0, d = 1)
+  (3) D_k = top-k of cos(phi(s, a), phi(s_j, a_j)) over the replay buffer, own episode excluded
+  (4) V_tau = (1/n) sum_i (r_i - rbar)^2 (= p(1-p) for binary r)                      [paper Eq. 6-7]
+  (5) A_i = (R_i - mean_G R) / (std_G R + 1e-6), broadcast over the action units of trajectory i
+  (6) L = -token_mean(min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)) + beta KL, rho = pi/pi_old
+  (7) score mode: log pi(a|s) = log_softmax over admissible a' of sum_t log p(a'_t | s, a'_<t)
+
+Toy world (CPU, minutes): ShopLite, a web-shop-like text environment (search, result pages,
+items with sizes, buy) with the WebShop-style attribute reward; M_exp and the policy are tiny
+byte-level HF Llama models trained here. The same code path takes any HF model or an
+OpenAI-compatible endpoint as M_exp, and any HF causal LM as the policy.
+
+Arms (--method, comma-separated; same warm-started policy, same number of synthetic/real policy
+updates): real_grpo (GRPO in the real env, stopped at --real_budget N real steps), dreamgym (all
+rollouts in M_exp, 0 new real steps; the offline real steps are reported beside it), s2r (dreamgym,
+then real GRPO with <= --s2r_frac x N real steps), no_retrieval (k = 0, M_exp retrained without
+demos), no_reasoning (M_exp retrained without R*), no_curriculum (lambda = 0), bc (the warm start,
+no RL); train_exp (only fine-tune M_exp, from --offline_file or the toy's offline data).
+
+Deviations from the paper:
+  1. Toy sizes (CPU): M_exp is a 2-layer d = 128 Llama (spec: 4 layers) fine-tuned for
+     --exp_epochs 8 (spec: 3; at 3 it predicted exact next states 71% of the time, at 8 85%);
+     12 policy iterations of 4 tasks x G = 8 (spec: 40 of 8 x 8); 3 items per result page
+     (spec: 5); demos <= 130 characters (spec: 150).
+  2. `back` always returns to the search page (WebShop returns to the previous page); M_exp would
+     otherwise need the whole page history to redraw it.
+  3. The reasoning target R* comes from a rule annotator (spec: an LLM annotator on GPU), and
+     feasibility of generated tasks is judged by a catalogue rule (spec: the same).
+  4. Greedy M_exp answers (--exp_temperature 0) are memoised by their exact prompt: identical
+     prompts give identical outputs anyway, so this only saves time.
+  5. Catalogue, tasks, offline data and M_exp are built once from --data_seed (0) and shared by all
+     policy seeds, so seed variance covers policy init, BC, rollouts and curriculum only; s2r's
+     synthetic phase is the dreamgym run of the same seed (same computation, run once).
+  6. The toy M_exp reads a small BPE tokenizer (1024 ids, trained in memory on its SFT texts with
+     common's BPE helper) instead of bytes: byte-level sequences were ~18x longer and the byte model
+     had not learned the format after 9 CPU minutes. The policy stays byte-level (common.tiny_lm).
+
+Reconstructed (the paper does not say; our choice): the M_exp text format
+`<think>R</think><state>s'</state><reward>r</reward><done>d</done>`; phi = hashed bag of words (1024 dims) of (s, a); k = 3;
+lambda_syn = 0.3; failed purchases repeated 3x in M_exp's SFT data (pitfall 1); curriculum keeps
+at most 4 variants per iteration, most constraints first;
+synthetic buffer entries FIFO-capped at 20000 (real ones kept); GRPO std unbiased with a group of
+one giving A = 0; clip 0.2 / 0.28; hallucinated success = share of 64 synthetic successes that fail
+when their actions are replayed in the real env.
+
+Commands:
+  toy CPU (bc vs real_grpo vs dreamgym vs s2r, seed 0; the first run also fine-tunes and caches M_exp):
+      python dreamgym.py
+  full table (every arm, seeds 0 1 2; writes table.md and dreamgym.png under --output_dir):
+      python dreamgym.py --table
+  real models on a GPU (M_exp = an SFT'd HF model or an endpoint):
+      python dreamgym.py --method train_exp --offline_file data/webshop_offline.jsonl \
+          --exp_model_name_or_path Qwen/Qwen2.5-7B-Instruct --output_dir runs/dreamgym/mexp
+      python dreamgym.py --method dreamgym,s2r --model_name_or_path meta-llama/Llama-3.2-3B-Instruct \
+          --exp_model_name_or_path runs/dreamgym/mexp/exp_model --action_mode generate --horizon 15 \
+          --learning_rate 1e-6
+      ... or --exp_api_base http://localhost:8000/v1 --exp_api_model NAME (JSON replies)
+  several GPUs / CPU processes (whole GRPO groups per rank, new transitions all-gathered):
+      torchrun --nproc_per_node 8 dreamgym.py --method dreamgym ...
+
+Logged (metrics.jsonl per iteration, summary.json per arm and seed): real success on the eval
+tasks (greedy and sampled; eval uses only the real env), synthetic success, new real training
+steps, offline real steps, hallucinated-success rate, M_exp reward error eps_R and false-success
+rate on held-out real transitions, eps_P proxies (exact next state, element F1), zero-variance
+group share, synthetic-vs-real success gap, share of retrieved demos that are real, invalid and
+malformed transitions, loss, clip fraction, wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import zlib
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import common as C
+
+BC_CACHE: dict = {}  # seed -> warm-start weights (shared by every arm of a seed)
+DREAM_SNAPSHOT: dict = {}  # seed -> final dreamgym state (the synthetic phase of s2r)
+ARMS = ("bc", "real_grpo", "dreamgym", "s2r", "no_retrieval", "no_reasoning", "no_curriculum")
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- arguments ----
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # run
+    p.add_argument("--method", default="bc,real_grpo,dreamgym,s2r",
+                   help=f"comma-separated arms from {','.join(ARMS)}, or train_exp (fine-tune M_exp only)")
+    p.add_argument("--seeds", default="0", help="comma-separated policy seeds; each arm runs once per seed")
+    p.add_argument("--seed", type=int, default=None, help="a single seed (overrides --seeds)")
+    p.add_argument("--table", action="store_true", help="every arm x seeds 0,1,2; writes table.md + plot")
+    p.add_argument("--output_dir", default=None, help="default runs/dreamgym/<methods>")
+    p.add_argument("--resume", action="store_true", help="skip finished arm/seed runs, resume the unfinished one")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: best available)")
+    # world (ShopLite); DEVIATION(1): toy sizes
+    p.add_argument("--data_seed", type=int, default=0, help="seed of catalogue, tasks, offline data and M_exp")
+    p.add_argument("--n_products", type=int, default=120, help="catalogue size")
+    p.add_argument("--n_train_tasks", type=int, default=300, help="training tasks")
+    p.add_argument("--n_eval_tasks", type=int, default=100, help="held-out evaluation tasks (real env only)")
+    p.add_argument("--page_size", type=int, default=3, help="items per result page")
+    p.add_argument("--horizon", type=int, default=10, help="H, steps per episode (timeout = failure)")
+    p.add_argument("--real_step_delay", type=float, default=0.0, help="seconds slept per real step (cost model)")
+    p.add_argument("--n_expert", type=int, default=300, help="scripted-expert offline trajectories")
+    p.add_argument("--n_random", type=int, default=200, help="epsilon-random offline trajectories (failures included)")
+    p.add_argument("--heldout_frac", type=float, default=0.1, help="offline trajectories held out for eps_R / eps_P")
+    p.add_argument("--offline_file", default=None, help="jsonl of offline transitions (replaces the toy's)")
+    # experience model M_exp (DEVIATION(1): 2 layers, 8 epochs)
+    p.add_argument("--exp_model_name_or_path", default=None, help="HF M_exp (default: tiny toy M_exp, trained+cached)")
+    p.add_argument("--exp_api_base", default=None, help="OpenAI-compatible endpoint for M_exp (JSON replies)")
+    p.add_argument("--exp_api_model", default=None, help="model name at --exp_api_base")
+    p.add_argument("--exp_api_key_env", default="OPENAI_API_KEY", help="env var holding the endpoint's key")
+    p.add_argument("--exp_layers", type=int, default=2, help="toy M_exp layers")
+    p.add_argument("--exp_d_model", type=int, default=128, help="toy M_exp width")
+    p.add_argument("--exp_vocab_size", type=int, default=1024, help="BPE vocabulary of the toy M_exp")
+    p.add_argument("--exp_epochs", type=float, default=8.0, help="SFT epochs of M_exp, Eq. (2)")
+    p.add_argument("--exp_learning_rate", type=float, default=3e-3, help="SFT learning rate of M_exp")
+    p.add_argument("--exp_batch_size", type=int, default=32, help="SFT batch of M_exp")
+    p.add_argument("--fail_oversample", type=int, default=3, help="SFT repeats of failed purchases (pitfall 1)")
+    p.add_argument("--exp_temperature", type=float, default=0.0, help="sampling temperature of M_exp (0 = greedy)")
+    p.add_argument("--exp_max_new_tokens", type=int, default=64, help="max tokens of one M_exp answer")
+    p.add_argument("--no_reasoning", action="store_true", help="M_exp without the reasoning trace R (ablation)")
+    p.add_argument("--top_k", type=int, default=3, help="k, retrieved demos per M_exp call, Eq. (3)")
+    p.add_argument("--demo_bytes", type=int, default=130, help="max characters of one demo")
+    p.add_argument("--retriever", default="bow", choices=["bow", "embed"], help="phi of Eq. (3)")
+    p.add_argument("--buffer_add", default="synthetic", choices=["synthetic", "real", "none"],
+                   help="what enters the replay buffer after each iteration")
+    p.add_argument("--buffer_cap", type=int, default=20000, help="FIFO cap of synthetic buffer entries")
+    p.add_argument("--exp_retries", type=int, default=2, help="retries of a malformed endpoint reply")
+    # curriculum
+    p.add_argument("--lambda_syn", type=float, default=0.3, help="lambda, max synthetic share of a task batch")
+    p.add_argument("--curr_seeds", type=int, default=4, help="tasks with top V_tau (Eq. 4) that seed variants")
+    p.add_argument("--curr_candidates", type=int, default=4, help="variants sampled per seed task")
+    p.add_argument("--task_temperature", type=float, default=1.0, help="sampling temperature of M_task")
+    # policy
+    p.add_argument("--model_name_or_path", default=None, help="policy (default: tiny_lm 2 layers d 64, byte)")
+    p.add_argument("--action_mode", default="score", choices=["score", "generate"], help="Eq. (7) or free text")
+    p.add_argument("--bc_trajectories", type=int, default=50, help="epsilon = 0.5 trajectories for the BC warm start")
+    p.add_argument("--bc_epochs", type=int, default=10, help="BC epochs")
+    # GRPO (DEVIATION(1): 12 iterations x 4 tasks)
+    p.add_argument("--iterations", type=int, default=12, help="policy iterations (one GRPO update each)")
+    p.add_argument("--tasks_per_iter", type=int, default=4, help="tasks per iteration")
+    p.add_argument("--group_size", type=int, default=8, help="G, rollouts per task, Eq. (5)")
+    p.add_argument("--temperature", type=float, default=1.0, help="policy sampling temperature")
+    p.add_argument("--learning_rate", type=float, default=3e-4, help="AdamW learning rate of the policy")
+    p.add_argument("--clip_low", type=float, default=0.2, help="eps_low of Eq. (6)")
+    p.add_argument("--clip_high", type=float, default=0.28, help="eps_high of Eq. (6)")
+    p.add_argument("--beta", type=float, default=0.0, help="beta of Eq. (6), KL to the warm start (0 = off)")
+    p.add_argument("--ppo_epochs", type=int, default=2, help="passes over each iteration's rollouts")
+    p.add_argument("--num_minibatches", type=int, default=2, help="minibatches per pass")
+    p.add_argument("--per_device_batch_size", type=int, default=256, help="action units per forward (memory)")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
+    p.add_argument("--real_budget", type=int, default=5000, help="N, real training steps allowed to real_grpo")
+    p.add_argument("--s2r_frac", type=float, default=0.1, help="share of N that s2r may spend in the real env")
+    # eval / logging
+    p.add_argument("--eval_every", type=int, default=4, help="iterations between real-env evaluations")
+    p.add_argument("--n_halluc", type=int, default=64, help="synthetic successes replayed in the real env")
+    p.add_argument("--n_heldout_eval", type=int, default=150, help="held-out real transitions for eps_R / eps_P")
+    args = p.parse_args(argv)
+    if args.table:
+        args.method, args.seeds = ",".join(ARMS), "0,1,2"
+    if args.seed is not None:
+        args.seeds = str(args.seed)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- method math ----
+# ---------------------------------------------------------------------------------------------
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Eq. (5): (N,) outcome rewards, groups of `group_size` consecutive rollouts -> (N,) advantages.
+    A = (R - mean_G) / (std_G + 1e-6), std unbiased; a group of one (or all equal) gives 0."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1, group_size)  # (N/G, G)
+    if group_size == 1:
+        return torch.zeros(r.numel())
+    mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)  # unbiased, as torch.std
+    return ((r - mean) / (std + 1e-6)).reshape(-1)
+
+
+def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+              clip_low: float = 0.2, clip_high: float = 0.28, kl: torch.Tensor | None = None, beta: float = 0.0,
+              normalizer: float | None = None):
+    """Eq. (6): clipped-ratio GRPO loss, token (unit) mean.
+
+    logp, logp_old, mask: (B, T) per action unit (score mode: T = 1, one unit per step; generate
+    mode: one unit per action token); adv: (B,) or (B, T). normalizer: the number of units the mean
+    runs over (default mask.sum(); pass the global count for minibatch / DDP accumulation).
+    Returns (loss, stats) with the clip fraction."""
+    if adv.dim() == 1:
+        adv = adv[:, None].expand_as(logp)  # broadcast A_i over every unit of trajectory-step i
+    mask = mask.float()
+    rho = torch.exp(logp - logp_old)  # (B, T)
+    surr = torch.minimum(rho * adv, torch.clamp(rho, 1 - clip_low, 1 + clip_high) * adv)
+    per_unit = -surr
+    if kl is not None and beta > 0:
+        per_unit = per_unit + beta * kl
+    n = normalizer if normalizer is not None else mask.sum().clamp(min=1.0)
+    loss = (per_unit * mask).sum() / n
+    with torch.no_grad():
+        clipped = ((rho < 1 - clip_low) & (adv < 0)) | ((rho > 1 + clip_high) & (adv > 0))
+        clip_frac = (clipped.float() * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss, {"clip_frac": clip_frac}
+
+
+def reward_variance_score(successes) -> float:
+    """Eq. (4): V_tau = (1/n) sum_i (r_i - rbar)^2 over a task's n rollouts (p(1-p) when binary)."""
+    r = np.asarray(list(successes), dtype=np.float64)
+    return float(((r - r.mean()) ** 2).mean()) if r.size else 0.0
+
+
+def score_mode_logp(seq_logp: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Eq. (7): (sum_n counts,) summed action log-probs -> per state the log-softmax over its
+    admissible actions (a list of (counts[i],) tensors)."""
+    out, i = [], 0
+    for n in counts:
+        out.append(torch.log_softmax(seq_logp[i:i + n], 0))
+        i += n
+    return out
+
+
+_WORD = re.compile(r"\$?\d+|[a-z]+|\[[a-z]+\]")
+
+
+def hashed_bow(text: str, dim: int = 1024) -> np.ndarray:
+    """phi of Eq. (3): L2-normalised hashed bag of words (crc32, so it is the same in every process)."""
+    v = np.zeros(dim, dtype=np.float32)
+    for w in _WORD.findall(text.lower()):
+        v[zlib.crc32(w.encode()) % dim] += 1.0
+    n = np.linalg.norm(v)
+    return v / n if n > 0 else v
+
+
+def phi_text(state: str, action: str) -> str:
+    # action words count twice: the action decides which transition is relevant
+    return f"{state} {action} {action}"
+
+
+def element_f1(pred: str, real: str) -> float:
+    """eps_P proxy: F1 between the element sets of two states (items, buttons, header)."""
+    a, b = set(state_elements(pred)), set(state_elements(real))
+    if not a and not b:
+        return 1.0
+    inter = len(a & b)
+    if inter == 0:
+        return 0.0
+    p, r = inter / len(a), inter / len(b)
+    return 2 * p * r / (p + r)
+
+
+def state_elements(state: str) -> list[str]:
+    return [e.strip() for e in re.split(r"\s*\|\s*|\s+(?=\[)|:\s+", state) if e.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- world: ShopLite ----
+# ---------------------------------------------------------------------------------------------
+
+CATEGORIES = ("shirt", "pants", "shoes", "hat", "bag", "jacket")
+COLOURS = ("red", "blue", "green", "black", "white", "grey")
+MATERIALS = ("cotton", "wool", "leather", "linen")
+SIZES = ("S", "M", "L", "XL")
+SEARCH_STATE, DONE_STATE, FAILURE_STATE = "search: [search box]", "done", "failure"
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+    pid: int
+    category: str
+    colour: str
+    material: str
+    sizes: tuple
+    price: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.material} {self.category}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    category: str
+    cap: int
+    colour: str | None = None
+    material: str | None = None
+    size: str | None = None
+
+    @property
+    def text(self) -> str:
+        words = " ".join(w for w in (self.colour, self.material, self.category) if w)
+        size = f", size {self.size}" if self.size else ""
+        return f"buy a {words}{size}, under ${self.cap}"
+
+    @property
+    def n_constraints(self) -> int:
+        return 2 + sum(x is not None for x in (self.colour, self.material, self.size))
+
+
+_TASK_RE = re.compile(r"^buy a (?:(%s) )?(?:(%s) )?(%s)(?:, size (%s))?, under \$(\d{1,3})$" % (
+    "|".join(COLOURS), "|".join(MATERIALS), "|".join(CATEGORIES), "|".join(SIZES)))
+
+
+def parse_task(text: str) -> Task | None:
+    m = _TASK_RE.match(text.strip())
+    if not m:
+        return None
+    colour, material, category, size, cap = m.groups()
+    return Task(category, int(cap), colour, material, size)
+
+
+def satisfies(task: Task, p: Product) -> bool:
+    return (p.category == task.category and p.price <= task.cap and (task.colour is None or p.colour == task.colour)
+            and (task.material is None or p.material == task.material) and (task.size is None or task.size in p.sizes))
+
+
+def make_catalogue(n: int, seed: int) -> list[Product]:
+    rng = random.Random(f"catalogue-{seed}")
+    out = []
+    for i in range(n):
+        sizes = tuple(s for s in SIZES if rng.random() < 0.55) or (rng.choice(SIZES),)
+        out.append(Product(i, rng.choice(CATEGORIES), rng.choice(COLOURS), rng.choice(MATERIALS), sizes,
+                           rng.randint(5, 100)))
+    return out
+
+
+def shop_reward(task: Task, p: Product, size: str | None) -> float:
+    """WebShop-style (simplified) score of buying product p with selected `size` for `task`:
+    r = 1[category] * (matched colour/material + matched size + 1[price <= cap]) / (#attr + #size + 1).
+    An asked size never selected counts as unmatched. Success (the RL reward) is r == 1."""
+    r_type = float(p.category == task.category)
+    attrs = [(task.colour, p.colour), (task.material, p.material)]
+    n_attr = sum(a is not None for a, _ in attrs)
+    matched = sum(a == b for a, b in attrs if a is not None)
+    n_size = int(task.size is not None)
+    matched += int(task.size is not None and size == task.size and size in p.sizes)
+    matched += int(p.price <= task.cap)
+    return r_type * matched / (n_attr + n_size + 1)
+
+
+def task_queries(task_text: str) -> list[str]:
+    """The 6 search queries admissible for a task: 4 combinations of its words + 2 distractors.
+    A deterministic function of the task text, so the real env and M_exp agree on them."""
+    t = parse_task(task_text)
+    if t is None:
+        return []
+    rng = random.Random(f"q-{task_text}")
+    combos = []
+    for words in ((t.colour, t.material, t.category), (t.material, t.category), (t.colour, t.category),
+                  (t.category,), (t.colour, t.material)):
+        q = " ".join(w for w in words if w)
+        if q and q not in combos:
+            combos.append(q)
+    while len(combos) < 4:
+        q = f"{rng.choice(COLOURS + MATERIALS)} {t.category}"
+        if q not in combos:
+            combos.append(q)
+    combos = combos[:4]
+    others = [c for c in CATEGORIES if c != t.category]
+    while len(combos) < 6:
+        q = f"{rng.choice(COLOURS)} {rng.choice(others)}"
+        if q not in combos:
+            combos.append(q)
+    rng.shuffle(combos)
+    return combos
+
+
+def admissible(state: str, task_text: str) -> list[str]:
+    """The one admissible-action parser shared by the real env and M_exp's synthetic states
+    (pitfall 5: both state spaces must parse the same way). [] = terminal or unparsable state."""
+    s = state.strip()
+    if s.startswith("search:"):
+        return [f"search[{q}]" for q in task_queries(task_text)]
+    if s.startswith("results"):
+        acts = [f"click[{i}]" for i in dict.fromkeys(re.findall(r"\[(\d)\]", s))]
+        acts += ["next"] * ("[next]" in s) + ["back"] * ("[back]" in s)
+        return acts
+    if s.startswith("item:"):
+        m = re.search(r"sizes\{([A-Z,]*)\}", s)
+        acts = [f"select[{x}]" for x in (m.group(1).split(",") if m else []) if x in SIZES]
+        acts += ["buy"] * ("[buy]" in s) + ["back"] * ("[back]" in s)
+        return acts
+    return []
+
+
+@dataclasses.dataclass
+class Episode:
+    task: str
+    ep_id: str
+    state: str = SEARCH_STATE
+    t: int = 0
+    done: bool = False
+    history: list = dataclasses.field(default_factory=list)  # actions taken
+    # real-env internals (unused by synthetic episodes)
+    query: str = ""
+    page: int = 1
+    shown: list = dataclasses.field(default_factory=list)
+    item: int | None = None
+    size: str | None = None
+
+
+class ShopLite:
+    """The real environment. step() is the only thing that counts as real interaction:
+    `real_steps` (training) and `diag_steps` (evaluation, hallucination replay) are counted apart."""
+
+    def __init__(self, catalogue: list[Product], page_size: int = 3, horizon: int = 10, delay: float = 0.0):
+        self.catalogue, self.page_size, self.horizon, self.delay = catalogue, page_size, horizon, delay
+        self.real_steps = 0
+        self.diag_steps = 0
+        self._search_cache: dict[str, list[int]] = {}
+
+    def search(self, query: str) -> list[int]:
+        """Product ids for a query: keyword overlap with the product name, top 2 pages."""
+        if query not in self._search_cache:
+            q = set(query.split())
+            scored = [(-len(q & set(p.name.split())), p.pid) for p in self.catalogue]
+            self._search_cache[query] = [pid for s, pid in sorted(scored) if s < 0][: 2 * self.page_size]
+        return self._search_cache[query]
+
+    def reset(self, task: str, ep_id: str = "") -> Episode:
+        return Episode(task=task, ep_id=ep_id)
+
+    def _results_state(self, ep: Episode) -> str:
+        ids = self.search(ep.query)
+        page = ids[(ep.page - 1) * self.page_size: ep.page * self.page_size]
+        ep.shown = page
+        items = " | ".join(f"[{i + 1}] {self.catalogue[pid].name} ${self.catalogue[pid].price}" for i, pid in enumerate(page))
+        nxt = " [next]" if ep.page == 1 and len(ids) > self.page_size else ""
+        return f"results p{ep.page}: {items}{nxt} [back]" if page else f"results p{ep.page}: none [back]"
+
+    def _item_state(self, ep: Episode) -> str:
+        p = self.catalogue[ep.item]
+        sel = f" sel{{{ep.size}}}" if ep.size else ""
+        return f"item: {p.name} ${p.price} sizes{{{','.join(p.sizes)}}}{sel} [buy] [back]"
+
+    def step(self, ep: Episode, action: str, diag: bool = False):
+        """One real transition. Returns (next_state, r, done, info); r is the WebShop-style score
+        (non-zero only on `buy`), info["success"] = 1.0 iff r == 1 (the RL outcome reward).
+        An inadmissible action -> the failure state, r = 0, done. Reaching the horizon -> done, r = 0."""
+        if ep.done:
+            raise ValueError("step() on a finished episode")
+        if diag:
+            self.diag_steps += 1
+        else:
+            self.real_steps += 1
+        if self.delay:
+            time.sleep(self.delay)
+        task = parse_task(ep.task)
+        acts = admissible(ep.state, ep.task)
+        ep.t += 1
+        ep.history.append(action)
+        info = {"valid": action in acts, "success": 0.0, "timeout": False}
+        r = 0.0
+        if not info["valid"]:
+            ep.state, ep.done = FAILURE_STATE, True
+            return ep.state, 0.0, True, info
+        if action.startswith("search["):
+            ep.query, ep.page = action[7:-1], 1
+            ep.state = self._results_state(ep)
+        elif action == "next":
+            ep.page = 2
+            ep.state = self._results_state(ep)
+        elif action == "back":  # DEVIATION(2): back goes to the search page
+            ep.state, ep.item, ep.size = SEARCH_STATE, None, None
+        elif action.startswith("click["):
+            ep.item, ep.size = ep.shown[int(action[6:-1]) - 1], None
+            ep.state = self._item_state(ep)
+        elif action.startswith("select["):
+            ep.size = action[7:-1]
+            ep.state = self._item_state(ep)
+        elif action == "buy":
+            r = shop_reward(task, self.catalogue[ep.item], ep.size)
+            info["success"] = float(r == 1.0)
+            ep.state, ep.done = DONE_STATE, True
+        if not ep.done and ep.t >= self.horizon:  # timeout = failure
+            ep.done, info["timeout"] = True, True
+        return ep.state, r, ep.done, info
+
+
+def make_tasks(shop: ShopLite, n_train: int, n_eval: int, seed: int) -> tuple[list[str], list[str]]:
+    """Disjoint train / eval task texts; every task is feasible and findable by one of its queries."""
+    rng = random.Random(f"tasks-{seed}")
+    seen, out = set(), []
+    while len(out) < n_train + n_eval:
+        p = rng.choice(shop.catalogue)
+        extra = rng.sample(["colour", "material", "size"], rng.choice([0, 1, 1, 2, 2]))
+        t = Task(p.category, int(math.ceil((p.price + 1) / 10) * 10), p.colour if "colour" in extra else None,
+                 p.material if "material" in extra else None, rng.choice(p.sizes) if "size" in extra else None)
+        if t.text in seen or expert_plan(shop, t.text) is None:
+            continue
+        seen.add(t.text)
+        out.append(t.text)
+    return out[:n_train], out[n_train:]
+
+
+def expert_plan(shop: ShopLite, task_text: str):
+    """(query, page, index) of the first satisfying product reachable through the task's queries."""
+    task = parse_task(task_text)
+    for q in task_queries(task_text):
+        for j, pid in enumerate(shop.search(q)):
+            if satisfies(task, shop.catalogue[pid]):
+                return q, 1 + j // shop.page_size, 1 + j % shop.page_size
+    return None
+
+
+def expert_action(shop: ShopLite, ep: Episode) -> str:
+    """Scripted expert (uses the env's internals: an oracle, used for offline data only)."""
+    task = parse_task(ep.task)
+    s = ep.state
+    if s.startswith("search:"):
+        plan = expert_plan(shop, ep.task)
+        return f"search[{plan[0]}]" if plan else "search[" + task_queries(ep.task)[0] + "]"
+    if s.startswith("results"):
+        for i, pid in enumerate(ep.shown):
+            if satisfies(task, shop.catalogue[pid]):
+                return f"click[{i + 1}]"
+        return "next" if "[next]" in s else "back"
+    if s.startswith("item:"):
+        if not satisfies(task, shop.catalogue[ep.item]):
+            return "back"
+        if task.size and ep.size != task.size:
+            return f"select[{task.size}]"
+        return "buy"
+    return "back"
+
+
+def annotate(task_text: str, state: str, action: str, next_state: str, shop: ShopLite | None = None,
+             ep: Episode | None = None) -> str:
+    """DEVIATION(3): rule annotator, the reasoning target R* (stand-in for the paper's LLM annotator). The buy check
+    puts each task field next to the item's (pitfall: reward hallucination)."""
+    if next_state == FAILURE_STATE and action not in admissible(state, task_text):
+        return "not admissible; fail"
+    if action.startswith("search["):
+        return f"list items for {action[7:-1]}"
+    if action == "next":
+        return "page 2"
+    if action == "back":
+        return "back to search"
+    if action.startswith("click["):
+        m = re.search(r"\[%s\] ([^$|]*)\$" % re.escape(action[6:-1]), state)
+        return f"open {m.group(1).strip()}" if m else "open item"
+    if action.startswith("select["):
+        return f"size {action[7:-1]}"
+    if action == "buy":
+        task = parse_task(task_text)
+        m = re.match(r"item: (\w+) (\w+) (\w+) \$(\d+) sizes\{[A-Z,]*\}(?: sel\{(\w+)\})?", state)
+        if task is None or m is None:
+            return "buy; fail"
+        colour, material, category, price, sel = m.groups()
+        checks = [f"{task.category}/{category} " + ("ok" if task.category == category else "no")]
+        if task.colour:
+            checks.append(f"{task.colour}/{colour} " + ("ok" if task.colour == colour else "no"))
+        if task.material:
+            checks.append(f"{task.material}/{material} " + ("ok" if task.material == material else "no"))
+        if task.size:
+            checks.append(f"{task.size}/{sel or '-'} " + ("ok" if task.size == sel else "no"))
+        checks.append(f"{price}<={task.cap} " + ("ok" if int(price) <= task.cap else "no"))
+        ok = all(c.endswith("ok") for c in checks)
+        return "; ".join(checks) + ("; success" if ok else "; fail")
+    return "?"
+
+
+def collect_trajectories(shop: ShopLite, tasks: list[str], n: int, eps_choices, rng: random.Random, prefix: str,
+                         invalid_prob: float = 0.0) -> list[list[dict]]:
+    """Scripted / epsilon-noisy real trajectories (counted as offline real steps by the caller)."""
+    out = []
+    for j in range(n):
+        task = tasks[j % len(tasks)] if j < len(tasks) else rng.choice(tasks)
+        eps = rng.choice(eps_choices)
+        ep = shop.reset(task, f"{prefix}{j}")
+        traj = []
+        while not ep.done:
+            s, hist = ep.state, list(ep.history)
+            acts = admissible(s, task)
+            if rng.random() < eps:
+                if rng.random() < invalid_prob:
+                    a = rng.choice(["checkout", "click[7]", "search[]"])
+                elif "buy" in acts and rng.random() < 0.7:  # careless purchases: failed buys teach M_exp (pitfall 1)
+                    a = "buy"
+                else:
+                    a = rng.choice(acts)
+            else:
+                a = expert_action(shop, ep)
+            s2, r, done, info = shop.step(ep, a)
+            traj.append(dict(task=task, ep=ep.ep_id, hist=hist, s=s, a=a, s2=s2, r=info["success"], r_raw=r,
+                             d=float(s2 in (DONE_STATE, FAILURE_STATE)), R=annotate(task, s, a, s2), real=True))
+        out.append(traj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- experience model, replay buffer, curriculum ----
+# ---------------------------------------------------------------------------------------------
+
+
+def demo_text(t: dict, limit: int) -> str:
+    """A retrieved transition as M_exp reads it (a search needs no source state; the rest do)."""
+    src = "" if t["a"].startswith("search[") else f"{t['s'][:60]} | "
+    return f"{src}{t['a']} => {t['s2']} r{int(t['r'])}"[:limit]
+
+
+def exp_prompt(task: str, hist: list[str], demos: list[str], state: str, action: str) -> str:
+    """Eq. (1) input: demos D_k, task tau, last 3 actions, s_t, a_t."""
+    lines = [f"ex: {d}" for d in demos]
+    lines += [f"task: {task}", f"hist: {';'.join(hist[-3:])}", f"state: {state}", f"act: {action}", ">"]
+    return "\n".join(lines)
+
+
+def exp_target(R: str, s2: str, r: float, d: float, reasoning: bool = True) -> str:
+    """Eq. (1) output (reconstructed format)."""
+    think = f"<think>{R}</think>" if reasoning else ""
+    return f"{think}<state>{s2}</state><reward>{int(r)}</reward><done>{int(d)}</done>"
+
+
+_EXP_RE = re.compile(r"<state>(.*?)</state>\s*<reward>\s*([0-9.]+)\s*</reward>\s*<done>\s*([01])\s*</done>", re.S)
+
+
+def parse_exp_output(text: str):
+    """-> (reasoning, next_state, reward, done) or None when malformed. Accepts the tag format or
+    the endpoint's JSON {reasoning, next_state, reward, done}."""
+    m = _EXP_RE.search(text)
+    if m:
+        t = re.search(r"<think>(.*?)</think>", text, re.S)
+        try:
+            r = float(m.group(2))
+        except ValueError:
+            return None
+        return (t.group(1) if t else ""), m.group(1).strip(), float(r >= 0.5), float(m.group(3))
+    s = text.strip()
+    if s.startswith("```"):
+        s = re.sub(r"^```(?:json)?|```$", "", s.strip(), flags=re.M).strip()
+    try:
+        obj = json.loads(s[s.find("{"): s.rfind("}") + 1]) if "{" in s else None
+        r, d = float(obj["reward"]), float(obj["done"])
+        return str(obj.get("reasoning", "")), str(obj["next_state"]).strip(), float(r >= 0.5), float(d >= 0.5)
+    except (ValueError, TypeError, KeyError, AttributeError, json.JSONDecodeError):
+        return None
+
+
+def task_gen_prompt(seed_task: str) -> str:
+    return f"<gen_task> {seed_task}\n>"
+
+
+class ReplayBuffer:
+    """Transitions for retrieval (Eq. 3): real ones kept, synthetic ones FIFO-capped.
+    Evaluation tasks may never enter (pitfall 4): add() raises if one does."""
+
+    def __init__(self, forbidden_tasks=(), cap: int = 20000, dim: int = 1024, embed_fn=None):
+        self.forbidden = set(forbidden_tasks)
+        self.cap, self.dim, self.embed_fn = cap, dim, embed_fn
+        self.real: list[dict] = []
+        self.syn: list[dict] = []
+        self._keys_real: list[np.ndarray] = []
+        self._keys_syn: list[np.ndarray] = []
+        self._mat = None
+
+    def __len__(self):
+        return len(self.real) + len(self.syn)
+
+    def _key(self, texts: list[str]) -> list[np.ndarray]:
+        if self.embed_fn is not None:
+            return list(self.embed_fn(texts))
+        return [hashed_bow(t, self.dim) for t in texts]
+
+    def add(self, transitions: list[dict]) -> None:
+        bad = [t["task"] for t in transitions if t["task"] in self.forbidden]
+        if bad:
+            raise ValueError(f"evaluation task would enter the replay buffer: {bad[0]!r}")
+        keys = self._key([phi_text(t["s"], t["a"]) for t in transitions])
+        for t, k in zip(transitions, keys):
+            (self.real if t.get("real") else self.syn).append(t)
+            (self._keys_real if t.get("real") else self._keys_syn).append(k)
+        if len(self.syn) > self.cap:
+            drop = len(self.syn) - self.cap
+            self.syn, self._keys_syn = self.syn[drop:], self._keys_syn[drop:]
+        self._mat = None
+
+    def entries(self) -> list[dict]:
+        return self.real + self.syn
+
+    def retrieve(self, queries: list[tuple[str, str, str]], k: int) -> list[list[dict]]:
+        """queries: (state, action, episode id) -> for each, the k nearest transitions by cosine of
+        phi(s, a), excluding transitions of the query's own episode."""
+        if k <= 0 or len(self) == 0 or not queries:
+            return [[] for _ in queries]
+        if self._mat is None:
+            self._mat = torch.from_numpy(np.stack(self._keys_real + self._keys_syn))  # (N, D)
+        ents = self.entries()
+        q = torch.from_numpy(np.stack(self._key([phi_text(s, a) for s, a, _ in queries])))  # (Q, D)
+        sims = q @ self._mat.T  # (Q, N)
+        out = []
+        for i, (_, _, ep) in enumerate(queries):
+            order = torch.sort(sims[i], descending=True, stable=True).indices.tolist()
+            picked, seen = [], set()
+            for j in order:
+                e = ents[j]
+                key = (e["s"], e["a"], e["s2"], e["r"])
+                if e["ep"] != ep and key not in seen:  # own episode excluded; duplicates carry no information
+                    picked.append(e)
+                    seen.add(key)
+                    if len(picked) == k:
+                        break
+            out.append(picked)
+        return out
+
+
+class ExperienceModel:
+    """M_exp behind one interface: a local HF causal LM (tag format) or an OpenAI-compatible
+    endpoint (JSON format, through common.LLM). step() answers a batch of Eq. (1) prompts;
+    gen_tasks() is M_task (same weights, prefix <gen_task>)."""
+
+    SYSTEM = ("You simulate a web shop. Given demos, the task, history, the current state and an action, "
+              "reason about the action's effect, then answer only JSON: {\"reasoning\": str, \"next_state\": str, "
+              "\"reward\": 0 or 1 (1 only if this action completes the task), \"done\": 0 or 1}.")
+
+    def __init__(self, llm: C.LLM, reasoning: bool = True, temperature: float = 0.0, max_new_tokens: int = 160,
+                 retries: int = 2, seed: int = 0):
+        self.llm, self.reasoning, self.temperature = llm, reasoning, temperature
+        self.max_new_tokens, self.retries = max_new_tokens, retries
+        self.calls = 0
+        self.malformed = 0
+        self.retried = 0
+        self._memo: dict[str, tuple] = {}
+
+    def _ask(self, prompts: list[str], temperature: float, max_tokens: int, json_mode: bool) -> list[str]:
+        if self.llm.client is not None:
+            convs = [[{"role": "system", "content": self.SYSTEM}, {"role": "user", "content": p}] if json_mode
+                     else [{"role": "user", "content": p}] for p in prompts]
+            return [o[0] for o in self.llm.chat(convs, n=1, temperature=temperature, max_tokens=max_tokens)]
+        return [o[0] for o in self.llm.complete(prompts, n=1, temperature=temperature, max_tokens=max_tokens)]
+
+    def step(self, prompts: list[str]) -> list[tuple | None]:
+        """Eq. (1) for a batch -> (R, s', r, d) per prompt, or None = malformed after retries
+        (the caller turns it into the failure transition and counts it)."""
+        memo = self.temperature <= 0  # DEVIATION(4): greedy answers memoised by prompt
+        todo = list(dict.fromkeys(p for p in prompts if not (memo and p in self._memo)))
+        res: dict[str, tuple | None] = {}
+        for attempt in range(self.retries + 1):
+            if not todo:
+                break
+            self.calls += len(todo)
+            outs = self._ask(todo, self.temperature, self.max_new_tokens, json_mode=True)
+            again = []
+            for p, o in zip(todo, outs):
+                parsed = parse_exp_output(o)
+                if parsed is None and attempt < self.retries and self.llm.client is not None:
+                    again.append(p)  # endpoints glitch: ask again; a local greedy model would repeat itself
+                    self.retried += 1
+                else:
+                    res[p] = parsed
+                    self.malformed += parsed is None
+            todo = again
+        if memo:
+            if len(self._memo) > 50000:
+                self._memo.clear()
+            self._memo.update(res)
+            return [self._memo[p] for p in prompts]
+        return [res[p] for p in prompts]
+
+    def gen_tasks(self, seeds: list[str], n: int) -> list[list[str]]:
+        """M_task: n sampled variants of each seed task (text, unfiltered)."""
+        prompts = [task_gen_prompt(s) for s in seeds for _ in range(n)]
+        if not prompts:
+            return []
+        self.calls += len(prompts)
+        outs = self._ask(prompts, max(self.temperature, 1e-6) if self.llm.client else 1.0, 48, json_mode=False)
+        outs = [o.strip().splitlines()[0].strip() if o.strip() else "" for o in outs]
+        return [outs[i * n:(i + 1) * n] for i in range(len(seeds))]
+
+
+def curriculum_variants(candidates: list[str], catalogue: list[Product], eval_tasks: set, known: set) -> list[str]:
+    """Keep parsable, feasible (some product meets every constraint), non-eval, new variants,
+    most constraints first (paper: prefer harder medium-difficulty tasks; pitfall 7)."""
+    keep = []
+    for c in dict.fromkeys(candidates):
+        t = parse_task(c)
+        if t is None or c in eval_tasks or c in known or t.text != c:
+            continue
+        if any(satisfies(t, p) for p in catalogue):  # DEVIATION(3): feasibility by catalogue rule
+            keep.append(c)
+    return sorted(keep, key=lambda c: -parse_task(c).n_constraints)
+
+
+def exp_sft_examples(trajs: list[list[dict]], buffer: ReplayBuffer, k: int, demo_bytes: int, reasoning: bool,
+                     train_tasks: list[str], rng: random.Random, fail_oversample: int = 1) -> list[tuple[str, str]]:
+    """(prompt, target) pairs for Eq. (2), demos retrieved as at rollout time (own episode excluded),
+    plus M_task pairs: a train task -> another train task of the same category."""
+    flat = [t for tr in trajs for t in tr]
+    # pitfall 1: failed purchases are rare in the offline data; repeat them so M_exp sees failures
+    flat += [t for t in flat if t["a"] == "buy" and t["r"] == 0] * max(0, fail_oversample - 1)
+    demos = buffer.retrieve([(t["s"], t["a"], t["ep"]) for t in flat], k)
+    ex = [(exp_prompt(t["task"], t["hist"], [demo_text(d, demo_bytes) for d in ds], t["s"], t["a"]),
+           exp_target(t["R"], t["s2"], t["r"], t["d"], reasoning)) for t, ds in zip(flat, demos)]
+    by_cat: dict[str, list[str]] = {}
+    for t in train_tasks:
+        by_cat.setdefault(parse_task(t).category, []).append(t)
+    for _ in range(len(flat) // 6):
+        a = rng.choice(train_tasks)
+        ex.append((task_gen_prompt(a), rng.choice(by_cat[parse_task(a).category])))
+    return ex
+
+
+def train_exp_model(model, tok, examples: list[tuple[str, str]], epochs: float, lr: float, batch_size: int,
+                    seed: int, device, desc: str = "M_exp SFT") -> list[float]:
+    """Eq. (2): token-mean NLL of the target tokens (R*, s', r, d); AdamW, warmup + cosine."""
+    rng = random.Random(seed)
+    steps = max(1, int(math.ceil(epochs * len(examples) / batch_size)))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    model.train()
+    order, losses = [], []
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=not C.is_main())
+    for step in bar:
+        if len(order) < batch_size:
+            idx = list(range(len(examples)))
+            rng.shuffle(idx)
+            order += idx
+        batch = [examples[i] for i in order[:batch_size]]
+        order = order[batch_size:]
+        ids, mask, resp = C.encode_pairs(tok, [b[0] for b in batch], [b[1] for b in batch], device=device)
+        with C.autocast(device):
+            logp = C.token_logprobs(model, ids, mask)  # (B, L)
+        loss = -(logp * resp).sum() / resp.sum()
+        if not torch.isfinite(loss):
+            raise C.UserError("M_exp SFT loss is NaN; lower --exp_learning_rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- worlds (real / synthetic), policy, rollouts, evaluation ----
+# ---------------------------------------------------------------------------------------------
+
+
+class RealWorld:
+    """GRPO in the real env: every step is a real interaction (diag=True: evaluation / diagnostics)."""
+    synthetic = False
+
+    def __init__(self, shop: ShopLite, diag: bool = False):
+        self.shop, self.diag = shop, diag
+
+    def reset(self, task: str, ep_id: str) -> Episode:
+        return self.shop.reset(task, ep_id)
+
+    def step_batch(self, eps: list[Episode], actions: list[str]):
+        out = []
+        for ep, a in zip(eps, actions):
+            s2, r, d, info = self.shop.step(ep, a, diag=self.diag)
+            out.append((s2, info["success"], d, info))
+        return out
+
+
+class DreamWorld:
+    """Rollouts inside M_exp: the rule sends inadmissible actions to the failure state, everything
+    else is M_exp's answer to Eq. (1) with demos retrieved from the buffer. Never touches ShopLite."""
+    synthetic = True
+
+    def __init__(self, expm: ExperienceModel, buffer: ReplayBuffer, top_k: int, demo_bytes: int, horizon: int):
+        self.expm, self.buffer, self.k, self.demo_bytes, self.horizon = expm, buffer, top_k, demo_bytes, horizon
+        self.stats = {"invalid": 0, "malformed": 0, "demos": 0, "real_demos": 0, "steps": 0}
+
+    def reset(self, task: str, ep_id: str) -> Episode:
+        return Episode(task=task, ep_id=ep_id)
+
+    def step_batch(self, eps: list[Episode], actions: list[str]):
+        out: list = [None] * len(eps)
+        ask = []
+        for i, (ep, a) in enumerate(zip(eps, actions)):
+            if a not in admissible(ep.state, ep.task):
+                out[i] = (FAILURE_STATE, 0.0, True, {"valid": False, "R": "not admissible; fail"})
+                self.stats["invalid"] += 1
+            else:
+                ask.append(i)
+        demos = self.buffer.retrieve([(eps[i].state, actions[i], eps[i].ep_id) for i in ask], self.k)
+        prompts = [exp_prompt(eps[i].task, eps[i].history, [demo_text(d, self.demo_bytes) for d in ds], eps[i].state,
+                              actions[i]) for i, ds in zip(ask, demos)]
+        for ds in demos:
+            self.stats["demos"] += len(ds)
+            self.stats["real_demos"] += sum(bool(d.get("real")) for d in ds)
+        answers = self.expm.step(prompts) if prompts else []
+        for i, ans in zip(ask, answers):
+            if ans is None:
+                self.stats["malformed"] += 1
+                out[i] = (FAILURE_STATE, 0.0, True, {"valid": True, "malformed": True, "R": ""})
+            else:
+                R, s2, r, d = ans
+                out[i] = (s2, r, bool(d) or s2 in (DONE_STATE, FAILURE_STATE), {"valid": True, "R": R})
+        for i, ep in enumerate(eps):
+            s2, r, d, info = out[i]
+            ep.t += 1
+            ep.history.append(actions[i])
+            ep.state = s2
+            if not d and ep.t >= self.horizon:
+                d, info["timeout"] = True, True
+            ep.done = d
+            out[i] = (s2, r, d, info)
+            self.stats["steps"] += 1
+        return out
+
+
+def policy_prompt(task: str, state: str, acts: list[str] | None = None) -> str:
+    if acts is None:  # score mode: the actions are scored, not listed
+        return f"{task}\n{state}\n>"
+    return f"{task}\n{state}\nacts: {' | '.join(acts)}\n>"
+
+
+def parse_action_text(text: str) -> str:
+    m = re.search(r"<action>(.*?)</action>", text, re.S)
+    return (m.group(1) if m else text.strip().splitlines()[0] if text.strip() else "").strip()
+
+
+def _cache_kw(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def score_actions(policy, tok, prompts: list[str], action_lists: list[list[str]], device) -> list[torch.Tensor]:
+    """Eq. (7): per prompt, (n_actions,) log pi(a|s) renormalised over the admissible actions.
+    Differentiable when grad is on. The state prompt is run once and its KV cache shared by its
+    actions (same numbers as token_logprobs on (prompt + action) pairs, ~4x fewer tokens; a test
+    checks the two agree)."""
+    from transformers import DynamicCache
+
+    ids, mask = C.encode_prompts(tok, prompts, device)  # (B, P)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    with C.autocast(device):
+        out = policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                     **{_cache_kw(policy): cache})
+    first_lp = torch.log_softmax(out.logits[:, -1].float(), -1)  # (B, V): distribution of each action's 1st token
+    owner = torch.tensor([i for i, acts in enumerate(action_lists) for _ in acts], device=device)  # (N,)
+    rows = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for acts in action_lists for a in acts]
+    La = max(map(len, rows))
+    aid = torch.full((len(rows), La), tok.pad_token_id, dtype=torch.long)
+    am = torch.zeros((len(rows), La), dtype=torch.long)
+    for j, r in enumerate(rows):
+        aid[j, :len(r)] = torch.tensor(r)
+        am[j, :len(r)] = 1
+    aid, am = aid.to(device), am.to(device)
+    cache.batch_select_indices(owner)  # each action continues its own state's cache
+    apos = mask.sum(1)[owner, None] + torch.arange(La, device=device)[None]
+    with C.autocast(device):
+        out2 = policy(input_ids=aid, attention_mask=torch.cat([mask[owner], am], 1), position_ids=apos,
+                      use_cache=True, **{_cache_kw(policy): cache})
+    lp_rest = torch.log_softmax(out2.logits[:, :-1].float(), -1).gather(-1, aid[:, 1:, None]).squeeze(-1)  # (N, La-1)
+    lp = torch.cat([first_lp[owner].gather(-1, aid[:, :1]), lp_rest], 1) * am  # (N, La)
+    return score_mode_logp(lp.sum(1), [len(a) for a in action_lists])
+
+
+def score_actions_pairs(policy, tok, prompts: list[str], action_lists: list[list[str]], device) -> list[torch.Tensor]:
+    """Reference of score_actions: token_logprobs on (state prompt + action) pairs."""
+    flat_p = [p for p, acts in zip(prompts, action_lists) for _ in acts]
+    flat_a = [a for acts in action_lists for a in acts]
+    ids, mask, resp = C.encode_pairs(tok, flat_p, flat_a, device=device)
+    with C.autocast(device):
+        logp = C.token_logprobs(policy, ids, mask)  # (N, L)
+    seq = (logp.float() * resp).sum(1)  # (N,)
+    return score_mode_logp(seq, [len(a) for a in action_lists])
+
+
+@dataclasses.dataclass
+class Unit:
+    """One action unit of a trajectory (score mode: a step; generate mode: a step's tokens)."""
+    prompt: str
+    actions: list
+    idx: int
+    logp_old: float | torch.Tensor
+    ids: torch.Tensor | None = None  # generate mode: prompt+response ids
+    resp_mask: torch.Tensor | None = None  # generate mode: tokens that carry advantage
+    ref_logp: float | torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class Trajectory:
+    task: str
+    ep_id: str
+    synthetic: bool
+    units: list = dataclasses.field(default_factory=list)
+    transitions: list = dataclasses.field(default_factory=list)
+    reward: float = 0.0
+
+
+def _action_token_mask(tok, resp_ids: list[int]) -> list[int]:
+    """Generate mode: tokens inside <action>..</action> carry the advantage; all if there are no tags."""
+    text = tok.decode(resp_ids, skip_special_tokens=True)
+    if "<action>" not in text:
+        return [1] * len(resp_ids)
+    mask = []
+    for j in range(len(resp_ids)):
+        before = tok.decode(resp_ids[:j], skip_special_tokens=True)
+        mask.append(int("<action>" in before and "</action>" not in before))
+    return mask
+
+
+@torch.no_grad()
+def rollout(policy, tok, world, tasks: list[str], group_size: int, temperature: float, gen: torch.Generator,
+            action_mode: str, device, ep_prefix: str, ref_policy=None, max_action_tokens: int = 32) -> list[Trajectory]:
+    """G rollouts per task, all live episodes stepped together; logp_old taken here (pitfall 9)."""
+    eps, trajs = [], []
+    for ti, task in enumerate(tasks):
+        for g in range(group_size):
+            ep_id = f"{ep_prefix}-{ti}-{g}"
+            eps.append(world.reset(task, ep_id))
+            trajs.append(Trajectory(task, ep_id, world.synthetic))
+    while True:
+        live = [i for i, e in enumerate(eps) if not e.done]
+        if not live:
+            break
+        acts_l = [admissible(eps[i].state, eps[i].task) for i in live]
+        for i, acts in zip(live, acts_l):
+            if not acts:  # unparsable synthetic state: the episode fails
+                eps[i].done = True
+        keep = [(i, acts) for i, acts in zip(live, acts_l) if acts]
+        if not keep:
+            break
+        live, acts_l = [k[0] for k in keep], [k[1] for k in keep]
+        chosen, units = [], []
+        if action_mode == "score":
+            prompts = [policy_prompt(eps[i].task, eps[i].state) for i in live]
+            logps = score_actions(policy, tok, prompts, acts_l, device)
+            ref_logps = score_actions(ref_policy, tok, prompts, acts_l, device) if ref_policy is not None else None
+            for j, lp in enumerate(logps):
+                if temperature <= 0:
+                    k = int(lp.argmax())
+                else:
+                    k = int(torch.multinomial(torch.softmax(lp / temperature, 0).cpu(), 1, generator=gen))
+                chosen.append(acts_l[j][k])
+                units.append(Unit(prompts[j], acts_l[j], k, float(lp[k]),
+                                  ref_logp=float(ref_logps[j][k]) if ref_logps is not None else None))
+        else:
+            prompts = [policy_prompt(eps[i].task, eps[i].state, acts) for i, acts in zip(live, acts_l)]
+            g = C.generate(policy, tok, prompts, max_new_tokens=max_action_tokens, temperature=temperature, generator=gen)
+            for j in range(len(live)):
+                m = g.response_mask[j].bool()
+                rid = g.response_ids[j][m].tolist()
+                seq = torch.cat([g.sequences[j, :g.prompt_len][g.attention_mask[j, :g.prompt_len].bool()],
+                                 g.response_ids[j][m]]).cpu()
+                amask = torch.tensor([0] * (len(seq) - len(rid)) + _action_token_mask(tok, rid))
+                chosen.append(parse_action_text(g.texts[j]))
+                units.append(Unit(prompts[j], acts_l[j], -1, g.logprobs[j][m].cpu(), ids=seq, resp_mask=amask))
+        before = [(eps[i].state, list(eps[i].history)) for i in live]
+        results = world.step_batch([eps[i] for i in live], chosen)
+        for j, i in enumerate(live):
+            s2, r, d, info = results[j]
+            trajs[i].units.append(units[j])
+            trajs[i].transitions.append(dict(task=eps[i].task, ep=eps[i].ep_id, hist=before[j][1], s=before[j][0],
+                                             a=chosen[j], s2=s2, r=float(r), d=float(d), R=info.get("R", ""),
+                                             real=not world.synthetic))
+            if d:
+                trajs[i].reward = float(r)
+    return trajs
+
+
+def policy_logp_units(policy, tok, units: list[Unit], device, action_mode: str):
+    """(logp (B, T), logp_old (B, T), mask (B, T)) of a list of units under the current policy."""
+    if action_mode == "score":
+        lps = score_actions(policy, tok, [u.prompt for u in units], [u.actions for u in units], device)
+        logp = torch.stack([lp[u.idx] for lp, u in zip(lps, units)])[:, None]  # (B, 1)
+        old = torch.tensor([u.logp_old for u in units], device=logp.device)[:, None]
+        return logp, old, torch.ones_like(logp)
+    rows = [u.ids.tolist() for u in units]
+    ids, mask = C.left_pad(rows, tok.pad_token_id, device)
+    with C.autocast(device):
+        logp = C.token_logprobs(policy, ids, mask).float()  # (B, L)
+    L = ids.shape[1]
+    amask = torch.zeros_like(logp)
+    old = torch.zeros_like(logp)
+    for b, u in enumerate(units):
+        n = len(u.ids)
+        amask[b, L - n:] = u.resp_mask.to(device).float()
+        T = len(u.logp_old)
+        old[b, L - T:] = u.logp_old.to(device)
+    return logp, old, amask
+
+
+def grpo_update(policy, tok, opt, trajs: list[Trajectory], group_size: int, args, device, world_size: int,
+                gen: random.Random, ref_policy=None) -> dict:
+    """One GRPO update (Eq. 5-6) over this rank's trajectories: ppo_epochs x num_minibatches steps.
+    The loss is normalised by the global unit count of the minibatch, so the DDP gradient (averaged
+    by all_reduce_grads after scaling by world_size) equals the single-process one."""
+    adv = grpo_advantages(torch.tensor([t.reward for t in trajs]), group_size)
+    units = [(u, float(a)) for t, a in zip(trajs, adv) for u in t.units]
+    stats = {"loss": 0.0, "clip_frac": 0.0, "n": 0}
+    if not units:
+        return stats
+    policy.train()
+    for _ in range(args.ppo_epochs):
+        order = list(range(len(units)))
+        gen.shuffle(order)
+        mbs = [order[i::args.num_minibatches] for i in range(args.num_minibatches)]
+        for mb in mbs:
+            n_local = torch.tensor(float(len(mb) if args.action_mode == "score" else
+                                         sum(float(units[i][0].resp_mask.sum()) for i in mb)))
+            n_global = _all_reduce_sum(n_local, world_size)
+            if n_global <= 0:
+                continue
+            opt.zero_grad(set_to_none=True)
+            for s in range(0, len(mb), args.per_device_batch_size):
+                chunk = [units[i] for i in mb[s:s + args.per_device_batch_size]]
+                logp, old, mask = policy_logp_units(policy, tok, [u for u, _ in chunk], device, args.action_mode)
+                a = torch.tensor([x for _, x in chunk], device=logp.device)
+                kl = None
+                if ref_policy is not None and args.beta > 0:
+                    with torch.no_grad():
+                        ref, _, _ = policy_logp_units(ref_policy, tok, [u for u, _ in chunk], device, args.action_mode)
+                    kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3 estimate of KL(pi || ref)
+                loss, st = grpo_loss(logp, old, a, mask, args.clip_low, args.clip_high, kl, args.beta,
+                                     normalizer=float(n_global) / world_size)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("NaN GRPO loss")
+                loss.backward()
+                stats["loss"] += loss.item() / world_size
+                stats["clip_frac"] += float(st["clip_frac"]) * len(chunk)
+                stats["n"] += len(chunk)
+            C.all_reduce_grads(policy, world_size)
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            opt.step()
+    policy.eval()
+    stats["loss"] /= args.ppo_epochs * args.num_minibatches
+    stats["clip_frac"] /= max(1, stats["n"])
+    return stats
+
+
+def _all_reduce_sum(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+def _all_gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def evaluate(ctx, tasks: list[str], greedy: bool = True) -> float:
+    """Real success on the evaluation tasks. Uses only the real env (ctx.shop, diagnostic counter);
+    M_exp is never called here. Tasks are sharded over ranks, successes summed."""
+    world = RealWorld(ctx.shop, diag=True)
+    mine = tasks[ctx.rank::ctx.world_size]
+    gen = torch.Generator().manual_seed(12345 + ctx.rank)
+    trajs = rollout(ctx.policy, ctx.tok, world, mine, 1, 0.0 if greedy else 1.0, gen, ctx.args.action_mode, ctx.device,
+                    "eval")
+    tot = _all_reduce_sum(torch.tensor([float(sum(t.reward for t in trajs)), float(len(trajs))]), ctx.world_size)
+    return float(tot[0] / tot[1].clamp(min=1))
+
+
+def bc_warm_start(policy, tok, trajs: list[list[dict]], epochs: int, lr: float, device, action_mode: str, seed: int):
+    """Behaviour cloning of the warm start (all arms): NLL of the taken (admissible) actions."""
+    pairs = [(t["task"], t["s"], t["a"]) for tr in trajs for t in tr if t["a"] in admissible(t["s"], t["task"])]
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr)
+    rng = random.Random(seed)
+    policy.train()
+    for _ in range(epochs):
+        rng.shuffle(pairs)
+        for s in range(0, len(pairs), 32):
+            b = pairs[s:s + 32]
+            acts = [admissible(st, tk) for tk, st, _ in b]
+            if action_mode == "score":
+                lps = score_actions(policy, tok, [policy_prompt(tk, st) for tk, st, _ in b], acts, device)
+                loss = -torch.stack([lp[a_l.index(a)] for lp, a_l, (_, _, a) in zip(lps, acts, b)]).mean()
+            else:
+                ids, mask, resp = C.encode_pairs(tok, [policy_prompt(tk, st, al) for (tk, st, _), al in zip(b, acts)],
+                                                 [a for _, _, a in b], device=device)
+                loss = -(C.token_logprobs(policy, ids, mask) * resp).sum() / resp.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            opt.step()
+    policy.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- world setup, M_exp cache, metrics of M_exp ----
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class World:
+    shop: ShopLite
+    train_tasks: list
+    eval_tasks: list
+    offline: list  # trajectories (lists of transition dicts) used for SFT + buffer
+    heldout: list  # held-out real trajectories (eps_R / eps_P)
+    bc: list  # epsilon = 0.5 trajectories for the warm start
+    offline_steps: int
+
+
+def build_world(args) -> World:
+    # DEVIATION(5): one world (catalogue, tasks, offline data) per --data_seed, shared by policy seeds
+    shop = ShopLite(make_catalogue(args.n_products, args.data_seed), args.page_size, args.horizon, args.real_step_delay)
+    train, ev = make_tasks(shop, args.n_train_tasks, args.n_eval_tasks, args.data_seed)
+    rng = random.Random(f"offline-{args.data_seed}")
+    if args.offline_file:
+        offline = load_offline_file(args.offline_file)
+        shop.real_steps = sum(len(t) for t in offline)
+    else:
+        offline = collect_trajectories(shop, train, args.n_expert, [0.0], rng, "exp")
+        offline += collect_trajectories(shop, train, args.n_random, [0.3, 0.6, 1.0], rng, "rnd", invalid_prob=0.05)
+    rng.shuffle(offline)
+    n_held = int(round(args.heldout_frac * len(offline)))
+    heldout, offline = offline[:n_held], offline[n_held:]
+    bc = collect_trajectories(shop, train, args.bc_trajectories, [0.5], rng, "bc")
+    offline_steps = shop.real_steps  # every offline transition was one real step (held-out and BC included)
+    shop.real_steps = 0
+    return World(shop, train, ev, offline, heldout, bc, offline_steps)
+
+
+def load_offline_file(path: str) -> list[list[dict]]:
+    """jsonl rows {task, history, state, action, reasoning, next_state, reward, done, episode} ->
+    trajectories; a malformed row raises UserError with its line number."""
+    if not os.path.isfile(path):
+        raise C.UserError(f"--offline_file '{path}' does not exist; pass a jsonl of offline transitions")
+    by_ep: dict[str, list[dict]] = {}
+    need = ("task", "state", "action", "next_state", "reward", "done")
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                o = json.loads(line)
+                miss = [k for k in need if k not in o]
+                if miss:
+                    raise ValueError(f"missing {miss}")
+            except (json.JSONDecodeError, ValueError) as e:
+                raise C.UserError(f"{path}:{i}: bad offline transition ({e}); each line needs {list(need)}") from None
+            ep = str(o.get("episode", i))
+            by_ep.setdefault(ep, []).append(dict(task=o["task"], ep=ep, hist=list(o.get("history", [])), s=o["state"],
+                                                 a=o["action"], s2=o["next_state"], r=float(o["reward"]),
+                                                 d=float(o["done"]), R=o.get("reasoning", ""), real=True))
+    return list(by_ep.values())
+
+
+def exp_variant(arm: str, args) -> dict:
+    """Which M_exp an arm uses (ablations retrain it)."""
+    return {"top_k": 0 if arm == "no_retrieval" else args.top_k,
+            "reasoning": not (args.no_reasoning or arm == "no_reasoning")}
+
+
+def make_buffer(world: World, args, forbidden) -> ReplayBuffer:
+    buf = ReplayBuffer(forbidden_tasks=forbidden, cap=args.buffer_cap)
+    buf.add([t for tr in world.offline for t in tr])
+    return buf
+
+
+def toy_exp_lm(args, corpus: list[str]):
+    """The toy M_exp: a tiny randomly initialised Llama (as common.tiny_lm builds it) with a small BPE
+    tokenizer trained in memory on the SFT texts (common's BPE helper; vocabulary --exp_vocab_size).
+    DEVIATION(6): bytes made M_exp's sequences ~18x longer and it did not learn in a CPU budget."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = C.bpe_tokenizer(corpus, vocab_size=args.exp_vocab_size)
+    d = args.exp_d_model
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=4 * d, num_hidden_layers=args.exp_layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=None)
+    torch.manual_seed(args.data_seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model, tok
+
+
+def load_or_train_exp(world: World, args, variant: dict, device):
+    """The toy M_exp for a variant, fine-tuned once and cached under toy_cache_dir()/dreamgym-<hash>
+    (like common.toy_checkpoint); or an HF path / endpoint from the flags."""
+    if args.exp_api_base:
+        if not args.exp_api_model:
+            raise C.UserError("--exp_api_base needs --exp_api_model (the model name the server serves)")
+        llm = C.LLM.from_endpoint(args.exp_api_base, args.exp_api_model, os.environ.get(args.exp_api_key_env))
+        return ExperienceModel(llm, variant["reasoning"], args.exp_temperature, args.exp_max_new_tokens,
+                               args.exp_retries), "endpoint"
+    if args.exp_model_name_or_path:
+        model, tok = C.load_lm(args.exp_model_name_or_path, device=device)
+        return ExperienceModel(C.LLM(model=model, tokenizer=tok), variant["reasoning"], args.exp_temperature,
+                               args.exp_max_new_tokens, args.exp_retries), args.exp_model_name_or_path
+    cfg = dict(v=3, fail_over=args.fail_oversample, vocab=args.exp_vocab_size, n_products=args.n_products,
+               data_seed=args.data_seed, page_size=args.page_size,
+               horizon=args.horizon, n_expert=args.n_expert, n_random=args.n_random, heldout=args.heldout_frac,
+               n_train=args.n_train_tasks, n_eval=args.n_eval_tasks, layers=args.exp_layers, d=args.exp_d_model,
+               epochs=args.exp_epochs, lr=args.exp_learning_rate, bs=args.exp_batch_size, demo=args.demo_bytes,
+               offline_file=args.offline_file, **variant)
+    key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    root = C.toy_cache_dir()
+    path = os.path.join(root, f"dreamgym-mexp-{key}")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".dreamgym-mexp-{key}.lock"), "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        # under torchrun rank 0 builds (transformers' save_pretrained is rank-aware), the others wait below
+        if C.is_main() and not os.path.isfile(os.path.join(path, "config.json")):
+            t0 = time.time()
+            tqdm.write(f"[dreamgym] fine-tuning M_exp {variant} (cached afterwards) -> {path}")
+            buf = make_buffer(world, args, set(world.eval_tasks))
+            ex = exp_sft_examples(world.offline, buf, variant["top_k"], args.demo_bytes, variant["reasoning"],
+                                  world.train_tasks, random.Random(args.data_seed), args.fail_oversample)
+            model, tok = toy_exp_lm(args, [p + t for p, t in ex])
+            model.to(device)
+            losses = train_exp_model(model, tok, ex, args.exp_epochs, args.exp_learning_rate, args.exp_batch_size,
+                                     args.data_seed, device)
+            tmp = path + f".tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            C.write_json(os.path.join(tmp, "sft.json"), {"config": cfg, "examples": len(ex), "final_loss":
+                                                          float(np.mean(losses[-10:])), "seconds": time.time() - t0})
+            os.replace(tmp, path)
+            tqdm.write(f"[dreamgym] M_exp trained in {time.time() - t0:.0f}s, final loss {np.mean(losses[-10:]):.3f}")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    model, tok = C.load_lm(path, device=device)
+    return ExperienceModel(C.LLM(model=model, tokenizer=tok, batch_size=64), variant["reasoning"], args.exp_temperature,
+                           args.exp_max_new_tokens, args.exp_retries), path
+
+
+def exp_model_error(expm: ExperienceModel, buffer: ReplayBuffer, heldout: list[list[dict]], k: int, demo_bytes: int,
+                    n_max: int) -> dict:
+    """eps_R = mean |r_hat - r|, false-success rate on failed purchases, buy accuracy, and eps_P proxies
+    (exact next state, element F1) on held-out real transitions (valid actions; M_exp's job)."""
+    flat = [t for tr in heldout for t in tr if t["a"] in admissible(t["s"], t["task"])]
+    buys = [t for t in flat if t["a"] == "buy"]
+    rest = [t for t in flat if t["a"] != "buy"]
+    sample = buys[: n_max // 2] + rest[: n_max - min(len(buys), n_max // 2)]
+    if not sample:
+        return {}
+    demos = buffer.retrieve([(t["s"], t["a"], t["ep"]) for t in sample], k)
+    prompts = [exp_prompt(t["task"], t["hist"], [demo_text(d, demo_bytes) for d in ds], t["s"], t["a"])
+               for t, ds in zip(sample, demos)]
+    ans = expm.step(prompts)
+    err, exact, f1, fs, nf, acc, nb = [], [], [], 0, 0, 0, 0
+    for t, a in zip(sample, ans):
+        r_hat, s_hat = (a[2], a[1]) if a is not None else (0.0, FAILURE_STATE)
+        err.append(abs(r_hat - t["r"]))
+        exact.append(float(s_hat == t["s2"]))
+        f1.append(element_f1(s_hat, t["s2"]))
+        if t["a"] == "buy":
+            nb += 1
+            acc += r_hat == t["r"]
+            if t["r"] == 0:
+                nf += 1
+                fs += r_hat == 1
+    return {"eps_R": float(np.mean(err)), "false_success": fs / max(1, nf), "buy_acc": acc / max(1, nb),
+            "eps_P_exact": float(np.mean(exact)), "eps_P_f1": float(np.mean(f1)), "n_heldout": len(sample),
+            "buy_success_base": float(np.mean([t["r"] for t in buys])) if buys else 0.0}
+
+
+def hallucination_rate(shop: ShopLite, trajs: list[Trajectory], n: int) -> tuple[float, int]:
+    """Share of synthetic successes whose actions fail when replayed in the real env (diag steps)."""
+    succ = [t for t in trajs if t.synthetic and t.reward >= 1][-n:]
+    if not succ:
+        return float("nan"), 0
+    fails = 0
+    for t in succ:
+        ep = shop.reset(t.task, "halluc")
+        r = 0.0
+        for tr in t.transitions:
+            if ep.done:
+                break
+            _, _, _, info = shop.step(ep, tr["a"], diag=True)
+            r = info["success"]
+        fails += r < 1
+    return fails / len(succ), len(succ)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- training: one arm x seed ----
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Ctx:
+    args: argparse.Namespace
+    shop: ShopLite
+    policy: object
+    tok: object
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+
+def make_policy(args, device, seed: int):
+    if args.model_name_or_path:
+        policy, tok = C.load_lm(args.model_name_or_path, device=device)
+    else:
+        policy, tok = C.tiny_lm(n_layer=2, d_model=64, seed=seed)
+        policy.to(device)
+    return policy, tok
+
+
+def task_batch(args, world: World, syn_pool: list[str], rng: random.Random, use_curriculum: bool, n: int) -> list[str]:
+    """A task batch: at most lambda_syn x n curriculum variants, the rest real training tasks."""
+    n_syn = min(len(syn_pool), int(math.floor(args.lambda_syn * n))) if use_curriculum else 0
+    syn = syn_pool[-n_syn:] if n_syn else []
+    return syn + rng.sample(world.train_tasks, n - n_syn)
+
+
+def run_arm(arm: str, seed: int, args, world: World, exp_cache: dict, logger, bar, device, rank: int,
+            world_size: int, out_dir: str) -> dict:
+    t0 = time.time()
+    tag = f"{arm}-s{seed}"
+    ckpt_dir = os.path.join(out_dir, f"ckpt-{tag}")
+    C.seed_everything(seed)
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    rng = random.Random(f"{seed}-{rank}")
+    policy, tok = make_policy(args, device, seed)
+    world.shop.real_steps = 0
+    world.shop.diag_steps = 0
+    if seed not in BC_CACHE:  # the shared warm start of every arm of this seed
+        bc_warm_start(policy, tok, world.bc, args.bc_epochs, 3e-3 if not args.model_name_or_path else args.learning_rate,
+                      device, args.action_mode, seed)
+        BC_CACHE[seed] = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    policy.load_state_dict(BC_CACHE[seed])
+    ref_policy = None
+    if args.beta > 0:
+        import copy
+
+        ref_policy = copy.deepcopy(policy).eval()
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    ctx = Ctx(args, world.shop, policy, tok, device, rank, world_size)
+    uses_exp = arm in ("dreamgym", "s2r", "no_retrieval", "no_reasoning", "no_curriculum")
+    variant = exp_variant(arm, args)
+    expm = buffer = dream = None
+    if uses_exp:
+        vkey = json.dumps(variant, sort_keys=True)
+        if vkey not in exp_cache:
+            expm_, path = load_or_train_exp(world, args, variant, device)
+            err_buf = make_buffer(world, args, set(world.eval_tasks))
+            err = exp_model_error(expm_, err_buf, world.heldout, variant["top_k"], args.demo_bytes, args.n_heldout_eval)
+            exp_cache[vkey] = (expm_, path, err)
+        expm, exp_path, exp_err = exp_cache[vkey]
+        buffer = make_buffer(world, args, set(world.eval_tasks))
+        dream = DreamWorld(expm, buffer, variant["top_k"], args.demo_bytes, args.horizon)
+    n_syn_iters = args.iterations if arm != "real_grpo" and arm != "bc" else 0
+    n_real_budget = {"real_grpo": args.real_budget, "s2r": int(args.s2r_frac * args.real_budget)}.get(arm, 0)
+    real_iters = args.iterations if arm == "real_grpo" else (10 ** 6 if arm == "s2r" else 0)
+    if arm == "bc":
+        n_syn_iters = real_iters = 0
+    use_curr = arm != "no_curriculum" and args.lambda_syn > 0
+    syn_pool: list[str] = []
+    curve, zero_var, syn_succ, syn_trajs_all = [], [], [], []
+    it, start_it = 0, 0
+    extra_state = {}
+    if args.resume and os.path.isfile(os.path.join(ckpt_dir, "state.pt")):
+        st = C.load_checkpoint(ckpt_dir, model=policy, optimizer=opt)
+        start_it = st["step"]
+        ex = st["extra"]
+        world.shop.real_steps, world.shop.diag_steps = ex["real_steps"], ex["diag_steps"]
+        syn_pool, curve, zero_var, syn_succ = ex["syn_pool"], ex["curve"], ex["zero_var"], ex["syn_succ"]
+        if buffer is not None and ex.get("syn_buffer"):
+            buffer.add(ex["syn_buffer"])
+        tqdm.write(f"[{tag}] resumed at iteration {start_it}")
+
+    def do_eval(i, sampled=False):
+        g = evaluate(ctx, world.eval_tasks, greedy=True)
+        s = evaluate(ctx, world.eval_tasks, greedy=False) if sampled else float("nan")
+        curve.append((i, g, s))
+        tqdm.write(f"[{tag}] iter {i:3d}  real success greedy {g:.3f}" + (f" sampled {s:.3f}" if sampled else "")
+                   + f"  real train steps {world.shop.real_steps}")
+        return g, s
+
+    if arm == "s2r" and seed in DREAM_SNAPSHOT and start_it == 0:
+        # DEVIATION(5): s2r = the dreamgym run of this seed, then real GRPO: continue from its final state
+        snap = DREAM_SNAPSHOT[seed]
+        policy.load_state_dict(snap["policy"])
+        opt.load_state_dict(snap["opt"])
+        syn_pool, curve, zero_var, syn_succ = list(snap["syn_pool"]), list(snap["curve"]), list(snap["zero_var"]), \
+            list(snap["syn_succ"])
+        syn_trajs_all = list(snap["syn_trajs"])
+        dream.stats = dict(snap["dream_stats"])
+        buffer.add(snap["syn_buffer"])
+        start_it = n_syn_iters
+        bar.update(n_syn_iters)
+        tqdm.write(f"[{tag}] synthetic phase = the dreamgym-s{seed} run; real phase follows")
+    if start_it == 0:
+        do_eval(0)
+    it = start_it
+    total_iters = n_syn_iters + (args.iterations if arm == "real_grpo" else 0)
+    per_rank_tasks = max(1, args.tasks_per_iter // world_size)
+    # ---- phase 1: synthetic (DreamGym) or real (real_grpo) ----
+    while True:
+        phase_syn = it < n_syn_iters
+        if phase_syn:
+            w = dream
+        else:
+            if it >= n_syn_iters + real_iters:
+                break
+            used = _all_reduce_sum(torch.tensor(float(world.shop.real_steps)), world_size).item()
+            left = n_real_budget - used
+            n_tasks = min(per_rank_tasks, int(left // (args.group_size * args.horizon * world_size)))
+            if n_tasks <= 0:  # the next batch could overrun the real budget N
+                break
+            w = RealWorld(world.shop)
+        n_tasks_now = per_rank_tasks if phase_syn else n_tasks
+        tasks = task_batch(args, world, syn_pool, rng, use_curr and phase_syn, n_tasks_now)
+        trajs = rollout(policy, tok, w, tasks, args.group_size, args.temperature, gen, args.action_mode, device,
+                        f"{tag}-{it}-r{rank}", ref_policy=ref_policy)
+        try:
+            stats = grpo_update(policy, tok, opt, trajs, args.group_size, args, device, world_size, rng, ref_policy)
+        except FloatingPointError:
+            raise C.UserError(f"NaN loss in {tag} at iteration {it}; last good checkpoint kept in {ckpt_dir}; "
+                              f"lower --learning_rate") from None
+        # gather group statistics and new transitions from every rank
+        groups = [(t.task, [x.reward for x in trajs[i:i + args.group_size]])
+                  for i, t in enumerate(trajs) if i % args.group_size == 0]
+        all_groups = [g for part in _all_gather(groups, world_size) for g in part]
+        zv = float(np.mean([reward_variance_score(r) == 0 for _, r in all_groups]))
+        succ = float(np.mean([x for _, r in all_groups for x in r]))
+        zero_var.append(zv)
+        row = dict(arm=arm, seed=seed, iteration=it + 1, phase="synthetic" if phase_syn else "real",
+                   rollout_success=succ, zero_var_share=zv, real_train_steps=world.shop.real_steps,
+                   loss=stats["loss"], clip_frac=stats["clip_frac"])
+        if phase_syn:
+            syn_succ.append(succ)
+            syn_trajs_all = (syn_trajs_all + trajs)[-4 * args.n_halluc:]
+            new = [tr for t in trajs for tr in t.transitions]
+            new = [t for part in _all_gather(new, world_size) for t in part]
+            if args.buffer_add == "synthetic":
+                buffer.add([{**t, "real": False} for t in new])
+            st = dream.stats
+            row.update(syn_pool=len(syn_pool), invalid=st["invalid"], malformed=st["malformed"],
+                       real_demo_share=st["real_demos"] / max(1, st["demos"]), exp_calls=expm.calls)
+            if use_curr:  # Eq. (4): seed variants from the highest-variance tasks
+                scored = sorted(((reward_variance_score(r), t) for t, r in all_groups), reverse=True)
+                seeds = [t for v, t in scored if v > 0][: args.curr_seeds]
+                cands = [c for cs in expm.gen_tasks(seeds, args.curr_candidates) for c in cs]
+                keep = curriculum_variants(cands, world.shop.catalogue, set(world.eval_tasks),
+                                           set(world.train_tasks) | set(syn_pool))
+                syn_pool = (syn_pool + keep[: args.curr_seeds])[-32:]
+                row.update(curr_candidates=len(cands), curr_kept=len(keep))
+        else:
+            if args.buffer_add == "real" and buffer is not None:
+                buffer.add([tr for t in trajs for tr in t.transitions])
+        it += 1
+        if it % args.eval_every == 0:
+            g, _ = do_eval(it)
+            row.update(real_success=g)
+            if rank == 0:
+                C.save_checkpoint(ckpt_dir, policy, tok, opt, step=it, extra=dict(
+                    real_steps=world.shop.real_steps, diag_steps=world.shop.diag_steps, syn_pool=syn_pool, curve=curve,
+                    zero_var=zero_var, syn_succ=syn_succ, syn_buffer=buffer.syn if buffer is not None else []))
+        logger.log(bar.n + 1, **row)
+        bar.update(1)
+    if curve and curve[-1][0] == it:
+        curve.pop()
+    do_eval(it, sampled=True)
+    if arm == "dreamgym":
+        import copy
+
+        DREAM_SNAPSHOT[seed] = dict(policy={k: v.detach().clone() for k, v in policy.state_dict().items()},
+                                    opt=copy.deepcopy(opt.state_dict()), syn_pool=syn_pool, curve=curve[:-1] if
+                                    curve and curve[-1][0] == it else curve, zero_var=zero_var, syn_succ=syn_succ,
+                                    syn_trajs=syn_trajs_all, dream_stats=dict(dream.stats), syn_buffer=list(buffer.syn))
+    halluc, n_h = (hallucination_rate(world.shop, syn_trajs_all, args.n_halluc) if uses_exp else (float("nan"), 0))
+    g, s = curve[-1][1], curve[-1][2]
+    syn_last = float(np.mean(syn_succ[-3:])) if syn_succ else float("nan")
+    res = dict(arm=arm, seed=seed, real_success=g, real_success_sampled=s,
+               real_train_steps=int(_all_reduce_sum(torch.tensor(float(world.shop.real_steps)), world_size).item()),
+               offline_real_steps=world.offline_steps if arm != "bc" else world.offline_steps,
+               diag_real_steps=world.shop.diag_steps, iterations=it, halluc_success=halluc, halluc_n=n_h,
+               syn_success_last=syn_last, syn_real_gap=syn_last - s if syn_succ else float("nan"),
+               zero_var_share=float(np.mean(zero_var)) if zero_var else float("nan"), curve=curve,
+               minutes=(time.time() - t0) / 60)
+    if uses_exp:
+        res.update({k: v for k, v in exp_err.items()}, exp_model=exp_path, exp_calls=expm.calls,
+                   malformed=dream.stats["malformed"], invalid=dream.stats["invalid"],
+                   real_demo_share=dream.stats["real_demos"] / max(1, dream.stats["demos"]))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- table and plot ----
+# ---------------------------------------------------------------------------------------------
+
+
+def _ms(vals) -> str:
+    v = [x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return "-"
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def results_table(results: list[dict]) -> str:
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    cols = [("real success (greedy)", "real_success"), ("real success (sampled)", "real_success_sampled"),
+            ("new real steps", "real_train_steps"), ("halluc. success", "halluc_success"), ("eps_R", "eps_R"),
+            ("false success", "false_success"), ("eps_P exact", "eps_P_exact"), ("zero-var groups", "zero_var_share"),
+            ("syn-real gap", "syn_real_gap"), ("minutes", "minutes")]
+    seeds = sorted({r["seed"] for r in results})
+    lines = [f"seeds {','.join(map(str, seeds))}; mean ± std over seeds; offline real steps (all arms, M_exp SFT + "
+             f"buffer + BC): {results[0]['offline_real_steps']}", "",
+             "| arm | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for a in arms:
+        rs = [r for r in results if r["arm"] == a]
+        cells = []
+        for _, k in cols:
+            vals = [r.get(k) for r in rs]
+            if k == "real_train_steps":
+                cells.append(f"{np.mean(vals):.0f}")
+            else:
+                cells.append(_ms(vals))
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: list[dict], png: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for a in arms:
+        rs = [r for r in results if r["arm"] == a]
+        xs = sorted({x for r in rs for x, _, _ in r["curve"]})
+        ys = [np.mean([g for r in rs for x2, g, _ in r["curve"] if x2 == x]) for x in xs]
+        ax1.plot(xs, ys, marker="o", label=a)
+    ax1.set_xlabel("policy iteration")
+    ax1.set_ylabel("real success, eval tasks (greedy)")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    means = [np.mean([r["real_success"] for r in results if r["arm"] == a]) for a in arms]
+    stds = [np.std([r["real_success"] for r in results if r["arm"] == a]) for a in arms]
+    ax2.bar(range(len(arms)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+    ax2.set_xticks(range(len(arms)))
+    ax2.set_xticklabels(arms, rotation=30, ha="right", fontsize=8)
+    ax2.set_ylabel("final real success (mean ± std over seeds)")
+    for i, a in enumerate(arms):
+        steps = np.mean([r["real_train_steps"] for r in results if r["arm"] == a])
+        ax2.text(i, means[i] + stds[i] + 0.01, f"{steps:.0f} real", ha="center", fontsize=7)
+    ax2.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- main ----
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args):
+    t_start = time.time()
+    C.set_cpu_threads()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the one tqdm bar readable (no weight-loading bars)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ARMS + ("train_exp",)]
+    if bad:
+        raise C.UserError(f"unknown --method '{bad[0]}'; use some of {','.join(ARMS)} or train_exp")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise C.UserError(f"--seeds '{args.seeds}' is not a comma-separated list of integers") from None
+    if args.group_size < 1 or args.tasks_per_iter < 1 or args.iterations < 0:
+        raise C.UserError("--group_size, --tasks_per_iter must be >= 1 and --iterations >= 0")
+    if args.exp_api_base and args.exp_model_name_or_path:
+        raise C.UserError("pass either --exp_api_base or --exp_model_name_or_path for M_exp, not both")
+    rank, world_size, device = C.ddp_setup()
+    if args.device:
+        device = torch.device(args.device)
+    if args.tasks_per_iter % world_size:
+        raise C.UserError(f"--tasks_per_iter {args.tasks_per_iter} must be divisible by the {world_size} ranks")
+    out_dir = args.output_dir or os.path.join("runs", "dreamgym", "table" if args.table else "_".join(methods))
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        C.write_json(os.path.join(out_dir, "args.json"), vars(args))
+    world = build_world(args)
+    if "train_exp" in methods:  # fine-tune M_exp only and save it as an HF dir
+        variant = exp_variant("dreamgym", args)
+        if args.exp_model_name_or_path:
+            model, tok = C.load_lm(args.exp_model_name_or_path, device=device)
+        buf = make_buffer(world, args, set(world.eval_tasks))
+        ex = exp_sft_examples(world.offline, buf, variant["top_k"], args.demo_bytes, variant["reasoning"],
+                              world.train_tasks, random.Random(args.data_seed), args.fail_oversample)
+        if not args.exp_model_name_or_path:
+            model, tok = toy_exp_lm(args, [p + t for p, t in ex])
+            model.to(device)
+        losses = train_exp_model(model, tok, ex, args.exp_epochs, args.exp_learning_rate, args.exp_batch_size,
+                                 args.data_seed, device)
+        if rank == 0:
+            model.save_pretrained(os.path.join(out_dir, "exp_model"))
+            tok.save_pretrained(os.path.join(out_dir, "exp_model"))
+            expm = ExperienceModel(C.LLM(model=model, tokenizer=tok), variant["reasoning"], 0.0, args.exp_max_new_tokens)
+            err = exp_model_error(expm, buf, world.heldout, variant["top_k"], args.demo_bytes, args.n_heldout_eval)
+            C.write_json(os.path.join(out_dir, "summary.json"), dict(
+                method="train_exp", final_loss=float(np.mean(losses[-10:])), examples=len(ex),
+                wall_s=time.time() - t_start, device=str(device), seed=args.data_seed, **err))
+            C.MetricLogger(out_dir).log(len(losses), loss=float(np.mean(losses[-10:])), **err)
+            C.plot_metrics(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "dreamgym.png"),
+                           title=f"dreamgym | train_exp | seed {args.data_seed}")
+        C.ddp_cleanup()
+        return
+    methods = sorted(methods, key=ARMS.index)
+    runs = [(a, s) for s in seeds for a in methods]
+    n_updates = sum({"bc": 0, "real_grpo": args.iterations}.get(a, args.iterations) for a, _ in runs)
+    bar = tqdm(total=n_updates, desc="dreamgym", disable=not C.is_main(), dynamic_ncols=True)
+    logger = C.MetricLogger(out_dir, pbar=bar, resume_step=10 ** 9 if args.resume else None)
+    results, exp_cache = [], {}
+    for arm, seed in runs:
+        res_path = os.path.join(out_dir, f"result-{arm}-s{seed}.json")
+        if args.resume and os.path.isfile(res_path):
+            with open(res_path) as f:
+                results.append(json.load(f))
+            bar.update(args.iterations if arm != "bc" else 0)
+            continue
+        res = run_arm(arm, seed, args, world, exp_cache, logger, bar, device, rank, world_size, out_dir)
+        tqdm.write(f"[{arm}-s{seed}] real success {res['real_success']:.3f} (sampled {res['real_success_sampled']:.3f}), "
+                   f"new real steps {res['real_train_steps']}, halluc {res['halluc_success']:.3f}, "
+                   f"{res['minutes']:.1f} min")
+        results.append(res)
+        if rank == 0:
+            C.write_json(res_path, res)
+    bar.close()
+    if rank == 0:
+        model_name = args.model_name_or_path or "tiny-lm"
+        title = f"dreamgym | {model_name} | seed {','.join(map(str, seeds))}"
+        plot_results(results, os.path.join(out_dir, "dreamgym.png"), title)
+        table = results_table(results)
+        with open(os.path.join(out_dir, "table.md"), "w") as f:
+            f.write(f"`python dreamgym.py {' '.join(sys.argv[1:])}`\n\n{table}")
+        print(table)
+        C.write_json(os.path.join(out_dir, "summary.json"), dict(
+            results=results, table=table, wall_s=time.time() - t_start, device=str(device), seeds=seeds,
+            offline_real_steps=world.offline_steps, methods=methods))
+    C.ddp_cleanup()
+
+
+if __name__ == "__main__":
+    with C.exit_on_user_error():
+        main(parse_args())
