@@ -1710,6 +1710,8 @@ def main(args):
         raise C.UserError("--group_size, --tasks_per_iter must be >= 1 and --iterations >= 0")
     if args.exp_api_base and args.exp_model_name_or_path:
         raise C.UserError("pass either --exp_api_base or --exp_model_name_or_path for M_exp, not both")
+    C.check_model_path(args.exp_model_name_or_path)  # fail before minutes of work, not when M_exp is first needed
+    C.check_model_path(getattr(args, "model_name_or_path", None))
     rank, world_size, device = C.ddp_setup()
     if args.device:
         device = torch.device(args.device)

@@ -154,8 +154,10 @@ def test_bpe_tokenizer_differs_from_byte():
     _, bpe_tok = C.tiny_lm(tokenizer="bpe")
     text = "add 3582=033;358;886;862;=2"
     assert bpe_tok.decode(bpe_tok(text, add_special_tokens=False)["input_ids"]) == text
-    assert len(bpe_tok) != len(byte_tok)
-    assert bpe_tok(text, add_special_tokens=False)["input_ids"] != byte_tok(text, add_special_tokens=False)["input_ids"]
+    bpe_ids = bpe_tok(text, add_special_tokens=False)["input_ids"]
+    byte_ids = byte_tok(text, add_special_tokens=False)["input_ids"]
+    assert len(bpe_ids) < len(byte_ids) == len(text)  # real merges: another segmentation, not only other ids
+    assert bpe_tok.get_vocab() != byte_tok.get_vocab()
 
 
 def test_load_lm_errors_are_one_line(tmp_path, monkeypatch):
@@ -261,6 +263,10 @@ def test_llm_local_and_endpoint_agree_greedy(tiny, served):
     prompts = ["add 1234=", "sub 56="]
     assert local.complete(prompts, temperature=0.0, max_tokens=10) == remote.complete(prompts, temperature=0.0, max_tokens=10)
     assert local.render_chat([{"role": "user", "content": "hi"}]) == "user: hi\nassistant: "
+    local.reseed(3)
+    a = local.complete(prompts, n=2, temperature=1.0, max_tokens=10)
+    local.reseed(3)
+    assert local.complete(prompts, n=2, temperature=1.0, max_tokens=10) == a
 
 
 class _Flaky(http.server.BaseHTTPRequestHandler):
