@@ -1,0 +1,893 @@
+"""omniopd.py: logit-free on-policy distillation (OmniOPD) with its baselines, in one file.
+
+Paper: "Logit-Free On-Policy Distillation via Speculative Verification" (OmniOPD), Zhou, Zhang, Wu,
+Wang, Bo, Liu, Fan, Zhao (Meta AI), arXiv 2606.01476, https://arxiv.org/abs/2606.01476.
+No official code; equations follow the spec's reading of the paper and of a third-party verl
+re-implementation (benyucong/verl, verl/trainer/distillation/omniopd_*.py).
+
+Idea. Token-level on-policy distillation (OPD) scores every token the student samples with the
+teacher's log-prob, so it needs the teacher's logits and the same tokenizer. OmniOPD needs only the
+teacher's *text*: at the student's peak-entropy positions the teacher continues the student's own
+prefix N times; how similar the student's chunk is to those continuations, smoothed by a Dirichlet
+prior centred on the student's own probability of the chunk, weights a log-likelihood update on that
+chunk. A KL anchor to the initial student covers every other token. So API teachers and teachers with
+another tokenizer work.
+
+Equations (response y of length T, chunk length C, M chunks, N teacher samples, P prompt length):
+  (1) rollout            y ~ pi(. | x) at temperature 1
+  (2) entropy            H_t = -sum_v pi(v | x, y<t) log pi(v | x, y<t), exact, full vocab, fp32;
+                         response token t uses logits index P + t - 1
+  (3) anchors            starts t with t + C <= T sorted by (H_t, t) descending, accepted when
+                         |t - u| >= C for every accepted u, at most M (fewer is fine, never padded)
+  (4) verification       z_1..z_N ~ teacher(. | x + y[:t0]) as text, C tokens (or |s_c| chars)
+  (5) agreement          k_c = sum_n phi(s_c, z_n) in [0, N]; phi = ned | rouge1 | embed
+  (6) Dirichlet prior    pbar_c = exp(mean_{t in c} log pi(y_t));  phat_c = (k_c + alpha pbar_c) / (N + alpha)
+                         (no gradient through phat)
+  (7) loss               L = (1/B) sum_b [ -sum_c phat_c sum_{t in c} log pi(y_t)
+                                          + beta sum_{t unaudited} KL(pi_ref(.|s_t) || pi(.|s_t)) ]
+  (8) OPD baseline       A_t = -(log pi(y_t) - log pi_T(y_t)) (detached); L = -(1/B) sum_b sum_t A_t log pi(y_t)
+  (9) GRPO baseline      A = (r - mean_G r) / (std_G r + 1e-4); L = -(1/B) sum A sum_t log pi(y_t) + beta KL
+  (10) SFT baseline      L = -(1/n) sum over n teacher responses of sum_t log pi(y^T_t)
+
+Deviations from the paper:
+  1. One AdamW step per rollout batch (no PPO epochs, no importance ratio); the paper's optimizer is
+     not public. `# DEVIATION(1)`
+  2. The toy uses tiny 2-layer Llama models on running-sum arithmetic (common's toy world, domain
+     "add") instead of Qwen3 on math/code; chunk length C = 4 tokens (one step is 4 characters)
+     instead of 50, M = 2, N = 8. `# DEVIATION(2)`
+  3. `--teacher_chunk_unit chars` (default) caps every teacher continuation at the character length of
+     the student chunk it is compared with, so a teacher with another tokenizer writes as much text as
+     the student did; the paper budgets in teacher tokens (`--teacher_chunk_unit tokens`). `# DEVIATION(3)`
+  4. `--teacher_token_budget match` gives SFT as many teacher tokens per update as OmniOPD's nominal
+     budget B*M*N*C (more teacher samples per prompt); the paper matches training steps. `# DEVIATION(4)`
+
+Reconstructed (the record is silent; our choice):
+  phi: `ned` (1 - Levenshtein / max length), `rouge1` (unit-multiset F1; units = letter runs, single
+  digits, single symbols), `embed` (max(0, cos) of mean-pooled last hidden states of --sim_model,
+  default the frozen reference student); alpha = 1, beta = 0.1 (re-implementation defaults); random
+  anchors = same number of non-overlapping starts drawn uniformly; chunks may contain the EOS token;
+  learning rate, batch size, gradient clip 1.0; style teachers of the toy (recipes below).
+
+Commands:
+  toy, CPU (the README's main job, ~1.5 min):   python omniopd.py
+  baselines / worlds:   python omniopd.py --method opd | sft | grpo | kl_only
+                        python omniopd.py --toy_teacher other_style --similarity rouge1
+                        python omniopd.py --toy_teacher other_tokenizer        (opd refuses: exit 2)
+  full toy table:       python omniopd.py --table --table_grid all --table_seeds 0,1,2
+  one GPU, real models: python omniopd.py --model_name_or_path Qwen/Qwen3-1.7B --teacher Qwen/Qwen3-8B \
+                          --train_file data/math_train.jsonl --eval_file data/math500.jsonl --similarity rouge1 \
+                          --max_new_tokens 4096 --chunk_tokens 50 --num_chunks 10 --teacher_samples 10 \
+                          --learning_rate 1e-6 --per_device_batch_size 8
+  black-box teacher:    ... --teacher_api_base http://localhost:8000/v1 --teacher_api_model Qwen/Qwen3-32B
+                          [--teacher_api_key_env OPENAI_API_KEY]
+  several GPUs:         torchrun --nproc_per_node 8 omniopd.py ... (per-rank prompt shards, exact global gradient)
+
+Logged (metrics.jsonl): loss, train_acc (rollout correctness), kl_ref (mean per response token of
+KL(pi_ref || pi)), entropy, resp_len, chunks (per response), k_mean, k_mid (share of k_c inside
+(0.05N, 0.95N): near 0 means the teacher samples are identical or the prefix leaked), phat_mean,
+teacher_tokens / student_tokens (cumulative, all ranks), acc_greedy / acc_sample / acc_ood at evals.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import common as C
+from common import UserError, exit_on_user_error
+
+# Style teachers of the toy world (add only), built and cached by common.toy_checkpoint.
+TOY_STYLE_RECIPES = {
+    # trained on steps written "s x r" or "x s r" at random, per trace
+    "mixed_style": ("teacher_mixed_add", dict(domains={"add": (1.0, 0.0)}, style="mixed", tokenizer="byte", steps=1200)),
+    # reads student-format ("sxr") prefixes, continues in its own format ("xsr"); loss on its own part only
+    "other_style": ("teacher_switch_add", dict(domains={"add": (1.0, 0.0)}, style="switch", tokenizer="byte", steps=1200)),
+}
+TOY_TEACHERS = ("same", "mixed_style", "other_style", "other_tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- arguments ----
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="OmniOPD: logit-free on-policy distillation, with OPD / SFT / GRPO "
+                                "baselines. Defaults = the toy CPU run.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # ---- models ----
+    p.add_argument("--model_name_or_path", default="toy", help="student pi (and pi_ref): HF id / path, or 'toy' (carry-bug toy student)")
+    p.add_argument("--teacher", default="toy", help="teacher: HF id / path, or 'toy' (chosen by --toy_teacher)")
+    p.add_argument("--toy_teacher", default="same", choices=TOY_TEACHERS,
+                   help="toy teacher: same tokenizer+format | mixed_style | other_style | other_tokenizer (BPE)")
+    p.add_argument("--teacher_api_base", default=None, help="OpenAI-compatible endpoint of a black-box teacher (text only)")
+    p.add_argument("--teacher_api_model", default=None, help="model name at --teacher_api_base")
+    p.add_argument("--teacher_api_key_env", default=None, help="environment variable holding the endpoint's API key")
+    p.add_argument("--teacher_access", default="logits", choices=("logits", "text"),
+                   help="what the teacher exposes: logits (white-box, opd possible) or text (API-like)")
+    p.add_argument("--teacher_logit_noise", type=float, default=0.0, help="sigma: N(0, sigma^2) noise on the logits opd sees")
+    p.add_argument("--sim_model", default=None, help="embedding model for --similarity embed (default: pi_ref)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="frozen models' dtype (auto: bf16 on CUDA)")
+    p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
+    # ---- method ----
+    p.add_argument("--method", default="omniopd", choices=("omniopd", "opd", "sft", "grpo", "kl_only"), help="objective")
+    p.add_argument("--similarity", default="ned", choices=("ned", "rouge1", "embed"), help="phi of Eq. (5)")
+    p.add_argument("--anchor", default="entropy", choices=("entropy", "random"), help="chunk starts of Eq. (3)")
+    # DEVIATION(2): toy-sized C, M, N (the paper: 50, 10, 10); set them for real models
+    p.add_argument("--chunk_tokens", type=int, default=4, help="C: chunk length in student tokens, Eq. (3)")
+    p.add_argument("--num_chunks", type=int, default=2, help="M: most chunks per response, Eq. (3)")
+    p.add_argument("--teacher_samples", type=int, default=8, help="N: teacher continuations per chunk, Eq. (4)")
+    p.add_argument("--teacher_temperature", type=float, default=1.0, help="teacher sampling temperature, Eq. (4)")
+    p.add_argument("--teacher_chunk_unit", default="chars", choices=("chars", "tokens"),
+                   help="teacher continuation length: student chunk's characters or C teacher tokens")
+    p.add_argument("--alpha", type=float, default=1.0, help="alpha: Dirichlet prior strength, Eq. (6)")
+    p.add_argument("--beta", type=float, default=0.1, help="beta: weight of the KL anchor to pi_ref, Eq. (7)/(9)")
+    p.add_argument("--group_size", type=int, default=8, help="G: samples per prompt for grpo, Eq. (9)")
+    p.add_argument("--teacher_token_budget", default="match", choices=("match", "none"),
+                   help="sft: match omniopd's B*M*N*C teacher tokens per update, or one response per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="student rollout temperature, Eq. (1)")
+    p.add_argument("--max_new_tokens", type=int, default=32, help="T max: response tokens per rollout")
+    # ---- training ----
+    p.add_argument("--learning_rate", type=float, default=3e-4, help="AdamW learning rate")
+    p.add_argument("--per_device_batch_size", type=int, default=32, help="B per rank: rollouts per update")
+    p.add_argument("--max_steps", type=int, default=80, help="optimizer updates")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clip")
+    p.add_argument("--seed", type=int, default=0, help="seed of random, numpy, torch, samplers")
+    # ---- data ----
+    p.add_argument("--train_file", default=None, help="jsonl with 'prompt', 'answer' (default: toy add problems)")
+    p.add_argument("--eval_file", default=None, help="jsonl with 'prompt', 'answer' (default: toy held-out problems)")
+    p.add_argument("--chat_template", default="auto", choices=("auto", "none"), help="wrap prompts in the student's chat template")
+    # ---- evaluation ----
+    p.add_argument("--eval_size", type=int, default=500, help="held-out problems per eval split")
+    p.add_argument("--eval_every", type=int, default=40, help="greedy held-out eval every n steps (0: start/end only)")
+    p.add_argument("--eval_max_new_tokens", type=int, default=40, help="response tokens at eval")
+    # ---- output ----
+    p.add_argument("--output_dir", default=None, help="run dir (default runs/omniopd/<method>-<toy_teacher>-s<seed>)")
+    p.add_argument("--save_every", type=int, default=0, help="checkpoint every n steps (0: at the end only)")
+    p.add_argument("--resume", action="store_true", help="resume from <output_dir>/checkpoint")
+    # ---- table ----
+    p.add_argument("--table", action="store_true", help="run the multi-seed toy table instead of one run")
+    p.add_argument("--table_grid", default="main", help="comma list of: main, mechanism, other_tokenizer, ablations, noise, all")
+    p.add_argument("--table_seeds", default="0,1,2", help="seeds of the table's main arms")
+    p.add_argument("--table_ablation_seeds", default="0", help="seeds of the table's ablation / noise arms")
+    args = p.parse_args(argv)
+    if args.output_dir is None:
+        tag = "table" if args.table else f"{args.method}-{args.toy_teacher}-s{args.seed}"
+        args.output_dir = os.path.join("runs", "omniopd", tag)
+    for k in ("chunk_tokens", "num_chunks", "teacher_samples", "per_device_batch_size", "max_new_tokens"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k} must be >= 1")
+    if args.max_steps < 0:
+        p.error("--max_steps must be >= 0")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- method math (pure functions; the tests import these) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def peak_entropy_chunks(entropy: torch.Tensor, response_mask: torch.Tensor, chunk_len: int,
+                        num_chunks: int) -> list[list[int]]:
+    """Eq. (3): non-overlapping chunk starts per row, highest entropy first (ties: later start).
+
+    entropy (B, T): H_t of the distribution that produced response token t; response_mask (B, T).
+    A start t needs t + C <= T_b (T_b = the row's response length); accepted when |t - u| >= C for
+    every accepted u; at most M, fewer when they do not fit, never padded. Returns sorted starts."""
+    out = []
+    H = entropy.detach().float().cpu()
+    lens = response_mask.long().sum(-1).tolist()
+    for b, T in enumerate(lens):
+        cands = sorted(range(0, T - chunk_len + 1), key=lambda t: (float(H[b, t]), t), reverse=True)
+        acc: list[int] = []
+        for t in cands:
+            if len(acc) >= num_chunks:
+                break
+            if all(abs(t - u) >= chunk_len for u in acc):
+                acc.append(t)
+        out.append(sorted(acc))
+    return out
+
+
+def random_chunks(response_mask: torch.Tensor, chunk_len: int, counts: Sequence[int],
+                  rng: random.Random) -> list[list[int]]:
+    """Ablation of Eq. (3): `counts[b]` non-overlapping starts drawn uniformly (same count as the
+    entropy scheduler picked, so only *where* the chunks are changes)."""
+    out = []
+    for b, T in enumerate(response_mask.long().sum(-1).tolist()):
+        best: list[int] = []
+        for _ in range(20):  # greedy packing of a random order; retry when it packs fewer
+            cands = list(range(0, T - chunk_len + 1))
+            rng.shuffle(cands)
+            acc: list[int] = []
+            for t in cands:
+                if len(acc) >= counts[b]:
+                    break
+                if all(abs(t - u) >= chunk_len for u in acc):
+                    acc.append(t)
+            if len(acc) > len(best):
+                best = acc
+            if len(best) >= counts[b]:
+                break
+        out.append(sorted(best))
+    return out
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance with a numpy row DP: the insertion dependency within a row is a running min
+    (cur[j] = min_k<=j (tmp[k] + j - k)), so each row is O(|b|) vectorised work."""
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return len(a)
+    bv = np.frombuffer(b.encode("utf-32-le"), dtype=np.uint32)
+    idx = np.arange(len(b) + 1)
+    prev = idx.copy()
+    for i, ch in enumerate(a, 1):
+        cost = (bv != ord(ch)).astype(np.int64)
+        tmp = np.empty_like(prev)
+        tmp[0] = i
+        tmp[1:] = np.minimum(prev[1:] + 1, prev[:-1] + cost)
+        prev = np.minimum.accumulate(tmp - idx) + idx
+    return int(prev[-1])
+
+
+_UNITS = re.compile(r"[A-Za-z]+|\d|[^\sA-Za-z\d]")
+
+
+def similarity(a: str, b: str, kind: str = "ned", embedder: Callable | None = None) -> float:
+    """phi(a, b) in [0, 1] of Eq. (5). ned: 1 - Levenshtein / max length (strings capped at 4000 chars);
+    rouge1: F1 of unit multisets (letter runs, single digits, single symbols); embed: max(0, cos) of
+    `embedder` vectors. phi("", "") = 1 and phi(a, "") = 0 for every kind."""
+    a, b = a[:4000], b[:4000]
+    if not a and not b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    if kind == "ned":
+        return 1.0 - levenshtein(a, b) / max(len(a), len(b))
+    if kind == "rouge1":
+        from collections import Counter
+
+        ua, ub = Counter(_UNITS.findall(a)), Counter(_UNITS.findall(b))
+        overlap = sum((ua & ub).values())
+        if overlap == 0:
+            return 0.0
+        prec, rec = overlap / sum(ub.values()), overlap / sum(ua.values())
+        return 2 * prec * rec / (prec + rec)
+    if kind == "embed":
+        if embedder is None:
+            raise ValueError("similarity kind 'embed' needs an embedder (see make_embedder)")
+        e = embedder([a, b])
+        return max(0.0, float(torch.nn.functional.cosine_similarity(e[0:1], e[1:2]).item()))
+    raise ValueError(f"unknown similarity {kind!r}; use ned, rouge1 or embed")
+
+
+def make_embedder(model, tok, batch_size: int = 256) -> Callable[[list[str]], torch.Tensor]:
+    """texts -> (n, d) mean-pooled last hidden states of a frozen LM (phi = embed)."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def embed(texts: list[str]) -> torch.Tensor:
+        outs = []
+        for i in range(0, len(texts), batch_size):
+            ids, mask = C.encode_prompts(tok, texts[i:i + batch_size], device)
+            h = model(input_ids=ids, attention_mask=mask, position_ids=C.position_ids(mask),
+                      output_hidden_states=True).hidden_states[-1].float()  # (n, L, d)
+            m = mask[..., None].float()
+            outs.append((h * m).sum(1) / m.sum(1).clamp(min=1.0))
+        return torch.cat(outs).cpu()
+
+    return embed
+
+
+def chunk_agreement(chunks: Sequence[str], continuations: Sequence[Sequence[str]], kind: str,
+                    embedder: Callable | None = None) -> torch.Tensor:
+    """Eq. (5): k_c = sum_n phi(s_c, z_n) for each chunk. chunks: M' strings; continuations: M' lists
+    of N strings. Returns (M',) float."""
+    if kind != "embed":
+        return torch.tensor([sum(similarity(s, z, kind) for z in zs) for s, zs in zip(chunks, continuations)],
+                            dtype=torch.float32)
+    texts = sorted({t for s, zs in zip(chunks, continuations) for t in [s, *zs] if t})
+    vec = dict(zip(texts, embedder(texts))) if texts else {}
+    k = []
+    for s, zs in zip(chunks, continuations):
+        tot = 0.0
+        for z in zs:
+            if not s or not z:
+                tot += float(not s and not z)
+            else:
+                tot += max(0.0, float(torch.nn.functional.cosine_similarity(vec[s][None], vec[z][None]).item()))
+        k.append(tot)
+    return torch.tensor(k, dtype=torch.float32)
+
+
+def chunk_mean_logp(logp: torch.Tensor, starts: Sequence[Sequence[int]], chunk_len: int) -> torch.Tensor:
+    """Eq. (6) helper: mean_{t in c} log pi(y_t) for every chunk, rows in order -> (sum_b M_b,)."""
+    vals = [logp[b, t:t + chunk_len].mean() for b, ss in enumerate(starts) for t in ss]
+    return torch.stack(vals) if vals else logp.new_zeros(0)
+
+
+def dm_posterior(k_sem, pi_bar, num_samples: int, alpha: float) -> torch.Tensor:
+    """Eq. (6): phat = (k + alpha * pbar) / (N + alpha), the Dirichlet-Multinomial smoothed score.
+    Detached by construction (pitfall 1: a gradient through pbar adds an unintended term)."""
+    with torch.no_grad():
+        k = torch.as_tensor(k_sem, dtype=torch.float32).detach()
+        pb = torch.as_tensor(pi_bar, dtype=torch.float32).detach()
+        return ((k + alpha * pb) / (num_samples + alpha)).detach()
+
+
+def chunk_weights(starts: Sequence[Sequence[int]], phat: torch.Tensor, shape: tuple[int, int],
+                  chunk_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter per-chunk phat onto token positions: (weights (B, T), audited (B, T) bool)."""
+    w = torch.zeros(shape, dtype=torch.float32)
+    audited = torch.zeros(shape, dtype=torch.bool)
+    i = 0
+    for b, ss in enumerate(starts):
+        for t in ss:
+            w[b, t:t + chunk_len] = float(phat[i])
+            audited[b, t:t + chunk_len] = True
+            i += 1
+    return w, audited
+
+
+def omniopd_loss(logp: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor,
+                 starts: Sequence[Sequence[int]], phat: torch.Tensor, chunk_len: int, beta: float,
+                 num_sequences: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Eq. (7). logp (B, T) log pi(y_t) with grad; kl (B, T) exact KL(pi_ref || pi) per position;
+    response_mask (B, T); starts per row; phat (sum_b M_b,) detached. Token *sum* / B (never a token
+    mean: that would tie the step size to the share of audited tokens, pitfall 5). num_sequences =
+    the global batch under DDP. Returns (loss, parts)."""
+    B = num_sequences or logp.shape[0]
+    w, audited = chunk_weights(starts, phat.detach().cpu(), tuple(logp.shape), chunk_len)
+    w, audited = w.to(logp.device), audited.to(logp.device)
+    mask = response_mask.to(logp.dtype)
+    chunk_term = -(w * logp * mask).sum() / B  # Eq. (7) first term
+    unaudited = mask * (~audited).to(logp.dtype)
+    kl_term = beta * (kl * unaudited).sum() / B  # Eq. (7) KL anchor on unaudited tokens only
+    return chunk_term + kl_term, {"chunk_term": chunk_term.detach(), "kl_term": kl_term.detach()}
+
+
+def opd_loss(logp: torch.Tensor, teacher_logp: torch.Tensor, response_mask: torch.Tensor,
+             num_sequences: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (8): A_t = -(log pi(y_t) - log pi_T(y_t)) detached; L = -(1/B) sum A_t log pi(y_t).
+    Its gradient is that of the per-token reverse KL on the student's sampled tokens. -> (loss, A)."""
+    B = num_sequences or logp.shape[0]
+    mask = response_mask.to(logp.dtype)
+    adv = (-(logp - teacher_logp)).detach() * mask  # (B, T)
+    return -(adv * logp * mask).sum() / B, adv
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Eq. (9): (r - mean_G) / (std_G + 1e-4) within consecutive groups of G samples."""
+    r = rewards.float().view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+
+
+def grpo_loss(logp, kl, response_mask, adv, beta, num_sequences=None):
+    """Eq. (9): -(1/B) sum_b A_b sum_t log pi(y_t) + beta (1/B) sum KL on all response tokens."""
+    B = num_sequences or logp.shape[0]
+    mask = response_mask.to(logp.dtype)
+    return (-(adv[:, None].to(logp) * logp * mask).sum() + beta * (kl * mask).sum()) / B
+
+
+def sft_loss(logp: torch.Tensor, response_mask: torch.Tensor, num_sequences: int | None = None) -> torch.Tensor:
+    """Eq. (10): negative log-likelihood of teacher responses, token sum / number of responses."""
+    n = num_sequences or logp.shape[0]
+    return -(logp * response_mask.to(logp.dtype)).sum() / n
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- world, data, teacher, rollouts, evaluation ----
+# ---------------------------------------------------------------------------------------------
+
+
+class Problem:
+    def __init__(self, prompt: str, answer: str):
+        self.prompt, self.answer = prompt, answer
+
+
+def load_problems(path: str) -> list[Problem]:
+    if not os.path.isfile(path):
+        raise UserError(f"data file '{path}' does not exist; pass a jsonl with one {{'prompt', 'answer'}} object per line")
+    out = []
+    for i, row in enumerate(C.read_jsonl(path), 1):
+        if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
+            raise UserError(f"{path}: record {i} lacks 'prompt' or 'answer'; every line needs both")
+        out.append(Problem(str(row["prompt"]), str(row["answer"])))
+    if not out:
+        raise UserError(f"{path} is empty; it needs jsonl lines with 'prompt' and 'answer'")
+    return out
+
+
+def toy_teacher_path(which: str) -> str:
+    if which == "same":
+        return C.toy_checkpoint("teacher")
+    if which == "other_tokenizer":
+        return C.toy_checkpoint("teacher_bpe")
+    name, recipe = TOY_STYLE_RECIPES[which]
+    return C.toy_checkpoint(name, recipe=recipe)
+
+
+def same_tokenizer(tok_a, tok_b) -> bool:
+    """Token-level methods compare log-probs of the same ids: equal vocab and equal probe encodings."""
+    probe = "add 3582=033;358;886;862;=2 The quick brown fox, 12+7=19.\n"
+    try:
+        return tok_a.get_vocab() == tok_b.get_vocab() and tok_a(probe)["input_ids"] == tok_b(probe)["input_ids"]
+    except Exception:  # noqa: BLE001 - any tokenizer that cannot be compared is not the same one
+        return False
+
+
+def render_prompts(tok, prompts: Sequence[str], chat: bool) -> list[str]:
+    if not chat:
+        return list(prompts)
+    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+
+
+def verification_requests(prompt_texts: Sequence[str], response_ids: torch.Tensor, starts: Sequence[Sequence[int]],
+                          chunk_len: int, tok) -> tuple[list[str], list[str]]:
+    """Eq. (4): for every chunk, the teacher's text prefix x + y[:t0] (never a token of the chunk,
+    pitfall 3) and the decoded student chunk s_c = y[t0:t0+C]."""
+    prefixes, chunks = [], []
+    for b, ss in enumerate(starts):
+        ids = response_ids[b].tolist()
+        for t in ss:
+            prefixes.append(prompt_texts[b] + tok.decode(ids[:t], skip_special_tokens=True))
+            chunks.append(tok.decode(ids[t:t + chunk_len], skip_special_tokens=True))
+    return prefixes, chunks
+
+
+def teacher_continuations(teacher: C.LLM, prefixes: list[str], chunks: list[str], n: int, temperature: float,
+                          unit: str, chunk_len: int) -> list[list[str]]:
+    """N text continuations per prefix from a text-only teacher (`common.LLM`: local HF model or an
+    OpenAI-compatible endpoint; no logits anywhere). One batched call for the whole batch."""
+    if not prefixes:
+        return []
+    if unit == "chars":  # DEVIATION(3): as many characters as the student chunk has
+        max_tokens = max(1, max(len(s) for s in chunks))
+        outs = teacher.complete(prefixes, n=n, temperature=temperature, max_tokens=max_tokens)
+        return [[z[:len(s)] for z in zs] for s, zs in zip(chunks, outs)]
+    return teacher.complete(prefixes, n=n, temperature=temperature, max_tokens=chunk_len)
+
+
+@torch.no_grad()
+def teacher_token_logprobs(teacher, ids, mask, sigma: float = 0.0, generator: torch.Generator | None = None):
+    """(B, L) log pi_T of the ids (white-box teacher). sigma > 0: fresh N(0, sigma^2) noise on the
+    logits before the softmax (the toy's noisy-logit probe; holds (B, L, V): toy vocab only)."""
+    if sigma <= 0:
+        return C.token_logprobs(teacher, ids, mask)
+    logits = teacher(input_ids=ids, attention_mask=mask, position_ids=C.position_ids(mask)).logits.float()
+    noise = torch.randn(logits.shape, generator=generator, device="cpu").to(logits.device)
+    logp_all = torch.log_softmax(logits + sigma * noise, -1)[:, :-1]
+    lp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return torch.cat([lp.new_zeros(ids.shape[0], 1), lp], 1)
+
+
+@torch.no_grad()
+def evaluate(model, tok, problems: Sequence[Problem], chat: bool, temperature: float = 0.0, max_new_tokens: int = 40,
+             generator: torch.Generator | None = None, batch_size: int = 128) -> float:
+    """Share of held-out problems answered correctly (common.is_correct on the last '=' / \\boxed{})."""
+    correct = 0
+    for i in range(0, len(problems), batch_size):
+        batch = problems[i:i + batch_size]
+        g = C.generate(model, tok, render_prompts(tok, [p.prompt for p in batch], chat), max_new_tokens=max_new_tokens,
+                       temperature=temperature, generator=generator)
+        correct += sum(C.is_correct(t, p.answer) for t, p in zip(g.texts, batch))
+    return correct / max(1, len(problems))
+
+
+def run_evals(model, tok, evals: dict, chat: bool, args, seed: int, full: bool) -> dict:
+    out = {"acc_greedy": evaluate(model, tok, evals["id"], chat, 0.0, args.eval_max_new_tokens)}
+    if full:
+        gen = torch.Generator(next(model.parameters()).device).manual_seed(seed + 7)
+        out["acc_sample"] = evaluate(model, tok, evals["id"], chat, 1.0, args.eval_max_new_tokens, gen)
+        if "ood" in evals:
+            out["acc_ood"] = evaluate(model, tok, evals["ood"], chat, 0.0, args.eval_max_new_tokens)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- training ----
+# ---------------------------------------------------------------------------------------------
+
+
+def build(args, device, rank):
+    """Student, frozen reference, teacher (text LLM and/or white-box model), data."""
+    frozen_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+                    "fp32": torch.float32}[args.dtype]
+    toy = args.model_name_or_path == "toy"
+    student_path = C.toy_checkpoint("student") if toy else args.model_name_or_path
+    api = args.teacher_api_base is not None
+    teacher_path = None
+    if not api:
+        teacher_path = toy_teacher_path(args.toy_teacher) if args.teacher == "toy" else args.teacher
+    if args.method == "opd":  # refuse before loading anything heavy
+        if api or args.teacher_access == "text":
+            raise UserError("--method opd needs the teacher's log-probs, but the teacher is text-only "
+                            f"({'--teacher_api_base' if api else '--teacher_access text'}); use --method omniopd or sft")
+        from transformers import AutoTokenizer
+
+        try:
+            s_tok, t_tok = AutoTokenizer.from_pretrained(student_path), AutoTokenizer.from_pretrained(teacher_path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the tokenizers of '{student_path}' / '{teacher_path}' ({str(e)[:150]})") from None
+        if not same_tokenizer(s_tok, t_tok):
+            raise UserError(f"--method opd compares token log-probs, but teacher '{teacher_path}' has another tokenizer "
+                            f"than the student ({len(t_tok)} vs {len(s_tok)} ids); use --method omniopd or sft")
+    model, tok = C.load_lm(student_path, device=device)  # trainable weights stay fp32 (autocast on CUDA)
+    ref, _ = C.load_lm(student_path, dtype=frozen_dtype, device=device)
+    for p_ in ref.parameters():
+        p_.requires_grad_(False)
+    chat = args.chat_template == "auto" and bool(getattr(tok, "chat_template", None))
+
+    # teacher: text interface (all methods but opd), white-box model (opd only)
+    llm = teacher_model = None
+    needs_teacher = args.method in ("omniopd", "opd", "sft")
+    if args.method == "opd":
+        teacher_model, _ = C.load_lm(teacher_path, dtype=frozen_dtype, device=device)
+    elif needs_teacher:
+        if api:
+            if not args.teacher_api_model:
+                raise UserError("--teacher_api_base needs --teacher_api_model (the model name the endpoint serves)")
+            key = os.environ.get(args.teacher_api_key_env) if args.teacher_api_key_env else None
+            if args.teacher_api_key_env and not key:
+                raise UserError(f"environment variable {args.teacher_api_key_env} (from --teacher_api_key_env) is not set")
+            llm = C.LLM.from_endpoint(args.teacher_api_base, args.teacher_api_model, key, max_workers=16, timeout=300)
+        else:
+            tmodel, ttok = C.load_lm(teacher_path, dtype=frozen_dtype, device=device)
+            llm = C.LLM(model=tmodel, tokenizer=ttok, batch_size=1024, seed=args.seed * 1000 + 17 + rank)
+            # the method code below sees only `llm` (text in, text out): it cannot read teacher logits
+
+    embedder = None
+    if args.method == "omniopd" and args.similarity == "embed":
+        emb_model, emb_tok = (ref, tok) if args.sim_model is None else C.load_lm(args.sim_model, dtype=frozen_dtype, device=device)
+        embedder = make_embedder(emb_model, emb_tok)
+
+    if args.train_file:
+        train = load_problems(args.train_file)
+    else:
+        train = C.toy_dataset("train", 4096, seed=args.seed, domains=("add",))
+    if args.eval_file:
+        evals = {"id": load_problems(args.eval_file)[:args.eval_size]}
+    else:
+        evals = {"id": C.toy_dataset("id", args.eval_size, seed=1, domains=("add",)),
+                 "ood": C.toy_dataset("ood", args.eval_size, seed=1, domains=("add",))}
+    return dict(model=model, tok=tok, ref=ref, chat=chat, llm=llm, teacher_model=teacher_model, embedder=embedder,
+                train=train, evals=evals, student_path=student_path, teacher_path=teacher_path or args.teacher_api_model)
+
+
+def batch_problems(train, step: int, n: int, seed: int, group: int = 1):
+    """The global batch of step `step` (a pure function of seed and step: resume replays it)."""
+    rng = random.Random(f"omniopd-{seed}-{step}")
+    picks = [train[rng.randrange(len(train))] for _ in range(max(1, n // group))]
+    return [p for p in picks for _ in range(group)]
+
+
+def train_step(args, w, step, rank, world, gen) -> tuple[torch.Tensor, dict]:
+    """One update's loss (backward is done by the caller) and its metrics."""
+    model, tok, ref, device = w["model"], w["tok"], w["ref"], w["device"]
+    Bl, Bg = args.per_device_batch_size, args.per_device_batch_size * world
+    group = args.group_size if args.method == "grpo" else 1
+    probs = batch_problems(w["train"], step, Bg, args.seed, group)[rank * Bl:(rank + 1) * Bl]  # this rank's shard
+    prompts = render_prompts(tok, [p.prompt for p in probs], w["chat"])
+    m: dict = {}
+
+    if args.method == "sft":  # Eq. (10): teacher text, teacher-forced NLL
+        target = Bl * args.num_chunks * args.teacher_samples * args.chunk_tokens if args.teacher_token_budget == "match" else 0
+        before = w["llm"].usage["completion_tokens"]
+        ps, rs = [], []
+        while True:  # DEVIATION(4): n responses per prompt (one batched call) until the token budget is met
+            per_resp = w.get("sft_tokens_per_response", args.max_new_tokens / 2)
+            n = max(1, math.ceil((target - (w["llm"].usage["completion_tokens"] - before)) / (Bl * per_resp)))
+            outs = w["llm"].complete(prompts, n=n, temperature=1.0, max_tokens=args.max_new_tokens)
+            ps += [p for p in prompts for _ in range(n)]
+            rs += [z for o in outs for z in o]
+            used = w["llm"].usage["completion_tokens"] - before
+            w["sft_tokens_per_response"] = max(1.0, used / len(rs))
+            if used >= target:
+                break
+        w["teacher_tokens"] += w["llm"].usage["completion_tokens"] - before
+        ids, mask, resp = C.encode_pairs(tok, ps, rs, device=device, max_response_tokens=args.max_new_tokens)
+        with C.autocast(device):
+            logp, _, kl = C.token_logprobs(model, ids, mask, ref_model=ref)
+        n_global = len(rs) * world
+        loss = sft_loss(logp, resp, n_global) * world
+        m.update(kl_ref=(kl * resp).sum() / resp.sum(), sft_responses=len(rs))
+        return loss, m
+
+    g = C.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, generator=gen)
+    P, resp_ids, rmask = g.prompt_len, g.response_ids, g.response_mask
+    w["student_tokens"] += int(rmask.sum())
+    rewards = torch.tensor([float(C.is_correct(t, p.answer)) for t, p in zip(g.texts, probs)])
+    m.update(train_acc=rewards.mean(), resp_len=rmask.sum(1).float().mean())
+
+    if args.method in ("omniopd", "kl_only"):
+        with torch.no_grad():  # Eq. (2): exact full-vocabulary entropy on the finished (x, y), fp32
+            _, ent, _ = C.token_logprobs(model, g.sequences, g.attention_mask, return_entropy=True)
+        entropy = ent[:, P:]  # (B, T): column t = entropy of logits index P + t - 1
+        m["entropy"] = (entropy * rmask).sum() / rmask.sum()
+        if args.method == "kl_only":
+            starts = [[] for _ in range(len(probs))]
+        else:
+            starts = peak_entropy_chunks(entropy, rmask, args.chunk_tokens, args.num_chunks)  # Eq. (3)
+            if args.anchor == "random":
+                starts = random_chunks(rmask, args.chunk_tokens, [len(s) for s in starts], w["anchor_rng"])
+        prefixes, chunks = verification_requests(prompts, resp_ids, starts, args.chunk_tokens, tok)
+        before = w["llm"].usage["completion_tokens"] if w["llm"] is not None else 0
+        conts = teacher_continuations(w["llm"], prefixes, chunks, args.teacher_samples, args.teacher_temperature,
+                                      args.teacher_chunk_unit, args.chunk_tokens) if prefixes else []
+        if w["llm"] is not None:
+            w["teacher_tokens"] += w["llm"].usage["completion_tokens"] - before
+        k = chunk_agreement(chunks, conts, args.similarity, w["embedder"]) if chunks else torch.zeros(0)  # Eq. (5)
+        with C.autocast(device):
+            logp, _, kl = C.token_logprobs(model, g.sequences, g.attention_mask, ref_model=ref)  # Eq. (7) terms
+        logp, kl = logp[:, P:], kl[:, P:]
+        pbar = chunk_mean_logp(logp.detach(), starts, args.chunk_tokens).exp()  # Eq. (6)
+        phat = dm_posterior(k, pbar.cpu(), args.teacher_samples, args.alpha)
+        loss, parts = omniopd_loss(logp, kl, rmask, starts, phat, args.chunk_tokens, args.beta, Bg)
+        loss = loss * world
+        N = args.teacher_samples
+        m.update(chunks=sum(len(s) for s in starts) / len(starts), kl_ref=(kl.detach() * rmask).sum() / rmask.sum(),
+                 **{k_: v for k_, v in parts.items()})
+        if len(k):
+            m.update(k_mean=k.mean(), k_mid=((k > 0.05 * N) & (k < 0.95 * N)).float().mean(), phat_mean=phat.mean(),
+                     pbar_mean=pbar.mean())
+        return loss, m
+
+    with C.autocast(device):
+        logp, _, kl = C.token_logprobs(model, g.sequences, g.attention_mask, ref_model=ref)
+    logp, kl = logp[:, P:], kl[:, P:]
+    m["kl_ref"] = (kl.detach() * rmask).sum() / rmask.sum()
+    if args.method == "opd":  # Eq. (8)
+        tlp = teacher_token_logprobs(w["teacher_model"], g.sequences, g.attention_mask, args.teacher_logit_noise,
+                                     w["noise_gen"])[:, P:]
+        w["teacher_tokens"] += int(rmask.sum())  # tokens the teacher scored (prefill), not generated
+        loss, adv = opd_loss(logp, tlp.to(logp), rmask, Bg)
+        m["adv_mean"] = adv.sum() / rmask.sum()
+        return loss * world, m
+    adv = grpo_advantages(rewards, args.group_size if Bl % args.group_size == 0 else Bl)  # Eq. (9)
+    return grpo_loss(logp, kl, rmask, adv.to(device), args.beta, Bg) * world, m
+
+
+def main(args):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no per-model "Loading weights" bars
+    C.set_cpu_threads()
+    if args.table:
+        return run_table(args)
+    if args.method == "grpo" and args.per_device_batch_size % args.group_size:
+        raise UserError(f"--per_device_batch_size {args.per_device_batch_size} must be a multiple of --group_size "
+                        f"{args.group_size} for grpo")
+    rank, world, device = C.ddp_setup()
+    if args.device:
+        device = C.pick_device(args.device)
+    main_rank = C.is_main()
+    t0 = time.time()
+    gen = C.seed_everything(args.seed)
+    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
+    if args.resume and not os.path.isfile(os.path.join(ckpt_dir, "state.pt")):
+        raise UserError(f"--resume: no checkpoint at '{ckpt_dir}'; run without --resume to start fresh")
+    w = build(args, device, rank)
+    w.update(device=device, teacher_tokens=0, student_tokens=0, anchor_rng=random.Random(args.seed + 99),
+             noise_gen=torch.Generator().manual_seed(args.seed + 5))
+    model, tok = w["model"], w["tok"]
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    start = 0
+    if args.resume:
+        st = C.load_checkpoint(ckpt_dir, model, opt)
+        start = st["step"]
+        w["teacher_tokens"], w["student_tokens"] = st["extra"]["teacher_tokens"], st["extra"]["student_tokens"]
+        before = st["extra"]["before"]
+    if main_rank:
+        os.makedirs(args.output_dir, exist_ok=True)
+        C.write_json(os.path.join(args.output_dir, "args.json"), vars(args))
+    if not args.resume:
+        before = run_evals(model, tok, w["evals"], w["chat"], args, args.seed, True) if main_rank else {}
+        if main_rank:
+            tqdm.write("before: " + "  ".join(f"{k} {v:.3f}" for k, v in before.items()))
+    bar = tqdm(range(start, args.max_steps), desc=f"omniopd[{args.method}]", disable=not main_rank, initial=start,
+               total=args.max_steps)
+    log = C.MetricLogger(args.output_dir, resume_step=start if args.resume else None)
+    if not args.resume:
+        log.log(0, **before, teacher_tokens=0, student_tokens=0)
+
+    model.train()
+    for step in bar:
+        gen.manual_seed(args.seed * 100003 + step * 101 + rank)  # rollouts replay exactly on --resume
+        if hasattr(w.get("llm"), "reseed") and w["llm"].is_local:  # and so do a local teacher's samples
+            w["llm"].reseed(args.seed * 100003 + step * 101 + rank + 50021)
+        loss, m = train_step(args, w, step, rank, world, gen)
+        if not torch.isfinite(loss.detach()):
+            raise UserError(f"loss is {loss.item()} at step {step}; the last good checkpoint stays in {ckpt_dir}; "
+                            f"lower --learning_rate or raise --beta")
+        opt.zero_grad(set_to_none=True)
+        if loss.requires_grad:  # kl_only at step 0 with no chunks still has a (zero) graph
+            loss.backward()
+        C.all_reduce_grads(model, world)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()  # DEVIATION(1): one AdamW step per rollout batch
+        tt = torch.tensor([w["teacher_tokens"], w["student_tokens"]], dtype=torch.float64)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tt)
+        row = dict(loss=loss.detach() / world, grad_norm=gnorm, teacher_tokens=int(tt[0]), student_tokens=int(tt[1]), **m)
+        done = step + 1
+        if args.eval_every and done % args.eval_every == 0 and done < args.max_steps and main_rank:
+            row.update(run_evals(model, tok, w["evals"], w["chat"], args, args.seed, False))
+            tqdm.write(f"step {done}: acc_greedy {row['acc_greedy']:.3f}  kl_ref {float(row.get('kl_ref', 0)):.4f}")
+        row = log.log(done, **row)
+        if main_rank:
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "train_acc", "kl_ref", "k_mean", "teacher_tokens")
+                             if k in row}, refresh=False)
+        if args.save_every and done % args.save_every == 0 and done < args.max_steps:
+            C.save_checkpoint(ckpt_dir, model, tok, opt, done, extra=dict(teacher_tokens=w["teacher_tokens"],
+                                                                         student_tokens=w["student_tokens"], before=before))
+    bar.close()
+    model.eval()
+    if main_rank:
+        after = run_evals(model, tok, w["evals"], w["chat"], args, args.seed, True)
+        log.log(args.max_steps, **after)
+        C.save_checkpoint(ckpt_dir, model, tok, opt, args.max_steps,
+                          extra=dict(teacher_tokens=w["teacher_tokens"], student_tokens=w["student_tokens"], before=before))
+        rows = C.read_jsonl(log.path)
+        last = {k: v for r in rows for k, v in r.items()}  # latest value of every metric
+        summary = dict(method=args.method, toy_teacher=args.toy_teacher, similarity=args.similarity, anchor=args.anchor,
+                       alpha=args.alpha, beta=args.beta, seed=args.seed, student=w["student_path"], teacher=w["teacher_path"],
+                       before=before, after=after, teacher_tokens=last.get("teacher_tokens", 0),
+                       student_tokens=last.get("student_tokens", 0), steps=args.max_steps,
+                       wall_time_s=round(time.time() - t0, 1), device=str(device), world_size=world,
+                       teacher_usage=dict(w["llm"].usage) if w["llm"] is not None else None)
+        C.write_json(os.path.join(args.output_dir, "summary.json"), summary)
+        name = os.path.basename(w["student_path"].rstrip("/"))
+        C.plot_metrics(log.path, os.path.join(args.output_dir, "omniopd.png"),
+                       keys=[k for k in ("loss", "train_acc", "acc_greedy", "kl_ref", "k_mean", "k_mid", "entropy",
+                                         "teacher_tokens", "resp_len") if any(k in r for r in rows)],
+                       title=f"omniopd | {name} | seed {args.seed}")
+        print(f"done in {(time.time() - t0) / 60:.1f} min: acc_greedy {before['acc_greedy']:.3f} -> {after['acc_greedy']:.3f}"
+              f"  acc_sample {before['acc_sample']:.3f} -> {after['acc_sample']:.3f}"
+              + (f"  acc_ood {before['acc_ood']:.3f} -> {after['acc_ood']:.3f}" if "acc_ood" in after else "")
+              + f"  teacher_tokens {summary['teacher_tokens']}  ({args.output_dir})", flush=True)
+    C.ddp_cleanup()
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- the toy table ----
+# ---------------------------------------------------------------------------------------------
+
+def table_arms(grids: Sequence[str], seeds: list[int], abl_seeds: list[int]) -> list[tuple[str, str, list[str], list[int]]]:
+    """(group, label, flags, seeds) of the toy table."""
+    arms = []
+    if "main" in grids:
+        for lab, fl in [("base (untrained student)", ["--max_steps", "0"]), ("omniopd ned", []),
+                        ("opd", ["--method", "opd"]), ("sft", ["--method", "sft"])]:
+            arms.append(("same", lab, ["--toy_teacher", "same"] + fl, seeds))
+    if "mechanism" in grids:
+        for lab, fl in [("omniopd ned", []), ("omniopd rouge1", ["--similarity", "rouge1"]), ("opd", ["--method", "opd"]),
+                        ("sft", ["--method", "sft"])]:
+            arms.append(("other_style", lab, ["--toy_teacher", "other_style"] + fl, seeds))
+    if "other_tokenizer" in grids:
+        for lab, fl in [("omniopd ned", []), ("omniopd rouge1", ["--similarity", "rouge1"]), ("sft", ["--method", "sft"])]:
+            arms.append(("other_tokenizer", lab, ["--toy_teacher", "other_tokenizer"] + fl, seeds))
+    if "ablations" in grids:
+        for lab, fl in [("omniopd rouge1", ["--similarity", "rouge1"]), ("omniopd random anchors", ["--anchor", "random"]),
+                        ("omniopd alpha=0", ["--alpha", "0"]),
+                        ("omniopd beta=0", ["--beta", "0"]), ("omniopd embed", ["--similarity", "embed"]),
+                        ("kl_only", ["--method", "kl_only"]), ("grpo (no teacher)", ["--method", "grpo"]),
+                        ("sft 1 response/prompt", ["--method", "sft", "--teacher_token_budget", "none"])]:
+            arms.append(("same", lab, ["--toy_teacher", "same"] + fl, abl_seeds))
+        for lab, fl in [("opd", ["--method", "opd"]), ("omniopd rouge1", ["--similarity", "rouge1"]),
+                        ("omniopd ned", [])]:
+            arms.append(("mixed_style", lab, ["--toy_teacher", "mixed_style"] + fl, abl_seeds))
+    if "noise" in grids:
+        for s in (2, 4, 8):
+            arms.append(("same", f"opd logit noise sigma={s}", ["--toy_teacher", "same", "--method", "opd",
+                                                                "--teacher_logit_noise", str(s)], abl_seeds))
+    return arms
+
+
+def run_table(args):
+    """Run every arm x seed as its own subprocess (skipping finished ones, so it resumes), then
+    write table.md, table.json and table.png under --output_dir."""
+    grids = [g.strip() for g in args.table_grid.split(",") if g.strip()]
+    if "all" in grids:
+        grids = ["main", "mechanism", "other_tokenizer", "ablations", "noise"]
+    bad = set(grids) - {"main", "mechanism", "other_tokenizer", "ablations", "noise"}
+    if bad:
+        raise UserError(f"unknown --table_grid {sorted(bad)}; use main, mechanism, other_tokenizer, ablations, noise, all")
+    seeds = [int(s) for s in args.table_seeds.split(",")]
+    abl = [int(s) for s in args.table_ablation_seeds.split(",")]
+    common_flags = ["--max_steps", str(args.max_steps), "--per_device_batch_size", str(args.per_device_batch_size),
+                    "--eval_size", str(args.eval_size), "--eval_every", "0"]
+    results = []
+    arms = table_arms(grids, seeds, abl)
+    todo = [(g, lab, fl, s) for g, lab, fl, ss in arms for s in ss]
+    for i, (g, lab, fl, s) in enumerate(todo):
+        slug = re.sub(r"[^A-Za-z0-9=.]+", "_", f"{g}-{lab}").strip("_")
+        out = os.path.join(args.output_dir, "runs", f"{slug}-s{s}")
+        summ = os.path.join(out, "summary.json")
+        if not os.path.isfile(summ):
+            cmd = [sys.executable, os.path.abspath(__file__), *common_flags, *fl, "--seed", str(s), "--output_dir", out]
+            print(f"[table {i + 1}/{len(todo)}] {' '.join(cmd[1:])}", flush=True)
+            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if r.returncode != 0:
+                print(f"  failed (exit {r.returncode}): {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''}", flush=True)
+                continue
+            print("  " + r.stdout.strip().splitlines()[-1], flush=True)
+        with open(summ) as f:
+            results.append({**json.load(f), "group": g, "label": lab, "seed": s})
+    write_table(results, args.output_dir)
+
+
+def _ms(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    m = float(np.mean(xs))
+    return f"{m:.3f} ± {float(np.std(xs, ddof=1)):.3f}" if len(xs) > 1 else f"{m:.3f}"
+
+
+def write_table(results: list[dict], out_dir: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys, rows = [], {}
+    for r in results:
+        key = (r["group"], r["label"])
+        if key not in rows:
+            keys.append(key)
+            rows[key] = []
+        rows[key].append(r)
+    lines = ["| teacher world | arm | seeds | greedy acc (id) | T=1 acc (id) | greedy acc (OOD) | teacher tokens / update "
+             "| student rollout tokens / update | minutes / run |", "|---|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        rs = rows[key]
+        res = [r["after"] for r in rs]
+        steps = max(1, rs[0]["steps"])
+        lines.append(f"| {key[0]} | {key[1]} | {','.join(str(r['seed']) for r in rs)} | {_ms([x['acc_greedy'] for x in res])} | "
+                     f"{_ms([x['acc_sample'] for x in res])} | {_ms([x.get('acc_ood') for x in res])} | "
+                     f"{np.mean([r['teacher_tokens'] for r in rs]) / steps:.0f} | "
+                     f"{np.mean([r['student_tokens'] for r in rs]) / steps:.0f} | "
+                     f"{np.mean([r['wall_time_s'] for r in rs]) / 60:.1f} |")
+    md = "\n".join(lines) + "\n"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(md)
+    C.write_json(os.path.join(out_dir, "table.json"), results)
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(keys) + 1.2))
+    ys = np.arange(len(keys))
+    for j, (metric, col) in enumerate([("acc_greedy", "C0"), ("acc_sample", "C1")]):
+        mean = [np.mean([r["after"][metric] for r in rows[k]]) for k in keys]
+        std = [np.std([r["after"][metric] for r in rows[k]], ddof=1) if len(rows[k]) > 1 else 0 for k in keys]
+        ax.barh(ys + 0.2 * (1 - 2 * j), mean, 0.4, xerr=std, color=col, label={"acc_greedy": "greedy", "acc_sample": "T=1"}[metric])
+    ax.set_yticks(ys, [f"{g}: {l}" for g, l in keys], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("held-out accuracy (id), mean ± std over seeds")
+    ax.set_xlim(0, 1)
+    ax.legend(loc="lower right")
+    ax.set_title("omniopd | toy add world | table")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "table.png"), dpi=110)
+    plt.close(fig)
+    print(md, flush=True)
+    return md
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        main(parse_args())
