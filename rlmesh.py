@@ -34,8 +34,6 @@ Deviations from the paper:
      as actions tangle and collapse cells.
   3. RL is a one-step contextual bandit trained once on a pool of inputs with the warm-up set as the proxy's
      data (`--rl_mode pretrain`), then frozen; `--rl_mode online` updates it per query.
-  4. Single process only: no torchrun sharding of simulations (the spec's GPU/torchrun path is not built);
-     `--device cuda` moves only the surrogate.
 
 Reconstructed (the public paper does not say): the solvers and their cost counts (Eq. 2-3), the density
 features (1, |d log a/dx| box-smoothed over 9/65/257 fine samples, distance to the boundary; Burgers:
@@ -53,8 +51,16 @@ Commands:
   Burgers:                             python rlmesh.py --pde burgers
   one arm / variants:                  python rlmesh.py --method rl --rl ppo --policy mlp --rl_mode online
   GPU (surrogate training on CUDA):    python rlmesh.py --full_table --surrogate fno --surrogate_epochs 300 --device cuda
-  (solvers, meshes, kernel ridge and the policy stay in float64 numpy / CPU torch; only the surrogate moves;
-  no torchrun path, see deviation 4)
+  (solvers, meshes, kernel ridge and the policy stay in float64 numpy / CPU torch; only the surrogate moves)
+  torchrun (N processes, CPU gloo or one GPU each):
+                                       torchrun --nproc_per_node N rlmesh.py --full_table --surrogate fno
+  Under torchrun the simulations and fine references of each batch of inputs are split into N contiguous blocks
+  of rows, solved one block per rank and all-gathered in order (every rank holds the same labels); the FNO / MLP
+  surrogate trains data-parallel: each rank takes its share of every minibatch of --per_device_batch_size rows
+  and gradients are averaged (common.all_reduce_grads), so the update equals one process's. Kernel ridge (closed
+  form) runs on every rank; policy training (the rollouts' simulations included) runs on rank 0 and its policy is
+  broadcast; only rank 0 logs and writes files. Labels, costs and kernel-ridge results are bit-identical to one
+  process; neural-surrogate errors equal up to float32 summation order (tested with 2 CPU processes only).
 
 Logged metrics (metrics.jsonl, one row per arm and checkpoint): arm, queries, dataset_cost, total_cost,
 test_rel_l2, test_rmse, label_rel_l2; policy.jsonl: reward, advantage stats, proxy-vs-oracle rank
@@ -70,6 +76,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -143,7 +150,8 @@ def parse_args(argv=None):
     p.add_argument("--fno_modes", type=int, default=12, help="FNO Fourier modes kept")
     p.add_argument("--learning_rate", type=float, default=1e-3, help="Adam learning rate of the surrogate")
     p.add_argument("--weight_decay", type=float, default=1e-4, help="Adam weight decay of the surrogate")
-    p.add_argument("--per_device_batch_size", type=int, default=20, help="surrogate batch size")
+    p.add_argument("--per_device_batch_size", type=int, default=20,
+                   help="surrogate minibatch; torchrun splits it across ranks (same update as one process)")
     p.add_argument("--surrogate_epochs", type=int, default=60, help="surrogate epochs, LR halved every epochs/4 (fno/mlp; krr is closed form)")
     # ---- run ----
     p.add_argument("--full_table", action=argparse.BooleanOptionalAction, default=False, help="run every arm for each of --seeds, write table.md + plots")
@@ -469,6 +477,51 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# ---- torchrun: simulations sharded by rows, results all-gathered ----
+# ---------------------------------------------------------------------------------------------
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the torchrun process group; (0, 1) in one process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of rank `rank` among `world`: contiguous blocks in rank order, sizes differ by <= 1."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def sharded(fn, *arrays):
+    """fn(*arrays) with the rows split across ranks: each rank runs fn on its block of rows, the outputs (an array or
+    a tuple of arrays, row-aligned) are all-gathered and concatenated in rank order, so every rank holds what one
+    process gets. Exact because the solvers treat each row on its own (Burgers takes its FFT path when every mesh
+    of the batch is uniform: the batches here are all uniform or all adapted). One process: fn(*arrays)."""
+    rank, world = rank_world()
+    if world == 1:
+        return fn(*arrays)
+    lo, hi = shard_bounds(len(arrays[0]), rank, world)
+    local = fn(*(a[lo:hi] for a in arrays)) if hi > lo else None
+    parts = [None] * world
+    dist.all_gather_object(parts, local)  # pickled: float64 labels arrive bit-exact
+    parts = [p for p in parts if p is not None]
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate(z) for z in zip(*parts))
+    return np.concatenate(parts)
+
+
+def from_rank0(obj):
+    """Rank 0's `obj` on every rank (what rank 0 alone computed: the policy, online-mode labels); identity in one
+    process."""
+    if rank_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------
 # ---- world: inputs, features, simulations, policy, surrogates ----
 # ---------------------------------------------------------------------------------------------
 
@@ -695,6 +748,15 @@ class MLPSurrogate(nn.Module):
         return self.net(a)
 
 
+def surrogate_loss(out: torch.Tensor, y: torch.Tensor, batch_size: int, world_size: int = 1) -> torch.Tensor:
+    """Eq. (9): mean relative L2 over a minibatch of `batch_size` rows, of which out, y (n, Ne) are this rank's n.
+    The rank's mean is scaled by n * world_size / batch_size, so that averaging the ranks' gradients
+    (common.all_reduce_grads) gives the one-process gradient of the whole minibatch; in one process the factor
+    is exactly 1."""
+    loss = (torch.linalg.norm(out - y, dim=-1) / torch.linalg.norm(y, dim=-1).clamp_min(1e-12)).mean()
+    return loss * (len(out) * world_size / batch_size)
+
+
 def train_eval_surrogate(args, world: World, X: np.ndarray, Y: np.ndarray, X_test: np.ndarray, Y_test: np.ndarray,
                          device, seed: int) -> dict:
     """Eq. (9): train a fresh surrogate on (X, Y) and return test relative L2 / RMSE against fine references."""
@@ -714,20 +776,30 @@ def train_eval_surrogate(args, world: World, X: np.ndarray, Y: np.ndarray, X_tes
         model = model.to(device)
         opt = torch.optim.Adam(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(args.surrogate_epochs // 4, 1), gamma=0.5)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # same seed and init on every rank: same permutation and weights
         bs = args.per_device_batch_size
+        rank, world_size = rank_world()
         for _ in range(args.surrogate_epochs):
             perm = torch.randperm(len(Xt), generator=gen).to(device)
             for i in range(0, len(Xt), bs):
                 idx = perm[i:i + bs]
-                with common.autocast(device):
-                    out = model(Xt[idx], grid).float()
-                y = Yt[idx]
-                loss = (torch.linalg.norm(out - y, dim=-1) / torch.linalg.norm(y, dim=-1).clamp_min(1e-12)).mean()
+                lo, hi = shard_bounds(len(idx), rank, world_size)  # torchrun: this rank's rows of the minibatch
+                opt.zero_grad(set_to_none=True)
+                if hi > lo:
+                    with common.autocast(device):
+                        out = model(Xt[idx[lo:hi]], grid).float()
+                    loss = surrogate_loss(out, Yt[idx[lo:hi]], len(idx), world_size)
+                    loss.backward()
+                else:  # more ranks than rows left: contribute zeros so the all-reduce still matches
+                    loss = torch.zeros((), device=device)
+                    for p_ in model.parameters():
+                        p_.grad = torch.zeros_like(p_)
+                if world_size > 1:  # every rank sees a NaN of any rank, so all stop together
+                    loss = loss.detach().clone()
+                    dist.all_reduce(loss)
                 if not torch.isfinite(loss):
                     raise UserError("surrogate loss became NaN; lower --learning_rate")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                common.all_reduce_grads(model, world_size)
                 opt.step()
             sched.step()
         model.eval()
@@ -870,6 +942,12 @@ def validate_args(args):
         raise UserError(f"--monitor_betas '{args.monitor_betas}' must be comma-separated numbers")
 
 
+def say(msg: str) -> None:
+    """tqdm.write on rank 0 only."""
+    if common.is_main():
+        tqdm.write(msg)
+
+
 def run_seed(args, out_dir: str, seed: int, device) -> dict:
     """Every arm of one seed on the same inputs: returns {"rows": eval rows, "meshes": examples, ...}."""
     t0 = time.time()
@@ -883,22 +961,26 @@ def run_seed(args, out_dir: str, seed: int, device) -> dict:
     val_fields = world.sample_inputs(rng_val, args.n_val)
     test_fields = world.sample_inputs(rng_test, args.n_test)
     X_all, X_val, X_test = (world.surrogate_input(f) for f in (fields, val_fields, test_fields))
-    tqdm.write(f"[seed {seed}] reference solves for {args.n_val} val + {args.n_test} test inputs ...")
-    Y_val, val_cost = world.reference(val_fields)
-    Y_test, _ = world.reference(test_fields)  # test references are evaluation, not budget
+    # torchrun: every rank draws the same inputs; `sharded` splits their solves across ranks and all-gathers
+    main_rank, world_size = common.is_main(), rank_world()[1]
+    say(f"[seed {seed}] reference solves for {args.n_val} val + {args.n_test} test inputs ...")
+    Y_val, val_cost = sharded(world.reference, val_fields)
+    Y_test, _ = sharded(world.reference, test_fields)  # test references are evaluation, not budget
     val_cost = int(val_cost.sum())
 
-    os.makedirs(out_dir, exist_ok=True)
+    if main_rank:
+        os.makedirs(out_dir, exist_ok=True)
     ckpt_dir = os.path.join(out_dir, "checkpoint")
     done, step = {}, 0
-    if args.resume and os.path.isdir(ckpt_dir):
+    if main_rank and args.resume and os.path.isdir(ckpt_dir):
         st = common.load_checkpoint(ckpt_dir)
         done, step = st["extra"]["done"], st["step"]
-        tqdm.write(f"[seed {seed}] resumed: arms done {list(done)}")
+        say(f"[seed {seed}] resumed: arms done {list(done)}")
+    done, step = from_rank0((done, step))
     # on resume keep the rows of finished arms only (an unfinished arm restarts from scratch)
     logger = common.MetricLogger(out_dir, resume_step=step - 1 if done else None)
     plog = common.MetricLogger(out_dir, resume_step=step - 1 if done else None, filename="policy.jsonl")
-    bar = tqdm(total=len(arms) * len(ks), desc=f"seed {seed}", dynamic_ncols=True)
+    bar = tqdm(total=len(arms) * len(ks), desc=f"seed {seed}", dynamic_ncols=True, disable=not main_rank)
     bar.update(sum(len(ks) for arm in arms if arm in done))
     logger.pbar = bar
     results = dict(done)
@@ -932,8 +1014,8 @@ def run_seed(args, out_dir: str, seed: int, device) -> dict:
             kind = args.monitor if args.monitor != "auto" else ("pilot_solve" if world.burgers else "gradient")
             best = None
             for beta in [float(b) for b in args.monitor_betas.split(",")]:  # tuned on validation (cost counted)
-                rho, pc = world.monitor_density(val_fields, beta, kind)
-                yv, c = world.simulate(val_fields, mesh_from_density(rho, N, world.gap))
+                rho, pc = sharded(lambda f: world.monitor_density(f, beta, kind), val_fields)
+                yv, c = sharded(world.simulate, val_fields, mesh_from_density(rho, N, world.gap))
                 extra_cost += int(c.sum() + np.sum(pc))
                 err = float(rel_l2(yv, Y_val).mean())
                 info[f"val_label_beta_{beta:g}"] = err
@@ -941,35 +1023,41 @@ def run_seed(args, out_dir: str, seed: int, device) -> dict:
                     best = (beta, err)
             extra_cost += val_cost
             info["beta"] = best[0]
-            tqdm.write(f"[seed {seed}] monitor ({kind}): beta {best[0]:g} val label error {best[1]:.4f}")
+            say(f"[seed {seed}] monitor ({kind}): beta {best[0]:g} val label error {best[1]:.4f}")
 
-            def nodes_fn(f, beta=best[0], kind=kind):
-                rho, pc = world.monitor_density(f, beta, kind)
+            def nodes_fn(f, beta=best[0], kind=kind):  # the pilot solves of `pilot_solve` are sharded too
+                rho, pc = sharded(lambda g: world.monitor_density(g, beta, kind), f)
                 return mesh_from_density(rho, N, world.gap), pc
         elif arm in ("rl", "rl_oracle"):
             reward = "oracle" if arm == "rl_oracle" else args.reward
             nw = args.n_warmup
-            y_w, c_w = world.simulate(fields[:nw], world.uniform_nodes(nw))
+            y_w, c_w = sharded(world.simulate, fields[:nw], world.uniform_nodes(nw))
             gen = torch.Generator().manual_seed(arm_seed % 2 ** 63)
             agent = Agent(args, world, reward, X_all[:nw], y_w, X_val, Y_val, gen)
             pol_fields = world.sample_inputs(np.random.default_rng(ss[4]), args.n_policy_inst)
-            pol_refs, pol_cost = world.reference(pol_fields)  # oracle reward needs them; proxy only for diagnostics
+            # oracle reward needs them; proxy only for diagnostics
+            pol_refs, pol_cost = sharded(world.reference, pol_fields)
             extra_cost += val_cost + (int(pol_cost.sum()) if reward == "oracle" and args.rl_mode == "pretrain" else 0)
             if args.rl_mode == "pretrain":
-                train_policy(agent, pol_fields, pol_refs, val_fields, Y_val, arm_rng,
-                             lambda r: plog.log(step, arm=arm, **r))
+                if main_rank:  # torchrun: the policy trains on rank 0 (its rollouts unsharded), then is broadcast
+                    train_policy(agent, pol_fields, pol_refs, val_fields, Y_val, arm_rng,
+                                 lambda r: plog.log(step, arm=arm, **r))
+                if world_size > 1:
+                    state, agent.cost = from_rank0((agent.policy.state_dict(), agent.cost))
+                    agent.policy.load_state_dict(state)
                 info["policy_theta" if args.policy == "linear" else "policy"] = (
                     agent.policy.theta.tolist() if args.policy == "linear" else "mlp")
         # ---- collect the dataset (same inputs, same order for every arm) ----
         if arm == "exact":
-            Y, cq = world.reference(fields)
+            Y, cq = sharded(world.reference, fields)
         elif arm in ("rl", "rl_oracle"):
             Y, cq = np.empty((args.budget, len(world.grid))), np.empty(args.budget, dtype=np.int64)
             Y[:nw], cq[:nw] = y_w, c_w
             if args.rl_mode == "pretrain":
-                Y[nw:], cq[nw:] = world.simulate(fields[nw:], agent.mean_nodes(fields[nw:]))
+                Y[nw:], cq[nw:] = sharded(world.simulate, fields[nw:], agent.mean_nodes(fields[nw:]))
             else:  # online: per query G candidates, proxy on the data so far, update, keep the best
-                for q in tqdm(range(nw, args.budget), desc="online", leave=False):
+                # torchrun: rank 0 runs the sequential loop; the other ranks receive its labels and policy
+                for q in tqdm(range(nw, args.budget) if main_rank else (), desc="online", leave=False):
                     agent.X_D, agent.Y_D = X_all[:q], Y[:q]
                     ref_q = None
                     if reward == "oracle":  # the oracle needs a fine solve of the query (counted)
@@ -981,12 +1069,16 @@ def run_seed(args, out_dir: str, seed: int, device) -> dict:
                     j = int(np.argmax(R[0]))
                     Y[q], cq[q] = y[0, j], c[0, j]
                     extra_q[q] += int(c[0].sum() - c[0, j])  # the kept candidate is the query, the rest is extra
+                if world_size > 1:
+                    Y, cq, extra_q, agent.X_D, agent.Y_D, state = from_rank0(
+                        (Y, cq, extra_q, agent.X_D, agent.Y_D, agent.policy.state_dict()))
+                    agent.policy.load_state_dict(state)
             if args.rl_mode == "pretrain":
                 extra_cost += agent.cost  # every policy-training simulation
             info["nodes_example"] = agent.mean_nodes(test_fields[:3]).tolist()
         else:
             nodes, pc = nodes_fn(fields)
-            Y, cq = world.simulate(fields, nodes)
+            Y, cq = sharded(world.simulate, fields, nodes)
             extra_cost += int(np.sum(pc))
             if arm in ("monitor", "random"):
                 info["nodes_example"] = nodes_fn(test_fields[:3])[0].tolist()
@@ -994,9 +1086,10 @@ def run_seed(args, out_dir: str, seed: int, device) -> dict:
         if arm == "exact":
             label_err = 0.0
         elif arm in ("rl", "rl_oracle"):
-            label_err = float(rel_l2(world.simulate(test_fields, agent.mean_nodes(test_fields))[0], Y_test).mean())
+            label_err = float(rel_l2(sharded(world.simulate, test_fields, agent.mean_nodes(test_fields))[0],
+                                     Y_test).mean())
         else:
-            label_err = float(rel_l2(world.simulate(test_fields, nodes_fn(test_fields)[0])[0], Y_test).mean())
+            label_err = float(rel_l2(sharded(world.simulate, test_fields, nodes_fn(test_fields)[0])[0], Y_test).mean())
         rows = []
         for k in ks:
             ev = train_eval_surrogate(args, world, X_all[:k], Y[:k], X_test, Y_test, device, seed * 1000 + k)
@@ -1005,8 +1098,8 @@ def run_seed(args, out_dir: str, seed: int, device) -> dict:
                              total_cost=dcost + extra_cost + int(extra_q[:k].sum()),
                              label_rel_l2=label_err, **ev)
             rows.append(row)
-            tqdm.write(f"[seed {seed}] {arm:>12} queries {k:4d} cost {dcost:>9d} (total {row['total_cost']}) "
-                       f"test relL2 {ev['test_rel_l2']:.4f} label {label_err:.4f}")
+            say(f"[seed {seed}] {arm:>12} queries {k:4d} cost {dcost:>9d} (total {row['total_cost']}) "
+                f"test relL2 {ev['test_rel_l2']:.4f} label {label_err:.4f}")
             step += 1
             bar.update(1)
         results[arm] = {"rows": rows, "extra_cost": extra_cost, "cost_per_query": float(cq.mean()),
@@ -1138,9 +1231,12 @@ def main(args):
     t0 = time.time()
     common.set_cpu_threads(args.threads)
     validate_args(args)
-    device = common.pick_device(args.device)  # DEVIATION(4): one process; only the surrogate uses `device`
-    os.makedirs(args.output_dir, exist_ok=True)
-    common.write_json(os.path.join(args.output_dir, "args.json"), vars(args))
+    _, world_size, _ = common.ddp_setup()  # torchrun: gloo on CPU, nccl on GPU; one process: no-op
+    device = common.pick_device(args.device)  # this rank's GPU under torchrun; only the surrogate uses it
+    main_rank = common.is_main()  # rank 0 alone writes files and prints
+    if main_rank:
+        os.makedirs(args.output_dir, exist_ok=True)
+        common.write_json(os.path.join(args.output_dir, "args.json"), vars(args))
     if args.full_table:
         try:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -1149,17 +1245,35 @@ def main(args):
         per_seed = []
         for s in seeds:
             res_path = os.path.join(args.output_dir, f"seed{s}", "result.json")
-            if args.resume and os.path.isfile(res_path):  # a finished seed is reused as is
+            reused = None
+            if main_rank and args.resume and os.path.isfile(res_path):  # a finished seed is reused as is
                 with open(res_path) as f:
-                    per_seed.append(json.load(f))
+                    reused = json.load(f)
+            reused = from_rank0(reused)  # rank 0 decides, so all ranks skip or run the seed together
+            if reused is not None:
+                per_seed.append(reused)
                 continue
             per_seed.append(run_seed(args, os.path.join(args.output_dir, f"seed{s}"), s, device))
-            common.write_json(res_path, per_seed[-1])
+            if main_rank:
+                common.write_json(res_path, per_seed[-1])
     else:
         seeds = [args.seed]
         per_seed = [run_seed(args, args.output_dir, args.seed, device)]
         # the top-level metrics.jsonl sits in output_dir already (run_seed wrote it there)
     out = args.output_dir
+    minutes = (time.time() - t0) / 60
+    md = table_markdown(per_seed, args)
+    summary = {"seeds": seeds, "device": str(device), "world_size": world_size, "wall_minutes": minutes, "table": md,
+               "final": {arm: {"test_rel_l2": [r["arms"][arm]["rows"][-1]["test_rel_l2"] for r in per_seed],
+                               "label_rel_l2": [r["arms"][arm]["label_rel_l2"] for r in per_seed],
+                               "total_cost": [r["arms"][arm]["rows"][-1]["total_cost"] for r in per_seed],
+                               "queries_to_uniform_final": [r["arms"][arm].get("queries_to_uniform_final")
+                                                            for r in per_seed]}
+                         for arm in per_seed[0]["arms"]},
+               "seed": seeds[0] if len(seeds) == 1 else seeds}
+    if not main_rank:  # the other ranks return the same summary and write nothing
+        common.ddp_cleanup()
+        return summary
     if args.full_table:  # one merged metrics.jsonl at the top level too
         with open(os.path.join(out, "metrics.jsonl"), "w") as f:
             for r in per_seed:
@@ -1168,21 +1282,13 @@ def main(args):
                         f.write(json.dumps({**row, "seed": r["seed"]}) + "\n")
     title = f"rlmesh | {args.surrogate} on {args.pde} | seed {','.join(map(str, seeds))}"
     plot_curves(per_seed, os.path.join(out, "rlmesh.png"), title)
-    md = table_markdown(per_seed, args)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(md)
-    minutes = (time.time() - t0) / 60
-    summary = {"seeds": seeds, "device": str(device), "wall_minutes": minutes, "table": md,
-               "final": {arm: {"test_rel_l2": [r["arms"][arm]["rows"][-1]["test_rel_l2"] for r in per_seed],
-                               "label_rel_l2": [r["arms"][arm]["label_rel_l2"] for r in per_seed],
-                               "total_cost": [r["arms"][arm]["rows"][-1]["total_cost"] for r in per_seed],
-                               "queries_to_uniform_final": [r["arms"][arm].get("queries_to_uniform_final")
-                                                            for r in per_seed]}
-                         for arm in per_seed[0]["arms"]},
-               "seed": seeds[0] if len(seeds) == 1 else seeds}
+    summary["wall_minutes"] = minutes = (time.time() - t0) / 60
     common.write_json(os.path.join(out, "summary.json"), summary)
     tqdm.write(md)
     tqdm.write(f"wrote {out}/summary.json, table.md, rlmesh.png in {minutes:.1f} min")
+    common.ddp_cleanup()
     return summary
 
 
