@@ -260,31 +260,34 @@ def tiny_lm(n_layer: int = 2, d_model: int = 64, n_head: int = 4, tokenizer: str
     return model, tok
 
 
-def _encode_text(tok, text: str) -> list[int]:
-    """Token ids of a prompt with the tokenizer's own special tokens (a BOS where it wants one),
-    minus a trailing EOS that some tokenizers (T5/ByT5) append: a prompt must not end the text."""
-    ids = tok(text)["input_ids"]
-    if ids and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id and not (tok.eos_token and text.endswith(tok.eos_token)):
-        ids = ids[:-1]
-    return ids
+def _encode_texts(tok, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of prompts with the tokenizer's own special tokens (a BOS where it wants one),
+    minus a trailing EOS that some tokenizers (T5/ByT5) append: a prompt must not end the text.
+    One batched tokenizer call (the same ids as one call per text, with less per-call overhead)."""
+    texts = list(texts)
+    rows = tok(texts)["input_ids"] if texts else []
+    eos = tok.eos_token_id
+    for i, (ids, text) in enumerate(zip(rows, texts)):
+        if ids and eos is not None and ids[-1] == eos and not (tok.eos_token and text.endswith(tok.eos_token)):
+            rows[i] = ids[:-1]
+    return rows
 
 
 def encode_prompts(tok, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (input_ids, attention_mask) for a batch of prompts (no EOS appended)."""
-    rows = [_encode_text(tok, p) for p in prompts]
-    return left_pad(rows, tok.pad_token_id, device)
+    return left_pad(_encode_texts(tok, prompts), tok.pad_token_id, device)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id lists -> left-padded (input_ids, attention_mask)."""
     L = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    ids = np.full((len(rows), L), pad_id, dtype=np.int64)  # filled in numpy: one tensor op, not one per row
+    mask = np.zeros((len(rows), L), dtype=np.int64)
     for i, r in enumerate(rows):
         if r:
-            ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
+            ids[i, L - len(r):] = r
             mask[i, L - len(r):] = 1
-    return ids.to(device), mask.to(device)
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
 def encode_pairs(tok, prompts: Sequence[str], responses: Sequence[str], add_eos: bool = True, device=None,
@@ -297,9 +300,9 @@ def encode_pairs(tok, prompts: Sequence[str], responses: Sequence[str], add_eos:
     exactly those that `generate` would have seen.
     """
     rows, resp_lens = [], []
-    for p, r in zip(prompts, responses):
-        p_ids = _encode_text(tok, p)
-        r_ids = tok(r, add_special_tokens=False)["input_ids"]
+    responses = list(responses)
+    r_rows = tok(responses, add_special_tokens=False)["input_ids"] if responses else []
+    for p_ids, r_ids in zip(_encode_texts(tok, prompts), r_rows):
         if max_response_tokens is not None:
             r_ids = r_ids[:max_response_tokens]
         if add_eos and tok.eos_token_id is not None:
@@ -307,11 +310,8 @@ def encode_pairs(tok, prompts: Sequence[str], responses: Sequence[str], add_eos:
         rows.append(p_ids + r_ids)
         resp_lens.append(len(r_ids))
     ids, mask = left_pad(rows, tok.pad_token_id, device)
-    resp = torch.zeros_like(mask)
     L = ids.shape[1]
-    for i, n in enumerate(resp_lens):
-        if n:
-            resp[i, L - n:] = 1
+    resp = (torch.arange(L) >= L - torch.tensor(resp_lens, dtype=torch.long)[:, None]).long().to(mask.device)  # last n
     return ids, mask, resp
 
 
