@@ -158,7 +158,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="resume from <output_dir>/checkpoint")
     # ---- table ----
     p.add_argument("--table", action="store_true", help="run the multi-seed toy table instead of one run")
-    p.add_argument("--table_grid", default="main", help="comma list of: main, mechanism, other_tokenizer, ablations, noise, all")
+    p.add_argument("--table_grid", default="main", help="comma list of: main, mechanism, other_tokenizer, ablations, noise, anchor_long, all")
     p.add_argument("--table_seeds", default="0,1,2", help="seeds of the table's main arms")
     p.add_argument("--table_ablation_seeds", default="0", help="seeds of the table's ablation / noise arms")
     args = p.parse_args(argv)
@@ -524,8 +524,10 @@ def build(args, device, rank):
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the tokenizers of '{student_path}' / '{teacher_path}' ({str(e)[:150]})") from None
         if not same_tokenizer(s_tok, t_tok):
+            what = (f"{len(t_tok)} vs {len(s_tok)} ids" if len(t_tok) != len(s_tok)
+                    else f"{len(s_tok)} ids each, but other tokens or another segmentation")
             raise UserError(f"--method opd compares token log-probs, but teacher '{teacher_path}' has another tokenizer "
-                            f"than the student ({len(t_tok)} vs {len(s_tok)} ids); use --method omniopd or sft")
+                            f"than the student ({what}); use --method omniopd or sft")
     model, tok = C.load_lm(student_path, device=device)  # trainable weights stay fp32 (autocast on CUDA)
     ref, _ = C.load_lm(student_path, dtype=frozen_dtype, device=device)
     for p_ in ref.parameters():
@@ -768,6 +770,9 @@ def main(args):
 # ---- the toy table ----
 # ---------------------------------------------------------------------------------------------
 
+TABLE_GRIDS = ("main", "mechanism", "other_tokenizer", "ablations", "noise", "anchor_long")
+
+
 def table_arms(grids: Sequence[str], seeds: list[int], abl_seeds: list[int]) -> list[tuple[str, str, list[str], list[int]]]:
     """(group, label, flags, seeds) of the toy table."""
     arms = []
@@ -792,6 +797,10 @@ def table_arms(grids: Sequence[str], seeds: list[int], abl_seeds: list[int]) -> 
         for lab, fl in [("opd", ["--method", "opd"]), ("omniopd rouge1", ["--similarity", "rouge1"]),
                         ("omniopd ned", [])]:
             arms.append(("mixed_style", lab, ["--toy_teacher", "mixed_style"] + fl, abl_seeds))
+    if "anchor_long" in grids:  # pitfall 7 / the paper's collapse without the KL anchor: 4x the updates
+        for lab, fl in [("omniopd ned, 320 updates", ["--max_steps", "320"]),
+                        ("omniopd beta=0, 320 updates", ["--max_steps", "320", "--beta", "0"])]:
+            arms.append(("same", lab, ["--toy_teacher", "same"] + fl, abl_seeds))
     if "noise" in grids:
         for s in (2, 4, 8):
             arms.append(("same", f"opd logit noise sigma={s}", ["--toy_teacher", "same", "--method", "opd",
@@ -804,10 +813,10 @@ def run_table(args):
     write table.md, table.json and table.png under --output_dir."""
     grids = [g.strip() for g in args.table_grid.split(",") if g.strip()]
     if "all" in grids:
-        grids = ["main", "mechanism", "other_tokenizer", "ablations", "noise"]
-    bad = set(grids) - {"main", "mechanism", "other_tokenizer", "ablations", "noise"}
+        grids = list(TABLE_GRIDS)
+    bad = set(grids) - set(TABLE_GRIDS)
     if bad:
-        raise UserError(f"unknown --table_grid {sorted(bad)}; use main, mechanism, other_tokenizer, ablations, noise, all")
+        raise UserError(f"unknown --table_grid {sorted(bad)}; use {', '.join(TABLE_GRIDS)} or all")
     seeds = [int(s) for s in args.table_seeds.split(",")]
     abl = [int(s) for s in args.table_ablation_seeds.split(",")]
     common_flags = ["--max_steps", str(args.max_steps), "--per_device_batch_size", str(args.per_device_batch_size),
@@ -828,8 +837,18 @@ def run_table(args):
                 continue
             print("  " + r.stdout.strip().splitlines()[-1], flush=True)
         with open(summ) as f:
-            results.append({**json.load(f), "group": g, "label": lab, "seed": s})
+            results.append({**json.load(f), "group": g, "label": lab, "seed": s, "kl_ref_end": final_kl_ref(out)})
     write_table(results, args.output_dir)
+
+
+def final_kl_ref(run_dir: str, last: int = 10) -> float | None:
+    """Mean per-token KL(pi_ref || pi) over a run's last `last` logged updates (pitfall 7: drift from pi_ref)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        kls = [row["kl_ref"] for row in map(json.loads, f) if "kl_ref" in row]
+    return float(np.mean(kls[-last:])) if kls else None
 
 
 def _ms(xs):
@@ -854,7 +873,8 @@ def write_table(results: list[dict], out_dir: str) -> str:
             rows[key] = []
         rows[key].append(r)
     lines = ["| teacher world | arm | seeds | greedy acc (id) | T=1 acc (id) | greedy acc (OOD) | teacher tokens / update "
-             "| student rollout tokens / update | minutes / run |", "|---|---|---|---|---|---|---|---|---|"]
+             "| student rollout tokens / update | KL(π_ref‖π) / token, last 10 updates | minutes / run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key in keys:
         rs = rows[key]
         res = [r["after"] for r in rs]
@@ -863,6 +883,7 @@ def write_table(results: list[dict], out_dir: str) -> str:
                      f"{_ms([x['acc_sample'] for x in res])} | {_ms([x.get('acc_ood') for x in res])} | "
                      f"{np.mean([r['teacher_tokens'] for r in rs]) / steps:.0f} | "
                      f"{np.mean([r['student_tokens'] for r in rs]) / steps:.0f} | "
+                     f"{_ms([r.get('kl_ref_end') for r in rs])} | "
                      f"{np.mean([r['wall_time_s'] for r in rs]) / 60:.1f} |")
     md = "\n".join(lines) + "\n"
     os.makedirs(out_dir, exist_ok=True)

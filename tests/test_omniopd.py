@@ -330,3 +330,25 @@ def test_resume_continues_from_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     steps = [row["step"] for row in C.read_jsonl(str(tmp_path / "metrics.jsonl"))]
     assert steps[0] == 0 and max(steps) == 4 and 3 in steps
+
+
+# ---- the toy table ---------------------------------------------------------------------------------
+
+
+def test_table_aggregates_mean_std_and_final_kl(tmp_path):
+    """write_table: mean ± sample std over seeds, per-update token counts, the last-10-updates KL."""
+    runs = []
+    for seed, (acc, kl) in enumerate([(0.5, 0.1), (0.7, 0.3)]):
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        rows = [{"step": i, "kl_ref": 9.0} for i in range(5)] + [{"step": 5 + i, "kl_ref": kl} for i in range(10)]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows + [{"step": 15, "acc_greedy": acc}]))
+        runs.append({"group": "same", "label": "arm", "seed": seed, "steps": 10, "teacher_tokens": 100 * (seed + 1),
+                     "student_tokens": 50, "wall_time_s": 60.0, "kl_ref_end": O.final_kl_ref(str(run)),
+                     "after": {"acc_greedy": acc, "acc_sample": acc / 2, "acc_ood": None}})
+    assert runs[0]["kl_ref_end"] == pytest.approx(0.1) and O.final_kl_ref(str(tmp_path)) is None
+    md = O.write_table(runs, str(tmp_path / "table"))
+    row = md.strip().splitlines()[-1]
+    # acc 0.5, 0.7: mean 0.6, sample std 0.1414; teacher tokens (100 + 200) / 2 / 10 updates = 15
+    assert row == "| same | arm | 0,1 | 0.600 ± 0.141 | 0.300 ± 0.071 | - | 15 | 5 | 0.200 ± 0.141 | 1.0 |"
+    assert (tmp_path / "table" / "table.png").is_file()
