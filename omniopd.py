@@ -837,8 +837,37 @@ def run_table(args):
                 continue
             print("  " + r.stdout.strip().splitlines()[-1], flush=True)
         with open(summ) as f:
-            results.append({**json.load(f), "group": g, "label": lab, "seed": s, "kl_ref_end": final_kl_ref(out)})
+            results.append({**json.load(f), "group": g, "label": lab, "seed": s, "kl_ref_end": final_kl_ref(out),
+                            "run_dir": out})
     write_table(results, args.output_dir)
+    if "anchor_long" in grids:
+        plot_drift([r for r in results if r["label"].endswith("320 updates")], os.path.join(args.output_dir, "anchor_long.png"))
+
+
+def plot_drift(results: list[dict], png: str) -> None:
+    """Pitfall 7: KL(pi_ref || pi) and rollout accuracy per update, one line per run (arm colour, seed style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    for r in results:
+        rows = [row for row in C.read_jsonl(os.path.join(r["run_dir"], "metrics.jsonl")) if "kl_ref" in row]
+        steps = [row["step"] for row in rows]
+        style = dict(color=f"C{labels.index(r['label'])}", ls=("-", "--", ":")[r["seed"] % 3], lw=1,
+                     label=f"{r['label']} (seed {r['seed']})")
+        axes[0].plot(steps, [row["kl_ref"] for row in rows], **style)
+        acc = np.convolve([row["train_acc"] for row in rows], np.ones(10) / 10, mode="valid")  # 10-update mean
+        axes[1].plot(steps[9:], acc, **style)
+    axes[0].set(yscale="log", xlabel="update", ylabel="KL(π_ref‖π) per response token", title="drift from the initial student")
+    axes[1].set(xlabel="update", ylabel="rollout accuracy (10-update mean)", ylim=(0, 1), title="on-policy accuracy")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("omniopd | toy add world, same teacher | KL anchor β = 0.1 vs β = 0")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def final_kl_ref(run_dir: str, last: int = 10) -> float | None:
