@@ -104,11 +104,17 @@ def autocast(device: torch.device | str):
     return contextlib.nullcontext()
 
 
-def ddp_setup() -> tuple[int, int, torch.device]:
+def ddp_setup(timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
     """Initialise torch.distributed from the torchrun environment (nccl on CUDA, gloo on CPU).
 
+    On CUDA the group has both backends ("cpu:gloo,cuda:nccl"): CUDA tensors go through nccl, while
+    CPU tensors (counters, metrics) and object collectives (all_gather_object) go through gloo, so
+    the same code runs under torchrun on GPUs and on CPUs. `timeout_minutes` bounds how long a rank
+    waits in a collective (e.g. while rank 0 alone trains a policy); torch's default is 10 min for nccl.
     Returns (rank, world_size, device). Without torchrun: (0, 1, pick_device()).
     """
+    import datetime
+
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, pick_device()
     import torch.distributed as dist
@@ -117,11 +123,12 @@ def ddp_setup() -> tuple[int, int, torch.device]:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cpu:gloo,cuda:nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world, device
 
 
