@@ -55,6 +55,9 @@ Deviations from the paper:
      not LLM calls here, so their call counts include extractor calls only.
   3. The toy world replaces Amazon Books / Movies&TV / Goodreads / Yelp (InstructRec); the real-data
      path reads InstructRec-style jsonl files but was not run on them here.
+  4. Tables, summary.json and the plot report mean ± std (sample std, ddof 1) over seeds, the
+     project's standard, instead of the spec's mean ± 95 % CI (with 3 seeds a t-based 95 % CI is
+     about 2.5 x the std).
 
 Reconstructed (not in the public abstract / summary; our choices, flags in brackets):
   chunk layout and the update constants [--s0 --eta_up --eta_down --forget_threshold --min_evidence
@@ -62,6 +65,20 @@ Reconstructed (not in the public abstract / summary; our choices, flags in brack
   and the planner reference's rules [--plan_every], automatic resynthesis [--synth_every_changes],
   the ranker reference's score and the recent-event term [--recent_weight], the toy world, the
   recovery-time definition, extractor fallback clears the pending batch (bounded cost).
+  * Planner reference, merge rule: the spec's "+ merge if >= 2 chunks created since the last merge"
+    is read as created_since_merge + len(novel_tags) >= 2, i.e. chunks already created plus those
+    this check's extraction is about to create (each novel tag becomes one chunk), so a check that
+    creates the second chunk merges at once instead of one check later.
+  * Planner reference, novelty [--planner_novelty]: the spec judges a pending tag novel by exact
+    chunk text ('text', default). Items carry ~5 tags with two surface words per value, so nearly
+    every check sees a novel tag and the reference almost never skips; 'key' judges novelty by the
+    tagger key (category + canonical value, synonyms match) instead.
+  * Recovery time: "the 5-point rolling mean" is read as the forward window d .. d+4 (a trailing
+    window at d = 0 would average pre-drift points); the search ends at d_max = history_len - 30
+    (latest drift point t* = 30, so every drifting user is evaluated up to d_max; 15 by default),
+    censored -> d_max + 1; the "after drift" HR@1 averages d in [0, d_max].
+  * Real data: item descriptions are cut to --max_desc_chars (300) characters in prompts; an
+    endpoint gets one max_tokens-1 preflight request before anything is written.
 
 Commands:
   toy CPU (drift + noise world, 6 arms, seeds 0,1,2; ~1 min):   python mars.py
@@ -156,6 +173,9 @@ def parse_args(argv=None):
     p.add_argument("--decay_gamma", type=float, default=1.0, help="gamma of Eq. (6): decay per idle event (1 = off)")
     p.add_argument("--synth_every_changes", type=int, default=3, help="chunk changes that trigger resynthesis, Eq. (7)")
     p.add_argument("--plan_every", type=int, default=3, help="pending events between planner checks (and the fixed interval)")
+    p.add_argument("--planner_novelty", default="text", choices=("text", "key"),
+                   help="planner input: a pending tag is novel / matched by its exact chunk text (text, the spec's "
+                        "literal rule; synonyms look novel) or by its tagger key, category + canonical value (key)")
     p.add_argument("--profile_max_chunks", type=int, default=12, help="chunks (lines) in the profile")
     p.add_argument("--recent_weight", type=float, default=0.5, help="ranker reference: weight of the recent-event term")
     p.add_argument("--instruction_bonus", type=float, default=0.5, help="ranker reference: bonus of instruction matches")
@@ -181,6 +201,8 @@ def parse_args(argv=None):
     # real data (InstructRec-style)
     p.add_argument("--items_file", default=None, help="items.jsonl {item_id, title, description}")
     p.add_argument("--users_file", default=None, help="users.jsonl {user_id, instruction, history:[{item_id, rating, timestamp}]}")
+    p.add_argument("--max_desc_chars", type=int, default=300, help="real data: item descriptions in prompts are cut to "
+                   "this many characters (0 = no cut)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
@@ -317,8 +339,11 @@ def merge_chunks(group: list[Chunk]) -> Chunk:
 def consolidate(chunks: dict, groups, conflicts=(), t: int = 0, eta_down: float = 0.35) -> int:
     """Eq. (5) on a chunk dict in place: merge each judged group (only same category + polarity
     members; others in the group are left alone); for each opposite-polarity pair with the same key
-    the weaker one gets one weakening step. Returns the number of chunks changed."""
+    the weaker one gets one weakening step. A conflict may name a chunk that was just merged away
+    (the judge sees the chunks before merging): its id resolves to the merged chunk, and each
+    resolved pair is weakened once. Returns the number of chunks changed."""
     changed = 0
+    alias = {}  # member id -> id of the chunk it was merged into
     for g in groups:
         members = [chunks[i] for i in dict.fromkeys(g) if i in chunks]
         by = {}
@@ -330,10 +355,17 @@ def consolidate(chunks: dict, groups, conflicts=(), t: int = 0, eta_down: float 
             merged = merge_chunks(same)
             for c in same:
                 del chunks[c.id]
+                alias[c.id] = merged.id
             chunks[merged.id] = merged
             changed += len(same)
+    done = set()
     for a, b in conflicts:
+        a, b = alias.get(a, a), alias.get(b, b)
+        pair = frozenset((a, b))
+        if pair in done:
+            continue
         if a in chunks and b in chunks and chunks[a].polarity != chunks[b].polarity:
+            done.add(pair)
             weak = min(chunks[a], chunks[b], key=lambda c: c.m)
             weaken(weak, None, t, eta_down)
             changed += 1
@@ -403,7 +435,9 @@ def _profile_weights_cached(profile, lex_id, lexicon):
         k = lexicon.get(m.group(2).lower().strip(".,;"))
         if k is None:
             continue
-        val = float(m.group(4)) if m.group(4) is not None else pol
+        # the polarity word sets the sign: "Dislikes X (...; strength 0.40 ...)" (an LLM synthesiser may drop
+        # the minus) is -0.40, never +0.40
+        val = pol * abs(float(m.group(4))) if m.group(4) is not None else pol
         w[k] = w.get(k, 0.0) + val  # duplicates (synonym chunks) add up: what consolidation fixes
     if len(_PW_CACHE) > 200_000:
         _PW_CACHE.clear()
@@ -414,7 +448,11 @@ def _profile_weights_cached(profile, lex_id, lexicon):
 def recovery_time(d, hit, baseline_window=(-10, -1), window: int = 5, frac: float = 0.9, d_max: int = 15):
     """Events after drift until HR@1 recovers: baseline = mean HR@1 over d in baseline_window; the
     first d >= 0 whose forward `window`-point mean (d .. d+window-1) reaches frac * baseline.
-    d, hit: (N,) per-evaluation drift offsets and hits. Censored -> d_max + 1 (never recovered)."""
+    d, hit: (N,) per-evaluation drift offsets and hits; d_max: the last offset every drifting user
+    reaches (history_len - latest drift point in the toy). Censored -> d_max + 1 (never recovered);
+    NaN if the post-drift window is shorter than `window`."""
+    if d_max < window - 1:
+        return float("nan")
     d, hit = np.asarray(d), np.asarray(hit, dtype=float)
     curve = {x: hit[d == x].mean() for x in np.unique(d)}
     base = [curve[x] for x in range(baseline_window[0], baseline_window[1] + 1) if x in curve]
@@ -515,10 +553,14 @@ class LLMRole(Role):
         self.cache_path, self.cache = cache_path, {}
         if cache_path and os.path.exists(cache_path):
             for row in common.read_jsonl(cache_path):
-                self.cache[row["key"]] = row["out"]
+                if isinstance(row, dict) and "key" in row and "out" in row:
+                    self.cache[row["key"]] = row["out"]
 
     def _key(self, inp) -> str:
-        return hashlib.sha1((self.name + "\n" + self.system + "\n" + json.dumps(inp, sort_keys=True)).encode()).hexdigest()
+        """hash(role, prompt, model, temperature, input): a reply of another model or temperature is no hit."""
+        model = str(getattr(self.llm, "name", type(self.llm).__name__))
+        head = "\n".join([self.name, self.system, model, repr(float(self.temperature))])
+        return hashlib.sha1((head + "\n" + json.dumps(inp, sort_keys=True)).encode()).hexdigest()
 
     def batch(self, inps):
         t0 = time.time()
@@ -528,10 +570,13 @@ class LLMRole(Role):
         convs = {}
         for i, x in enumerate(inps):
             if keys[i] is not None and keys[i] in self.cache:
-                outs[i] = self.validate(x, self.cache[keys[i]])
-            else:
-                convs[i] = [{"role": "system", "content": self.system},
-                            {"role": "user", "content": json.dumps(x, ensure_ascii=False)}]
+                try:
+                    outs[i] = self.validate(x, self.cache[keys[i]])
+                    continue
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    del self.cache[keys[i]]  # an invalid cached entry (edited file, older schema) is a miss
+            convs[i] = [{"role": "system", "content": self.system},
+                        {"role": "user", "content": json.dumps(x, ensure_ascii=False)}]
         for attempt in range(self.max_retries + 1):
             if not convs:
                 break
@@ -798,13 +843,23 @@ def make_roles(args, world, llm=None) -> dict:
     return roles
 
 
+PREFLIGHT = [{"role": "user", "content": 'Reply with the JSON object {}.'}]
+
+
 def make_llm(args):
-    """common.LLM over a local HF model (chat template) or an OpenAI-compatible endpoint."""
+    """common.LLM over a local HF model (chat template) or an OpenAI-compatible endpoint. An endpoint
+    gets one tiny preflight request (max_tokens 1, with --json_mode's response_format) here, before
+    main writes anything: an unreachable server or a rejected model name / key / parameter is one
+    clear error (common.EndpointError, exit 2), not a crash at the first role call of a half-written
+    run. The preflight counts as one call in summary.json's usage."""
     if args.backend == "hf":
         return common.LLM.from_hf(args.model_name_or_path, batch_size=args.batch_size, seed=args.seed_list[0])
     if args.backend == "api":
         key = os.environ.get(args.api_key_env) if args.api_key_env else None
-        return common.LLM.from_endpoint(args.api_base, args.api_model, key, max_workers=args.concurrency)
+        llm = common.LLM.from_endpoint(args.api_base, args.api_model, key, max_workers=args.concurrency)
+        kw = {"extra_body": {"response_format": {"type": "json_object"}}} if args.json_mode else {}
+        llm.chat([PREFLIGHT], n=1, temperature=0.0, max_tokens=1, **kw)  # raises EndpointError (a UserError)
+        return llm
     return None
 
 
@@ -971,6 +1026,7 @@ class World:
         return next((w for w in re.findall(r"[a-z][a-z\-]*", instruction.lower()) if w in self.lexicon), None)
 
 
+DRIFT_T = (20, 30)  # t* ~ U{20..30}: the drift point of a drifting user
 WORLD_SETTINGS = {"drift_noise": (True, True), "drift_only": (True, False), "noise_only": (False, True),
                   "clean": (False, False)}
 
@@ -1012,7 +1068,7 @@ def toy_world(args, world_name: str, seed: int) -> World:
         free = [j for j in range(n_vals) if w[j] == 0]
         w[list(rng.choice(free, size=rng.integers(1, 3), replace=False))] = -1.0
         noise = rng.normal(0, 0.1, n_items)
-        drift_t = int(rng.integers(20, 31)) if rng.random() < drift_frac else None
+        drift_t = int(rng.integers(DRIFT_T[0], DRIFT_T[1] + 1)) if rng.random() < drift_frac else None
         w2 = w.copy()
         if drift_t is not None:
             w2[g] = -0.5
@@ -1064,6 +1120,19 @@ def toy_world(args, world_name: str, seed: int) -> World:
     return World(items, users, item_tags, acc)
 
 
+def clip_text(text: str, n: int) -> str:
+    """`text` cut to at most n characters at a word boundary, with '...' (n <= 0: unchanged)."""
+    if n <= 0 or len(text) <= n:
+        return text
+    text = " ".join(text.split())
+    if len(text) <= n:
+        return text
+    cut = text[:max(1, n - 3)]
+    if " " in cut:
+        cut = cut[:cut.rfind(" ")]
+    return cut.rstrip(" ,;:.") + "..."
+
+
 def read_real_world(args, seed: int) -> World:
     """InstructRec-style jsonl: memory from history[:T-2], T-1 a warm-up target, T the test target."""
     def rows(path):
@@ -1084,20 +1153,31 @@ def read_real_world(args, seed: int) -> World:
         if not isinstance(r, dict) or "item_id" not in r or not isinstance(r.get("title"), str):
             raise UserError(f"{args.items_file}:{i}: needs item_id and title (and description)")
         iid = str(r["item_id"])
-        items[iid] = {"id": iid, "title": r["title"], "text": str(r.get("description", ""))}
+        # descriptions only go into prompts (events, candidates): long ones are cut at --max_desc_chars
+        items[iid] = {"id": iid, "title": r["title"], "text": clip_text(str(r.get("description", "")), args.max_desc_chars)}
     rng = np.random.default_rng(seed)
     users = []
     for i, r in rows(args.users_file)[:args.num_users]:
+        where = f"{args.users_file}:{i}"
         hist = r.get("history") if isinstance(r, dict) else None
         if not isinstance(hist, list) or len(hist) < 3 or "user_id" not in r:
-            raise UserError(f"{args.users_file}:{i}: needs user_id and a history of >= 3 {{item_id, rating, timestamp}}")
-        try:
-            hist = sorted(hist, key=lambda h: h.get("timestamp", 0))
-            bad = [h["item_id"] for h in hist if str(h["item_id"]) not in items]
-        except (KeyError, TypeError, AttributeError):
-            raise UserError(f"{args.users_file}:{i}: each history entry needs item_id (rating, timestamp)") from None
+            raise UserError(f"{where}: needs user_id and a history of >= 3 {{item_id, rating, timestamp}}")
+        for k, h in enumerate(hist):
+            if not isinstance(h, dict) or "item_id" not in h:
+                raise UserError(f"{where}: history entry {k} needs item_id (rating, timestamp)")
+            rt = h.get("rating")
+            if rt is not None and (isinstance(rt, bool) or not isinstance(rt, (int, float)) or not math.isfinite(rt)):
+                raise UserError(f"{where}: history entry {k} has rating {rt!r}; use a number (1-5) or null for a click")
+        ts = [h.get("timestamp") for h in hist]
+        kinds = {"missing" if x is None else "number" if isinstance(x, (int, float)) and not isinstance(x, bool)
+                 else "string" if isinstance(x, str) else type(x).__name__ for x in ts}
+        if len(kinds) > 1 or not kinds <= {"missing", "number", "string"}:
+            raise UserError(f"{where}: history timestamps mix or use unsortable types ({', '.join(sorted(kinds))}); give "
+                            f"every entry a number or every entry an ISO-8601 string (or none, for file order)")
+        hist = sorted(hist, key=lambda h: h["timestamp"]) if kinds != {"missing"} else list(hist)  # stable
+        bad = [h["item_id"] for h in hist if str(h["item_id"]) not in items]
         if bad:
-            raise UserError(f"{args.users_file}:{i}: item {bad[0]} is not in {args.items_file}")
+            raise UserError(f"{where}: item {bad[0]} is not in {args.items_file}")
         uid = str(r["user_id"])
         events = []
         for t, h in enumerate(hist):
@@ -1113,10 +1193,15 @@ def read_real_world(args, seed: int) -> World:
         for t in (n - 2, n - 1):
             pos = events[t]["item_id"]
             given = r.get("candidates") if t == n - 1 else None
+            if given is not None and not (isinstance(given, list) and all(isinstance(c, (str, int)) and
+                                                                          not isinstance(c, bool) for c in given)):
+                raise UserError(f"{where}: candidates must be a list of item ids, got {type(given).__name__}")
             if given:
                 cands = [str(c) for c in given]
                 if pos not in cands or any(c not in items for c in cands):
-                    raise UserError(f"{args.users_file}:{i}: candidates must be known items and contain the target")
+                    raise UserError(f"{where}: candidates must be known items and contain the target")
+                if len(set(cands)) != len(cands):
+                    raise UserError(f"{where}: candidates repeat an item id")
             else:
                 if len(outside) < args.num_candidates - 1:
                     raise UserError(f"{args.items_file}: too few items for {args.num_candidates} candidates")
@@ -1175,9 +1260,12 @@ def chunk_view(c: Chunk) -> dict:
             "n_for": c.n_for, "n_against": c.n_against}
 
 
-def planner_input(st: BeliefState, world: World) -> dict:
+def planner_input(st: BeliefState, world: World, novelty: str = "text") -> dict:
     """Planner input: pending events, chunks, changes since synthesis, novel tags and conflicts (the
-    latter two from the item tags where the toy has them; empty on real data)."""
+    latter two from the item tags where the toy has them; empty on real data). novelty 'text': a tag
+    is matched by a chunk with its exact text, else novel (the spec's rule; with ~5 tags per event
+    and two surface words per value nearly every check sees a novel tag); 'key': matched by any
+    chunk with the same tagger key and polarity (synonyms match), novel only if no such chunk."""
     texts = {c.text: c.id for c in st.chunks.values()}
     keys = {}
     for c in st.chunks.values():
@@ -1191,7 +1279,13 @@ def planner_input(st: BeliefState, world: World) -> dict:
             text = f"{'likes' if p > 0 else 'dislikes'} {word} ({cat})"
             opp = keys.get((key, -p), [])
             conflicts += [{"chunk_id": cid, "event_id": e["id"]} for cid in opp]
-            if text in texts:
+            if novelty == "key":
+                same = keys.get((key, p), [])
+                if same:
+                    matched += same
+                elif not opp and text not in novel:
+                    novel.append(text)
+            elif text in texts:
                 matched.append(texts[text])
             elif not opp and text not in novel:
                 novel.append(text)
@@ -1257,7 +1351,7 @@ class MarsArm:
         if not due:
             return
         if self.planned:
-            plans = self.roles["planner"].batch([planner_input(st, self.world) for st in due])
+            plans = self.roles["planner"].batch([planner_input(st, self.world, a.planner_novelty) for st in due])
             ops = [set(p["ops"]) for p in plans]
         else:
             ops = [set(OPS) for _ in due]
@@ -1355,7 +1449,11 @@ class BaselineArm:
         outs = self.roles["extractor"].batch([{"mode": "extract", "events": [event_view(e) for e in st.buffer],
                                                "chunks": []} for st in due])
         for st, out in zip(due, outs):
-            for x in out["new"]:
+            # apply statements in the order of each one's latest event, so "latest polarity wins" holds
+            # inside a batch too: the extractor groups events by statement in first-seen order, so
+            # likes X (e1, e3), dislikes X (e2) must end as "likes X" (stable: ties keep the extractor's order)
+            pos = {e["id"]: j for j, e in enumerate(st.buffer)}
+            for x in sorted(out["new"], key=lambda x: max((pos.get(e, -1) for e in x["event_ids"]), default=-1)):
                 self._update(st, x)
             st.buffer = []
 
@@ -1437,13 +1535,19 @@ def run_arm(arm, world: World, roles: dict) -> dict:
     return {"records": records, "states": states}
 
 
-def cell_metrics(records: list, n_users: int, roles: dict, states: list, arm=None) -> dict:
+def drift_window(args) -> int:
+    """d_max: the last drift offset d = t - t* that every drifting user is evaluated at (the latest
+    t* is DRIFT_T[1]; evaluations run to t = history_len). 15 for the default toy."""
+    return args.history_len - DRIFT_T[1]
+
+
+def cell_metrics(records: list, n_users: int, roles: dict, states: list, arm=None, d_max: int = 15) -> dict:
     tab = [r["rank"] for r in records if r["in_table"]]
     drift = [(r["d"], 1.0 if r["rank"] == 0 else 0.0) for r in records if r["d"] is not None]
-    rec = recovery_time([d for d, _ in drift], [h for _, h in drift]) if drift else float("nan")
+    rec = recovery_time([d for d, _ in drift], [h for _, h in drift], d_max=d_max) if drift else float("nan")
     mem_calls = sum(roles[r].stats["calls"] for r in ("planner", "extractor", "synthesiser"))
     pre = [h for d, h in drift if -10 <= d <= -1]
-    post = [h for d, h in drift if 0 <= d <= 15]
+    post = [h for d, h in drift if 0 <= d <= d_max]
     out = {"hr1": hit_rate_at_k(tab, 1), "hr3": hit_rate_at_k(tab, 3), "ndcg10": ndcg_at_k(tab, 10),
            "recovery": rec, "pre_drift_hr1": float(np.mean(pre)) if pre else float("nan"),
            "post_drift_hr1": float(np.mean(post)) if post else float("nan"), "mem_calls": mem_calls / n_users, "ranker_calls": roles["ranker"].stats["calls"] / n_users,
@@ -1468,6 +1572,7 @@ def curve(records: list, key: str = "t") -> dict:
 
 
 def mean_std(xs) -> tuple[float, float]:
+    """Mean and sample std (ddof 1) over seeds, NaN-free; DEVIATION(4): std, not a 95 % CI."""
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not xs:
         return float("nan"), float("nan")
@@ -1490,11 +1595,14 @@ def _finite(x):
     return x
 
 
-def write_table(path: str, cells: dict, worlds: list, arms: list, seeds: list, minutes: float, command: str) -> str:
+def write_table(path: str, cells: dict, worlds: list, arms: list, seeds: list, minutes: float, command: str,
+                d_max: int = 15) -> str:
+    # DEVIATION(4): mean ± std over seeds (the project's standard), not the spec's 95 % CI.
+    rec = (f"recovery = events after drift until HR@1 is back to 90 % of its pre-drift level ({d_max + 1} = not "
+           f"within {d_max} events); drifters' HR@1 before / after = mean HR@1 of drifting users at d = t - t* in "
+           f"[-10, -1] / [0, {d_max}]" if d_max >= 4 else "recovery: n/a (history too short after the drift)")
     lines = [f"# MARS toy comparison\n", f"`{command}` — seeds {','.join(map(str, seeds))}, {minutes:.1f} min, "
-             f"mean ± std over seeds; HR/NDCG at t in the table eval points; recovery = events after drift until "
-             f"HR@1 is back to 90 % of its pre-drift level (16 = not within 15 events); drifters' HR@1 before / after = "
-             f"mean HR@1 of drifting users at d = t - t* in [-10, -1] / [0, 15]; memory calls per user = "
+             f"mean ± std over seeds; HR/NDCG at t in the table eval points; {rec}; memory calls per user = "
              f"planner + extractor (incl. merge judge) + synthesiser; checks skipped = share of planner checks with no "
              f"operation.\n"]
     for w in worlds:
@@ -1575,6 +1683,7 @@ def main(args):
     out_dir = args.output_dir or os.path.join("runs", "mars", "real" if real else ("full" if args.full_table else args.world))
     if real:  # validate the data files before anything is written (bad line -> exit 2 naming it)
         read_real_world(args, args.seed_list[0])
+    llm = make_llm(args)  # before anything is written: a bad model path or an unreachable endpoint -> exit 2
     ckpt = os.path.join(out_dir, "checkpoint")
     done = {}
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "output_dir", "argv", "method", "arms",
@@ -1588,7 +1697,6 @@ def main(args):
         done = {tuple(json.loads(k)): v for k, v in state["extra"].get("cells", {}).items()}
     os.makedirs(out_dir, exist_ok=True)
     common.write_json(os.path.join(out_dir, "args.json"), vars(args))
-    llm = make_llm(args)
     model_name = "rule-based references" if llm is None else \
         f"{getattr(llm, 'name', type(llm).__name__)} ({','.join(sorted(args.llm_role_set))})"
     t0 = time.time()
@@ -1614,7 +1722,7 @@ def main(args):
                 roles = make_roles(args, world, llm)
                 arm = make_arm(a, args, world, roles, s)
                 res = run_arm(arm, world, roles)
-                m = cell_metrics(res["records"], len(world.users), roles, res["states"], arm)
+                m = cell_metrics(res["records"], len(world.users), roles, res["states"], arm, drift_window(args))
                 m["tagger_acc"] = world.tagger_acc
                 m["warmup_hr1"] = hit_rate_at_k([r["rank"] for r in res["records"] if not r["in_table"]], 1)
                 cells[(w, s, a)] = m
@@ -1635,7 +1743,8 @@ def main(args):
     bar.close()
     minutes = (time.time() - t0) / 60
     command = " ".join(["python mars.py"] + [shlex.quote(a) for a in args.argv])
-    table = write_table(os.path.join(out_dir, "table.md"), cells, worlds, args.arms, args.seed_list, minutes, command)
+    table = write_table(os.path.join(out_dir, "table.md"), cells, worlds, args.arms, args.seed_list, minutes, command,
+                        drift_window(args))
     print(table)
     plot(os.path.join(out_dir, "mars.png"), cells, curves, worlds, args.arms, args.seed_list, model_name)
     common.write_json(os.path.join(out_dir, "memories.json"), memories)

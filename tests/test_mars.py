@@ -58,6 +58,17 @@ def test_recovery_time_hand_case():
     assert M.recovery_time(d, [1.0] * 10 + [0.0] * 16) == 16.0  # censored
 
 
+def test_recovery_window_follows_history_len():
+    assert M.drift_window(M.parse_args([])) == 15  # the default toy: unchanged
+    assert M.drift_window(M.parse_args(["--history_len", "50", "--stream_len", "60"])) == 20
+    d = list(range(-10, 21))
+    hit = [1.0] * 10 + [0.0] * 14 + [1.0] * 7  # back from d = 14: found only with the longer window
+    assert M.recovery_time(d, hit, d_max=15) == 16.0  # censored at 15
+    assert M.recovery_time(d, hit, d_max=20) == 14.0
+    assert M.recovery_time(d, [1.0] * 10 + [0.0] * 21, d_max=20) == 21.0
+    assert np.isnan(M.recovery_time(list(range(-10, 3)), [1.0] * 13, d_max=2))  # no 5-event window after drift
+
+
 # ---- the six operations -------------------------------------------------------------------------
 
 
@@ -126,6 +137,23 @@ def test_opposite_polarity_never_merged():
     assert chunks["b"].m == pytest.approx(0.4 * 0.65) and chunks["a"].m == 0.6  # the weaker one weakened once
 
 
+def test_conflict_naming_a_merged_away_chunk_still_weakens_the_opposite():
+    # the judge sees the chunks before merging: a1 merges into a2 (more n_for), the conflict names a1
+    a1 = chunk(0.3, 1, 0, cid="a1", text="likes whodunit (genre)")
+    a2 = chunk(0.6, 3, 0, cid="a2", text="likes mystery (genre)")
+    b = chunk(0.4, 1, 0, pol=-1, cid="b", text="dislikes mystery (genre)")
+    chunks = {"a1": a1, "a2": a2, "b": b}
+    changed = M.consolidate(chunks, [["a1", "a2"]], conflicts=[["a1", "b"]])
+    assert set(chunks) == {"a2", "b"} and chunks["a2"].m == pytest.approx((0.3 + 3 * 0.6) / 4)
+    assert chunks["b"].m == pytest.approx(0.4 * 0.65) and chunks["b"].n_against == 1  # spec 2.4: weaker weakened
+    assert changed == 3
+    # both members named against b resolve to the same pair: one weakening step, not two
+    chunks = {"a1": chunk(0.3, 1, 0, cid="a1"), "a2": chunk(0.6, 3, 0, cid="a2", text="likes mystery (genre)"),
+              "b": chunk(0.4, 1, 0, pol=-1, cid="b", text="dislikes mystery (genre)")}
+    M.consolidate(chunks, [["a1", "a2"]], conflicts=[["a1", "b"], ["a2", "b"]])
+    assert chunks["b"].m == pytest.approx(0.4 * 0.65)
+
+
 def test_strength_stays_bounded():
     rng = random.Random(0)
     c = chunk(0.3)
@@ -147,6 +175,9 @@ def test_resynthesis_lines_and_profile_weights():
     assert M.profile_weights(prof, w.lexicon) == {"genre=mystery": 0.61, "tone=dark": -0.4}
     # synonym duplicates add up (what consolidation removes)
     assert M.profile_weights("Likes whodunit (genre).\nLikes mystery (genre).", w.lexicon) == {"genre=mystery": 2.0}
+    # the polarity word sets the sign, whatever sign the strength carries (an LLM may drop or flip it)
+    assert M.profile_weights("Dislikes grim (tone; strength 0.40; 2 for, 0 against).", w.lexicon) == {"tone=dark": -0.4}
+    assert M.profile_weights("Likes grim (tone; strength -0.30; 2 for, 0 against).", w.lexicon) == {"tone=dark": 0.3}
 
 
 def test_belief_state_json_round_trip():
@@ -174,6 +205,51 @@ def test_planner_reference_skips_consistent_and_extracts_on_conflict():
     ops = M.ref_planner(conflict, args)["ops"]
     assert {"extract", "reinforce", "weaken", "forget", "synthesize"} <= set(ops)
     assert M.ref_planner(dict(base, pending=[{"id": "e3", "title": "z", "tags": [], "polarity": None}]), args)["ops"] == []
+
+
+def test_planner_novelty_text_vs_key():
+    """A pending 'whodunit' item against a strong 'likes mystery' chunk: by text the tag is novel
+    (the reference extracts); by tagger key it matches the chunk (the reference skips)."""
+    args = small_args()
+    world = M.World({"i1": {"id": "i1", "title": "T", "text": "a whodunit"}}, [],
+                    item_tags={"i1": [("genre=mystery", "genre", "whodunit")]})
+    st = M.BeliefState(15)
+    st.chunks["c0"] = chunk(0.9, 8, 0, cid="c0", text="likes mystery (genre)")
+    st.pending = [{"id": "u0-e5", "item_id": "i1", "title": "T", "text": "a whodunit", "polarity": 1}]
+    by_text, by_key = M.planner_input(st, world), M.planner_input(st, world, "key")
+    assert by_text["novel_tags"] == ["likes whodunit (genre)"] and by_text["matched"] == []
+    assert by_key["novel_tags"] == [] and by_key["matched"] == ["c0"] and by_key["conflicts"] == []
+    assert M.ref_planner(by_text, args)["ops"][:3] == ["extract", "reinforce", "weaken"]
+    assert M.ref_planner(by_key, args)["ops"] == []
+    st.chunks["c0"].m = 0.5  # a weak matching chunk: not consistent, so key mode runs the operations too
+    assert M.ref_planner(M.planner_input(st, world, "key"), args)["ops"]
+    st.pending[0]["polarity"] = -1  # a conflict is a conflict in both modes
+    assert M.planner_input(st, world, "key")["conflicts"] == [{"chunk_id": "c0", "event_id": "u0-e5"}]
+    assert small_args("--planner_novelty", "key").planner_novelty == "key"
+
+
+def test_mem0_latest_polarity_wins_inside_a_batch():
+    """e1 likes X, e2 dislikes X, e3 likes X in one mem0 batch ends as 'likes X' (the extractor lists
+    'likes X' first, with e1 and e3: statements are applied in the order of their latest event)."""
+    args = small_args()
+    tags = [("genre=mystery", "genre", "whodunit")]
+    items = {f"i{k}": {"id": f"i{k}", "title": f"T{k}", "text": "a whodunit"} for k in range(3)}
+    world = M.World(items, [], item_tags={k: tags for k in items})
+    roles = M.make_roles(args, world)
+    arm = M.make_arm("mem0", args, world, roles)
+    st = arm.new_state()
+    for t, pol in enumerate([1, -1, 1]):
+        e = {"id": f"u0-e{t}", "user": "u0", "item_id": f"i{t}", "title": f"T{t}", "text": "a whodunit",
+             "action": "rate", "rating": 5 if pol > 0 else 1, "polarity": pol, "t": t, "kind": "choice"}
+        arm.ingest([(st, e)])
+    assert roles["extractor"].stats["calls"] == 1  # one batch of --mem0_every 3 events
+    assert [f["polarity"] for f in st.facts.values()] == [1]
+    assert arm.profile(st) == "Likes whodunit (genre)."
+    st2 = arm.new_state()  # and the other way round: likes, likes, dislikes -> dislikes
+    for t, pol in enumerate([1, 1, -1]):
+        arm.ingest([(st2, {"id": f"u1-e{t}", "user": "u1", "item_id": f"i{t}", "title": f"T{t}", "text": "",
+                           "action": "rate", "rating": 5 if pol > 0 else 1, "polarity": pol, "t": t, "kind": "choice"})])
+    assert arm.profile(st2) == "Dislikes whodunit (genre)."
 
 
 def test_validators_reject_unknown_ops_and_ids():
@@ -250,6 +326,32 @@ def test_reply_cache_answers_repeated_inputs(tmp_path):
     assert again(RANK_INP)["ranking"] == ["i3", "i2", "i1"] and again.stats["requests"] == 0
 
 
+def test_reply_cache_key_has_model_and_temperature_and_bad_entries_miss(tmp_path):
+    path = str(tmp_path / "cache.jsonl")
+    mk = lambda llm, temp=0.0: M.LLMRole("ranker", llm, M.RANKER_PROMPT, M.validate_ranker,  # noqa: E731
+                                         M.FALLBACK["ranker"], temperature=temp, cache_path=path)
+    first = mk(ScriptedLLM(['{"ranking": ["i3", "i2", "i1"]}']))
+    assert first(RANK_INP)["ranking"] == ["i3", "i2", "i1"]
+    hot = mk(ScriptedLLM(['{"ranking": ["i1", "i2", "i3"]}']), temp=0.7)  # another temperature: no hit
+    assert hot(RANK_INP)["ranking"] == ["i1", "i2", "i3"] and hot.stats["requests"] == 1
+    other = ScriptedLLM(['{"ranking": ["i2", "i3", "i1"]}'])
+    other.name = "another-model"  # another model: no hit
+    role = mk(other)
+    assert role(RANK_INP)["ranking"] == ["i2", "i3", "i1"] and role.stats["requests"] == 1
+    # an invalid cached entry (edited file, older schema, another candidate set) is a miss, not a crash
+    bad_path = str(tmp_path / "bad.jsonl")
+    probe = M.LLMRole("ranker", ScriptedLLM(["x"]), M.RANKER_PROMPT, M.validate_ranker, M.FALLBACK["ranker"],
+                      cache_path=bad_path)
+    with open(bad_path, "w") as f:
+        f.write(json.dumps({"key": probe._key(RANK_INP), "out": {"ranking": ["i9"]}}) + "\n")
+        f.write(json.dumps({"key": "no-out"}) + "\n")
+        f.write(json.dumps({"key": probe._key(dict(RANK_INP, instruction="x")), "out": "not a dict"}) + "\n")
+    role = M.LLMRole("ranker", ScriptedLLM(['{"ranking": ["i1", "i3", "i2"]}']), M.RANKER_PROMPT, M.validate_ranker,
+                     M.FALLBACK["ranker"], cache_path=bad_path)
+    assert role(RANK_INP)["ranking"] == ["i1", "i3", "i2"] and role.stats["requests"] == 1
+    assert role(dict(RANK_INP, instruction="x"))["ranking"] == ["i1", "i3", "i2"] and role.stats["malformed"] == 0
+
+
 def test_missing_target_is_a_miss_in_the_rollout():
     args = small_args("--backend", "api", "--api_model", "x", "--llm_roles", "ranker")
     world = M.toy_world(args, "clean", 0)
@@ -307,11 +409,16 @@ class RefOracleLLM:
         refs = M.make_roles(args, world)
         self.by_prompt = {M.PROMPTS[r]: refs[r].fn for r in M.ROLES}
         self.usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.last_finish_reasons = []  # what common.serve_openai reports as finish_reason
 
     def chat(self, convs, n=1, **kw):
         out = []
+        self.last_finish_reasons = [["stop"] * n for _ in convs]
         for conv in convs:
-            fn = self.by_prompt[conv[0]["content"]]
+            fn = self.by_prompt.get(conv[0]["content"])
+            if fn is None:  # mars.make_llm's preflight request (no role prompt)
+                out.append(["{}"] * n)
+                continue
             out.append([json.dumps(fn(json.loads(conv[1]["content"])))] * n)
         self.usage["calls"] += len(convs)
         return out
@@ -333,6 +440,43 @@ def test_endpoint_with_reference_replies_reproduces_ref_run(tmp_path):
             assert api["table"]["drift_noise"][arm][k] == ref["table"]["drift_noise"][arm][k], (arm, k)
         assert api["table"]["drift_noise"][arm]["malformed"][0] == 0
     assert api["llm"]["usage"]["calls"] > 0
+
+
+def _closed_port_url():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_unreachable_endpoint_fails_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(C.time, "sleep", lambda s: None)  # skip ChatClient's backoff waits
+    out = tmp_path / "o"
+    args = M.parse_args(SMALL + ["--method", "recency", "--backend", "api", "--api_base", _closed_port_url(),
+                                 "--api_model", "m", "--output_dir", str(out)])
+    with pytest.raises(C.UserError, match="failed after .* tries.*start the server"):  # one line + exit 2
+        M.main(args)
+    assert not out.exists()  # no args.json, metrics.jsonl or checkpoint of a run that cannot start
+
+
+def test_preflight_is_one_tiny_request():
+    seen = []
+
+    class Stub:
+        usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+        def chat(self, convs, n=1, **kw):
+            seen.append((convs, kw))
+            return [["{}"]] * len(convs)
+
+    import unittest.mock as mock
+    args = small_args("--backend", "api", "--api_model", "m", "--json_mode")
+    with mock.patch.object(C.LLM, "from_endpoint", lambda *a, **k: Stub()):
+        M.make_llm(args)
+    (convs, kw), = seen
+    assert len(convs) == 1 and kw["max_tokens"] == 1 and kw["extra_body"]["response_format"]["type"] == "json_object"
 
 
 def test_tiny_hf_model_end_to_end(tmp_path):
@@ -426,6 +570,61 @@ def test_bad_data_line_names_it_and_writes_nothing(tmp_path):
         M.main(M.parse_args(["--items_file", items, "--users_file", users, "--backend", "api", "--api_model", "x",
                              "--output_dir", str(tmp_path / "o")]))
     assert not os.path.exists(tmp_path / "o")
+
+
+def _real_args(items, users, *extra):
+    return M.parse_args(["--items_file", items, "--users_file", users, "--backend", "api", "--api_model", "x"]
+                        + list(extra))
+
+
+@pytest.mark.parametrize("change, msg", [
+    (lambda u: u["history"][1].update(rating="five"), r"users.jsonl:2: history entry 1 has rating 'five'"),
+    (lambda u: u["history"][0].update(rating=True), r"users.jsonl:2: history entry 0 has rating True"),
+    (lambda u: u["history"][2].update(timestamp="2021-01-01"), r"users.jsonl:2: history timestamps mix"),
+    (lambda u: u["history"][2].pop("timestamp"), r"users.jsonl:2: history timestamps mix"),
+    (lambda u: u.update(candidates="b8"), r"users.jsonl:2: candidates must be a list of item ids"),
+    (lambda u: u.update(candidates={"a": 1}), r"users.jsonl:2: candidates must be a list"),
+    (lambda u: u["history"].__setitem__(1, "b8"), r"users.jsonl:2: history entry 1 needs item_id"),
+])
+def test_bad_user_rows_name_file_and_line(tmp_path, change, msg):
+    items, users = write_real(tmp_path)
+    rows = [json.loads(line) for line in open(users)]
+    change(rows[1])
+    open(users, "w").write("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(C.UserError, match=msg):
+        M.read_real_world(_real_args(items, users), 0)
+    with pytest.raises(C.UserError, match=msg):  # main checks before writing anything
+        M.main(_real_args(items, users, "--output_dir", str(tmp_path / "o")))
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_real_timestamps_and_candidates_accepted(tmp_path):
+    items, users = write_real(tmp_path)
+    rows = [json.loads(line) for line in open(users)]
+    for k, h in enumerate(rows[0]["history"]):  # ISO strings sort; given in reverse order
+        h["timestamp"] = f"2021-01-0{9 - k}"
+    for h in rows[1]["history"]:  # no timestamps: file order
+        h.pop("timestamp")
+    rows[1]["candidates"] = [rows[1]["history"][-1]["item_id"], "b0", "b1", "b2"]
+    open(users, "w").write("\n".join(json.dumps(r) for r in rows) + "\n")
+    w = M.read_real_world(_real_args(items, users), 0)
+    assert [e["item_id"] for e in w.users[0].events] == [f"b{k}" for k in range(5, -1, -1)]
+    assert [e["item_id"] for e in w.users[1].events] == [f"b{7 + k}" for k in range(6)]
+    assert sorted(w.users[1].evals[1][2]) == sorted(rows[1]["candidates"])
+
+
+def test_real_descriptions_are_capped_in_prompts(tmp_path):
+    items, users = write_real(tmp_path)
+    rows = [json.loads(line) for line in open(items)]
+    rows[7]["description"] = "word " * 400
+    open(items, "w").write("\n".join(json.dumps(r) for r in rows) + "\n")
+    w = M.read_real_world(_real_args(items, users), 0)
+    assert len(w.items["b7"]["text"]) <= 300 and w.items["b7"]["text"].endswith("...")
+    assert w.items["b8"]["text"] == "a novel"  # short ones untouched
+    u = w.users[1]  # b7 is user 1's first event and reaches prompts through event_view / ranker_input
+    assert len(M.event_view(u.events[0])["text"]) <= 300
+    assert len(M.read_real_world(_real_args(items, users, "--max_desc_chars", "0"), 0).items["b7"]["text"]) == 2000
+    assert M.clip_text("alpha beta gamma", 12) == "alpha..." and M.clip_text("short", 300) == "short"
 
 
 def test_bad_flags_raise_user_error():
