@@ -83,10 +83,16 @@ def pick_device(name: str | None = None) -> torch.device:
     if name:
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", _local_cuda_index())
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _local_cuda_index() -> int:
+    """This rank's GPU: LOCAL_RANK modulo the visible GPUs (a node launched with more ranks than
+    GPUs, or with CUDA_VISIBLE_DEVICES narrowed per rank, still gets a valid index)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
 
 
 def set_cpu_threads(n: int | None = None) -> None:
@@ -99,9 +105,18 @@ def set_cpu_threads(n: int | None = None) -> None:
 def autocast(device: torch.device | str):
     """bf16 autocast on CUDA GPUs that support it; a no-op elsewhere (CPU runs stay fp32)."""
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and _bf16_native():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _bf16_native() -> bool:
+    """bf16 in hardware (Ampere+). torch's plain is_bf16_supported() also says yes on older GPUs
+    that only emulate bf16 (slowly), where fp32 is the better choice."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch has no including_emulation keyword
+        return torch.cuda.is_bf16_supported()
 
 
 def ddp_setup(timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
@@ -121,7 +136,7 @@ def ddp_setup(timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", _local_cuda_index())
         torch.cuda.set_device(device)
         backend = "cpu:gloo,cuda:nccl"
     else:
@@ -197,6 +212,8 @@ def load_lm(name_or_path: str, dtype: torch.dtype | str | None = None, device: t
 
     name_or_path = str(name_or_path)
     check_model_path(name_or_path)
+    if name_or_path.startswith("~"):  # from_pretrained does not expand it (it would read "~/x" as a hub id)
+        name_or_path = os.path.expanduser(name_or_path)
     if isinstance(dtype, str):
         dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
                  "fp32": torch.float32, "float32": torch.float32, "auto": "auto"}[dtype]
@@ -267,27 +284,43 @@ def tiny_lm(n_layer: int = 2, d_model: int = 64, n_head: int = 4, tokenizer: str
     return model, tok
 
 
+def _leading(ids: Sequence[int], tid: int) -> int:
+    n = 0
+    while n < len(ids) and ids[n] == tid:
+        n += 1
+    return n
+
+
 def _encode_texts(tok, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of prompts with the tokenizer's own special tokens (a BOS where it wants one),
     minus a trailing EOS that some tokenizers (T5/ByT5) append: a prompt must not end the text.
-    One batched tokenizer call (the same ids as one call per text, with less per-call overhead)."""
+    One batched tokenizer call (the same ids as one call per text, with less per-call overhead).
+
+    A text that already starts with the BOS string (a rendered chat template: Llama-3, Gemma) gets
+    no second BOS from the tokenizer: a doubled BOS is off the model's training distribution."""
     texts = list(texts)
     rows = tok(texts)["input_ids"] if texts else []
     eos = tok.eos_token_id
+    bos, bos_id = getattr(tok, "bos_token", None), getattr(tok, "bos_token_id", None)
     for i, (ids, text) in enumerate(zip(rows, texts)):
         if ids and eos is not None and ids[-1] == eos and not (tok.eos_token and text.endswith(tok.eos_token)):
-            rows[i] = ids[:-1]
+            ids = rows[i] = ids[:-1]
+        if bos and bos_id is not None and text.startswith(bos) and ids[:2] == [bos_id, bos_id]:
+            # drop only the BOS the tokenizer added (more leading BOS than the text itself has)
+            extra = _leading(ids, bos_id) - _leading(tok(text, add_special_tokens=False)["input_ids"], bos_id)
+            rows[i] = ids[max(0, extra):]
     return rows
 
 
 def encode_prompts(tok, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (input_ids, attention_mask) for a batch of prompts (no EOS appended)."""
+    """Left-padded (input_ids, attention_mask) for a batch of prompts (no EOS appended); no
+    prompts give two empty (0, 1) tensors."""
     return left_pad(_encode_texts(tok, prompts), tok.pad_token_id, device)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists -> left-padded (input_ids, attention_mask)."""
-    L = max(1, max(len(r) for r in rows))
+    """Token-id lists -> left-padded (input_ids, attention_mask); (0, 1) tensors for no rows."""
+    L = max(1, max((len(r) for r in rows), default=0))
     ids = np.full((len(rows), L), pad_id, dtype=np.int64)  # filled in numpy: one tensor op, not one per row
     mask = np.zeros((len(rows), L), dtype=np.int64)
     for i, r in enumerate(rows):
@@ -297,22 +330,29 @@ def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
     return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
-def encode_pairs(tok, prompts: Sequence[str], responses: Sequence[str], add_eos: bool = True, device=None,
-                 max_response_tokens: int | None = None):
+def encode_pairs(tok, prompts: Sequence[str], responses: Sequence[str], add_eos: bool | Sequence[bool] = True,
+                 device=None, max_response_tokens: int | None = None):
     """Tokenise (prompt, response) pairs for teacher forcing.
 
     Returns (input_ids, attention_mask, response_mask), each (B, L), left-padded. response_mask is
     1 on the response tokens (and the EOS that ends them), the tokens a loss should score.
     The response is tokenised on its own and appended to the prompt ids, so the prompt tokens are
     exactly those that `generate` would have seen.
+
+    add_eos: one bool for all rows, or one per row (e.g. False where an endpoint's finish_reason
+    was "length": a response cut at max_tokens did not end, and training an EOS there would teach
+    the model to stop mid-answer). A row cut by `max_response_tokens` never gets an EOS.
     """
     rows, resp_lens = [], []
     responses = list(responses)
     r_rows = tok(responses, add_special_tokens=False)["input_ids"] if responses else []
-    for p_ids, r_ids in zip(_encode_texts(tok, prompts), r_rows):
-        if max_response_tokens is not None:
-            r_ids = r_ids[:max_response_tokens]
-        if add_eos and tok.eos_token_id is not None:
+    eos_rows = [bool(add_eos)] * len(responses) if np.ndim(add_eos) == 0 else [bool(e) for e in add_eos]
+    if len(eos_rows) != len(responses):
+        raise ValueError(f"add_eos has {len(eos_rows)} entries for {len(responses)} responses")
+    for p_ids, r_ids, eos_row in zip(_encode_texts(tok, prompts), r_rows, eos_rows):
+        if max_response_tokens is not None and len(r_ids) > max_response_tokens:
+            r_ids, eos_row = r_ids[:max_response_tokens], False
+        if eos_row and tok.eos_token_id is not None:
             r_ids = r_ids + [tok.eos_token_id]
         rows.append(p_ids + r_ids)
         resp_lens.append(len(r_ids))
@@ -343,7 +383,8 @@ class Generation:
     response_ids (B, T); response_mask (B, T) 1 on generated tokens up to and including EOS;
     logprobs (B, T) log pi(y_t | x, y_<t) under the model at temperature 1 (no top-p), fp32,
     0 where masked; entropy (B, T) full-vocabulary entropy of the same distribution, or None;
-    texts: decoded responses without special tokens.
+    texts: decoded responses without special tokens; finish_reasons: per row "stop" (ended at a
+    stop id or stop string) or "length" (cut at max_new_tokens), as OpenAI's finish_reason.
     """
     sequences: torch.Tensor
     attention_mask: torch.Tensor
@@ -353,6 +394,7 @@ class Generation:
     logprobs: torch.Tensor
     entropy: torch.Tensor | None
     texts: list[str]
+    finish_reasons: list[str] | None = None
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -370,6 +412,30 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 
 
 _COMPILED_DECODE: dict = {}
+
+
+def _stop_ids(model, tok) -> list[int]:
+    """Ids that end a row: the tokenizer's EOS and every id of the model's
+    generation_config.eos_token_id (an int or a list: Llama-3 instruct ends turns with <|eot_id|>,
+    which is not tok.eos_token), as HF generate does."""
+    ids = [tok.eos_token_id]
+    gc_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += list(gc_eos) if isinstance(gc_eos, (list, tuple)) else [gc_eos]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator on `device` for sampling there. A generator already on that device is used as
+    is; one elsewhere (a CPU generator from seed_everything on a CUDA run) seeds, with one draw, a
+    fresh generator on the device, so the same seed still gives the same tokens and no step copies
+    the (B, V) logits to the host."""
+    if generator is None:
+        return None
+    gd = generator.device
+    if gd.type == device.type and (gd.index is None or device.index is None or gd.index == device.index):
+        return generator
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=gd))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _cache_kw(model) -> str:
@@ -396,10 +462,13 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
     """Batched sampling with a KV cache.
 
     Prompts are given as text (`prompts`) or as left-padded ids (`input_ids`, `attention_mask`).
-    `generator` makes sampling reproducible (same seed -> same tokens on the same device).
+    `generator` makes sampling reproducible (same seed -> same tokens on the same device); a CPU
+    generator with a CUDA model seeds a CUDA generator from one draw (sampling stays on the GPU).
     On CUDA, by default, a static KV cache and a `torch.compile(mode="reduce-overhead")` decode step
-    (fixed shapes -> CUDA graphs); elsewhere a dynamic cache. Rows stop at EOS (or at any of
-    `stop_strings`, checked on the decoded text); the loop ends when every row has stopped.
+    (fixed shapes -> CUDA graphs); elsewhere a dynamic cache. Rows stop at a stop id (tok.eos_token_id
+    or any id of model.generation_config.eos_token_id, e.g. Llama-3's <|eot_id|>), that token
+    included in response_mask, or at any of `stop_strings`, checked on the decoded text; the loop
+    ends when every row has stopped. `finish_reasons` says which rows ran out of max_new_tokens.
     """
     device = next(model.parameters()).device
     if input_ids is None:
@@ -414,7 +483,9 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
     B, P = input_ids.shape
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
-    gen_on = generator.device if generator is not None else device
+    stop_ids = _stop_ids(model, tok)
+    stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    generator = _device_generator(generator, device)
     was_training = model.training
     model.eval()
 
@@ -444,15 +515,15 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
     texts_so_far = [""] * B if stop_strings else None
     for t in range(max_new_tokens):
         logp_all = torch.log_softmax(logits, dim=-1)  # (B, V), temperature-1 distribution
-        nxt = _sample(logits.to(gen_on), temperature, top_p, generator).to(device)
+        nxt = _sample(logits, temperature, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         tokens.append(nxt)
         logps.append(logp_all.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(finished, 0.0))
         if return_entropy:
             ents.append((-(logp_all.exp() * logp_all).sum(-1)).masked_fill(finished, 0.0))
         alive.append(~finished)
-        if eos is not None:
-            finished = finished | (nxt == eos)
+        if stop_ids:  # a row ends at whichever stop id comes first (that token is kept and scored)
+            finished = finished | torch.isin(nxt, stop_t)
         if stop_strings:
             for i in range(B):
                 if not finished[i]:
@@ -483,7 +554,8 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
             cut = [s.find(x) + len(x) for x in stop_strings if x in s]
             texts[i] = s[: min(cut)] if cut else s
     return Generation(sequences=seq, attention_mask=attn, prompt_len=P, response_ids=resp, response_mask=resp_mask,
-                      logprobs=torch.stack(logps, 1), entropy=torch.stack(ents, 1) if return_entropy else None, texts=texts)
+                      logprobs=torch.stack(logps, 1), entropy=torch.stack(ents, 1) if return_entropy else None, texts=texts,
+                      finish_reasons=["stop" if f else "length" for f in finished.tolist()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,13 +573,30 @@ def _backbone_and_head(model):
 
 
 def _head_logits(model, head, h: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()
+    """(..., d) hidden states -> (..., V) fp32 logits, with the model's own logit post-processing.
+
+    The head runs outside autocast: with fp32 weights (the trainable policy) in fp32, not in bf16
+    (bf16 keeps 8 significant bits: a logit near 20 is rounded by up to 0.06, and so is every
+    log-prob); with bf16 weights (a frozen model loaded in bf16) in that dtype, as the model's own
+    forward does, then cast to fp32 (a fp32 copy of the (V, d) head for every slice would cost
+    more memory than the slicing saves)."""
+    w = getattr(head, "weight", None)
+    dt = w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(torch.autocast(h.device.type, enabled=False))
+        except RuntimeError:  # a device type autocast does not know (meta, ...)
+            pass
+        logits = head(h.to(dt)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2 style soft-capping
     if cap:
         logits = torch.tanh(logits / cap) * cap
     scale = getattr(model.config, "logit_scale", None)  # Cohere style scaling
     if scale and not cap:
         logits = logits * scale
+    div = getattr(model.config, "logits_scaling", None)  # Granite: logits / logits_scaling
+    if div and div != 1:
+        logits = logits / div
     return logits
 
 
@@ -690,11 +779,14 @@ def toy_corpus(n: int = 2000, seed: int = 0) -> list[str]:
 
 
 _BOXED = re.compile(r"\\boxed\{")
+# The number after an '=': sign, digits with thousands separators, decimals ("x = -1,234.5").
+_EQ_NUMBER = re.compile(r"=\s*(-?\d[\d,]*(?:\.\d+)?)")
 
 
 def extract_answer(text: str) -> str | None:
     """The final answer of a response: the content of the last \\boxed{...} if there is one (real
-    math data), else the number after the last '=' (toy world). None when there is no answer."""
+    math data), else the number after the last '=' (toy world; decimals kept, thousands separators
+    dropped: "x = 1,234.5" -> "1234.5"). None when there is no answer."""
     m = list(_BOXED.finditer(text))
     if m:
         i, depth, j = m[-1].end(), 1, m[-1].end()
@@ -702,21 +794,28 @@ def extract_answer(text: str) -> str | None:
             depth += {"{": 1, "}": -1}.get(text[j], 0)
             j += 1
         return text[i:j - 1].strip() if depth == 0 else None
-    m = re.findall(r"=\s*(-?\d+)", text)
-    return m[-1] if m else None
+    m = _EQ_NUMBER.findall(text)
+    return m[-1].replace(",", "") if m else None
+
+
+def _as_number(s: str) -> float | None:
+    try:
+        return float(s.replace(",", "").strip())
+    except ValueError:
+        return None
 
 
 def is_correct(text: str, answer) -> bool:
+    """The extracted answer equals `answer` as a number when both read as numbers ("3.50" == 3.5,
+    "1,000" == 1000), else as a string."""
     got = extract_answer(text)
     if got is None:
         return False
     want = str(answer).strip()
-    if got == want:
-        return True
-    try:
-        return float(got.replace(",", "")) == float(want.replace(",", ""))
-    except ValueError:
-        return False
+    a, b = _as_number(got), _as_number(want)
+    if a is not None and b is not None:
+        return a == b
+    return got == want
 
 
 @torch.no_grad()
@@ -1093,13 +1192,20 @@ class ChatClient:
     Stdlib HTTP only. Timeouts; retries with exponential backoff on 429, 5xx and connection errors
     (honouring Retry-After); after `max_retries` one EndpointError that names the URL and the fix.
     A 200 answer that is not the expected JSON is retried too (some servers glitch), then raised.
+    A server that answers fewer than `n` choices (Ollama ignores `n`) is asked again for the
+    missing ones, so `chat` / `complete` always return exactly n texts.
     `usage` counts calls, retries and tokens (as the server reports them).
+
+    base_url: "http://host:8000" gets "/v1" appended; a URL with a path is used as given
+    ("http://host:8000/v1", "https://generativelanguage.googleapis.com/v1beta/openai").
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
                  max_retries: int = 4, backoff: float = 1.0):
+        import urllib.parse
+
         self.base_url = base_url.rstrip("/")
-        if not self.base_url.endswith("/v1"):
+        if urllib.parse.urlsplit(self.base_url).path in ("", "/"):
             self.base_url += "/v1"
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.max_retries, self.backoff = max_retries, backoff
@@ -1150,37 +1256,59 @@ class ChatClient:
         raise EndpointError(f"endpoint {url} failed after {self.max_retries + 1} tries ({last}); start the server "
                             f"(e.g. vllm serve {self.model}) or pass the right --*_api_base")
 
+    def _n_choices(self, route: str, payload: dict, n: int, read: Callable[[dict], str], what: str):
+        """Exactly n (text, finish_reason) pairs: the missing ones are asked for again with
+        n = missing (with seed + k when a seed is set, so a top-up is not a replay of the same
+        samples). Each answer has >= 1 choice (_post checks), so n requests always suffice; a server
+        still short after them raises one EndpointError."""
+        texts, reasons = [], []
+        for _ in range(max(1, n)):
+            if len(texts) >= n:
+                break
+            p = dict(payload, n=n - len(texts))
+            if texts and payload.get("seed") is not None:
+                p["seed"] = payload["seed"] + len(texts)
+            out = self._post(route, p)
+            try:
+                for c in sorted(out["choices"], key=lambda c: c.get("index", 0)):
+                    texts.append(read(c) or "")
+                    reasons.append(c.get("finish_reason"))
+            except (KeyError, TypeError, AttributeError):
+                raise EndpointError(f"{self.base_url}/{route} answered without {what}") from None
+        if len(texts) < n:
+            raise EndpointError(f"{self.base_url}/{route} returned {len(texts)} of n={n} choices after {n} requests")
+        return texts[:n], reasons[:n]
+
     def chat(self, messages: list[dict], n: int = 1, temperature: float = 1.0, max_tokens: int = 256,
              top_p: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
-             extra_body: dict | None = None) -> list[str]:
+             extra_body: dict | None = None, return_finish: bool = False):
         """n sampled assistant replies to one conversation (/v1/chat/completions). `extra_body` is
-        merged into the request (e.g. {"response_format": {"type": "json_object"}})."""
+        merged into the request (e.g. {"response_format": {"type": "json_object"}}).
+        Returns [str] * n; with return_finish, ([str] * n, [finish_reason] * n) ("stop", "length"
+        where max_tokens cut the reply, or None where the server gives none)."""
         payload = {"model": self.model, "messages": messages, "n": n, "temperature": temperature,
                    "max_tokens": max_tokens, "top_p": top_p, **(extra_body or {})}
         if stop:
             payload["stop"] = list(stop)
         if seed is not None:
             payload["seed"] = seed
-        out = self._post("chat/completions", payload)
-        try:
-            return [c["message"]["content"] or "" for c in sorted(out["choices"], key=lambda c: c.get("index", 0))]
-        except (KeyError, TypeError):
-            raise EndpointError(f"{self.base_url}/chat/completions answered without choices[].message.content") from None
+        texts, reasons = self._n_choices("chat/completions", payload, n, lambda c: c["message"]["content"],
+                                         "choices[].message.content")
+        return (texts, reasons) if return_finish else texts
 
     def complete(self, prompt: str, n: int = 1, temperature: float = 1.0, max_tokens: int = 256, top_p: float = 1.0,
-                 stop: Sequence[str] | None = None, seed: int | None = None, extra_body: dict | None = None) -> list[str]:
-        """n sampled raw continuations of a text prompt (/v1/completions; no chat template)."""
+                 stop: Sequence[str] | None = None, seed: int | None = None, extra_body: dict | None = None,
+                 return_finish: bool = False):
+        """n sampled raw continuations of a text prompt (/v1/completions; no chat template).
+        Returns [str] * n; with return_finish, also the n finish reasons (as `chat`)."""
         payload = {"model": self.model, "prompt": prompt, "n": n, "temperature": temperature,
                    "max_tokens": max_tokens, "top_p": top_p, **(extra_body or {})}
         if stop:
             payload["stop"] = list(stop)
         if seed is not None:
             payload["seed"] = seed
-        out = self._post("completions", payload)
-        try:
-            return [c["text"] or "" for c in sorted(out["choices"], key=lambda c: c.get("index", 0))]
-        except (KeyError, TypeError):
-            raise EndpointError(f"{self.base_url}/completions answered without choices[].text") from None
+        texts, reasons = self._n_choices("completions", payload, n, lambda c: c["text"], "choices[].text")
+        return (texts, reasons) if return_finish else texts
 
 
 class LLM:
@@ -1194,6 +1322,10 @@ class LLM:
     A caller gets text only: nothing here exposes logits, which is what "black-box" means for the
     methods that use it. Local chat uses the tokenizer's chat template when it has one, else a plain
     "role: content" rendering. `usage` counts calls and tokens for summary.json.
+
+    Finish reasons: after each call `last_finish_reasons` holds, shaped like its result, "stop" or
+    "length" per text ("length": cut at max_tokens, not an ended reply: pass
+    add_eos=[r != "length" ...] to encode_pairs); `return_finish=True` returns (texts, reasons).
     """
 
     def __init__(self, model=None, tokenizer=None, client: ChatClient | None = None, batch_size: int = 64,
@@ -1204,6 +1336,7 @@ class LLM:
         self.batch_size, self.max_workers = batch_size, max_workers
         self._gen = torch.Generator(device=next(model.parameters()).device if model is not None else "cpu").manual_seed(seed)
         self.usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.last_finish_reasons: list[list[str | None]] = []
 
     @classmethod
     def from_hf(cls, name_or_path: str, dtype=None, device=None, **kw) -> "LLM":
@@ -1237,44 +1370,54 @@ class LLM:
     def _local(self, texts: list[str], n: int, temperature: float, max_tokens: int, top_p: float,
                stop: Sequence[str] | None) -> list[list[str]]:
         flat = [t for t in texts for _ in range(n)]
-        outs = []
+        outs, reasons = [], []
         for i in range(0, len(flat), self.batch_size):
             g = generate(self._model, self._tok, flat[i:i + self.batch_size], max_new_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, generator=self._gen, stop_strings=tuple(stop or ()))
             outs += g.texts
+            reasons += g.finish_reasons
             self.usage["completion_tokens"] += int(g.response_mask.sum())
             self.usage["prompt_tokens"] += int(g.attention_mask[:, :g.prompt_len].sum())
         self.usage["calls"] += len(texts)
+        self.last_finish_reasons = [reasons[j * n:(j + 1) * n] for j in range(len(texts))]
         return [outs[j * n:(j + 1) * n] for j in range(len(texts))]
 
     def _remote(self, fn, items, **kw) -> list[list[str]]:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=self.max_workers) as ex:  # concurrent requests, order kept
-            res = list(ex.map(lambda x: fn(x, **kw), items))
+            res = list(ex.map(lambda x: fn(x, return_finish=True, **kw), items))
         for k in self.usage:
             self.usage[k] = self.client.usage.get(k, 0)
-        return res
+        self.last_finish_reasons = [r for _, r in res]
+        return [t for t, _ in res]
 
     def complete(self, prompts: Sequence[str], n: int = 1, temperature: float = 1.0, max_tokens: int = 256,
-                 top_p: float = 1.0, stop: Sequence[str] | None = None, extra_body: dict | None = None) -> list[list[str]]:
-        """n raw continuations for each prompt (no chat template). `extra_body` goes to endpoints only."""
+                 top_p: float = 1.0, stop: Sequence[str] | None = None, extra_body: dict | None = None,
+                 return_finish: bool = False):
+        """n raw continuations for each prompt (no chat template). `extra_body` goes to endpoints only.
+        Returns [[str] * n per prompt]; with return_finish, (that, the same-shaped finish reasons)."""
         prompts = list(prompts)
         if self.client is not None:
-            return self._remote(self.client.complete, prompts, n=n, temperature=temperature, max_tokens=max_tokens,
-                                top_p=top_p, stop=stop, extra_body=extra_body)
-        return self._local(prompts, n, temperature, max_tokens, top_p, stop)
+            out = self._remote(self.client.complete, prompts, n=n, temperature=temperature, max_tokens=max_tokens,
+                               top_p=top_p, stop=stop, extra_body=extra_body)
+        else:
+            out = self._local(prompts, n, temperature, max_tokens, top_p, stop)
+        return (out, self.last_finish_reasons) if return_finish else out
 
     def chat(self, conversations: Sequence[list[dict] | str], n: int = 1, temperature: float = 1.0,
              max_tokens: int = 256, top_p: float = 1.0, stop: Sequence[str] | None = None,
-             extra_body: dict | None = None) -> list[list[str]]:
+             extra_body: dict | None = None, return_finish: bool = False):
         """n replies for each conversation (a list of {"role", "content"} dicts, or a user string).
-        `extra_body` (e.g. JSON mode) goes to endpoints only; a local model ignores it."""
+        `extra_body` (e.g. JSON mode) goes to endpoints only; a local model ignores it.
+        Returns [[str] * n per conversation]; with return_finish, also the finish reasons."""
         convs = [[{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations]
         if self.client is not None:
-            return self._remote(self.client.chat, convs, n=n, temperature=temperature, max_tokens=max_tokens,
-                                top_p=top_p, stop=stop, extra_body=extra_body)
-        return self._local([self.render_chat(c) for c in convs], n, temperature, max_tokens, top_p, stop)
+            out = self._remote(self.client.chat, convs, n=n, temperature=temperature, max_tokens=max_tokens,
+                               top_p=top_p, stop=stop, extra_body=extra_body)
+        else:
+            out = self._local([self.render_chat(c) for c in convs], n, temperature, max_tokens, top_p, stop)
+        return (out, self.last_finish_reasons) if return_finish else out
 
 
 def serve_openai(llm: LLM, host: str = "127.0.0.1", port: int = 0, model_name: str = "local"):
@@ -1284,6 +1427,12 @@ def serve_openai(llm: LLM, host: str = "127.0.0.1", port: int = 0, model_name: s
     (the model is not thread-safe). Used by tests and `python common.py --serve`.
     """
     lock = threading.Lock()
+
+    def _with_reasons(outs: list[list[str]]) -> list[tuple[str, str]]:
+        """Flat (text, finish_reason) pairs of one LLM call ("stop" where the LLM gives none)."""
+        reasons = getattr(llm, "last_finish_reasons", None) or []
+        return [(t, (reasons[j][i] if j < len(reasons) and i < len(reasons[j]) else None) or "stop")
+                for j, o in enumerate(outs) for i, t in enumerate(o)]
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -1305,32 +1454,77 @@ def serve_openai(llm: LLM, host: str = "127.0.0.1", port: int = 0, model_name: s
             self._send(404, {"error": {"message": f"no route {self.path}"}})
 
         def do_POST(self):
+            # A bad request gets a 400 with a JSON error (as OpenAI servers answer), a failure
+            # inside the model a 500: never a dropped connection, which clients read as "server down".
             try:
-                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-            except json.JSONDecodeError:
-                return self._send(400, {"error": {"message": "body is not JSON"}})
-            kw = dict(n=int(req.get("n", 1)), temperature=float(req.get("temperature", 1.0)),
-                      max_tokens=int(req.get("max_tokens", 256)), top_p=float(req.get("top_p", 1.0)),
-                      stop=req.get("stop"))
-            if isinstance(kw["stop"], str):
-                kw["stop"] = [kw["stop"]]
-            with lock:
-                before = dict(llm.usage)
-                if self.path.endswith("/chat/completions"):
-                    texts = llm.chat([req.get("messages", [])], **kw)[0]
-                    choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
-                               for i, t in enumerate(texts)]
-                elif self.path.endswith("/completions"):
-                    prompt = req.get("prompt", "")
-                    prompts = prompt if isinstance(prompt, list) else [prompt]
-                    outs = llm.complete(prompts, **kw)
-                    choices = [{"index": i, "text": t, "finish_reason": "stop"}
-                               for i, t in enumerate(t for o in outs for t in o)]
-                else:
-                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
-                usage = {k: llm.usage[k] - before.get(k, 0) for k in ("prompt_tokens", "completion_tokens")}
+                n_bytes = int(self.headers.get("Content-Length", 0))
+                raw = self.rfile.read(n_bytes) if n_bytes > 0 else b""
+            except (ValueError, OSError):
+                return self._send(400, {"error": {"message": "bad Content-Length", "type": "invalid_request_error"}})
+            try:
+                kw, route, items = self._parse(raw)
+            except ValueError as e:
+                return self._send(400, {"error": {"message": str(e), "type": "invalid_request_error"}})
+            if route is None:
+                return self._send(404, {"error": {"message": f"no route {self.path}"}})
+            try:
+                with lock:
+                    before = dict(llm.usage)
+                    if route == "chat":
+                        outs = llm.chat([items], **kw)
+                        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r}
+                                   for i, (t, r) in enumerate(_with_reasons(outs))]
+                    else:
+                        outs = llm.complete(items, **kw)
+                        choices = [{"index": i, "text": t, "finish_reason": r}
+                                   for i, (t, r) in enumerate(_with_reasons(outs))]
+                    usage = {k: llm.usage[k] - before.get(k, 0) for k in ("prompt_tokens", "completion_tokens")}
+            except Exception as e:  # noqa: BLE001 (the server thread must answer whatever went wrong)
+                return self._send(500, {"error": {"message": f"{type(e).__name__}: {e}"[:500], "type": "server_error"}})
             self._send(200, {"id": "cmpl-local", "object": "completion", "model": model_name, "choices": choices,
                              "usage": usage})
+
+        def _parse(self, raw: bytes):
+            """-> (sampling kwargs, "chat" | "completions" | None, messages or prompts);
+            ValueError with a message for the client on anything malformed."""
+            path = self.path.split("?")[0].rstrip("/")
+            route = "chat" if path.endswith("/chat/completions") else "completions" if path.endswith("/completions") else None
+            if route is None:
+                return None, None, None
+            try:
+                req = json.loads(raw or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ValueError("body is not JSON") from None
+            if not isinstance(req, dict):
+                raise ValueError("body must be a JSON object")
+
+            def get(k, default):  # JSON null = not given
+                return default if req.get(k) is None else req[k]
+
+            try:
+                kw = dict(n=int(get("n", 1)), temperature=float(get("temperature", 1.0)),
+                          max_tokens=int(get("max_tokens", get("max_completion_tokens", 256))),
+                          top_p=float(get("top_p", 1.0)), stop=req.get("stop"))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"bad sampling parameter ({e})") from None
+            if kw["n"] < 1 or kw["max_tokens"] < 1:
+                raise ValueError("n and max_tokens must be >= 1")
+            if isinstance(kw["stop"], str):
+                kw["stop"] = [kw["stop"]]
+            if kw["stop"] is not None and not (isinstance(kw["stop"], list) and all(isinstance(x, str) for x in kw["stop"])):
+                raise ValueError("stop must be a string or a list of strings")
+            if route == "chat":
+                msgs = req.get("messages")
+                if not (isinstance(msgs, list) and msgs and all(
+                        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                        for m in msgs)):
+                    raise ValueError("messages must be a non-empty list of {role, content} objects with string content")
+                return kw, "chat", msgs
+            prompt = req.get("prompt", "")
+            prompts = prompt if isinstance(prompt, list) else [prompt]
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompt must be a string or a non-empty list of strings")
+            return kw, "completions", prompts
 
     server = http.server.ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True

@@ -395,6 +395,287 @@ def test_cli_bad_role_exits_2_with_one_line():
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown toy role" in r.stderr
 
 
+# ---- audit fixes: n top-up, finish reasons, stop ids, BOS, answers, server errors, URLs ------------
+
+
+class _IgnoresN(http.server.BaseHTTPRequestHandler):
+    """An Ollama-like server: one choice per request whatever `n` asks; records each request."""
+    bodies: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        type(self).bodies.append(body)
+        k = len(type(self).bodies)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": f"c{k}"}, "finish_reason": "length"}
+                  if self.path.endswith("/chat/completions") else {"index": 0, "text": f"t{k}", "finish_reason": "stop"})
+        out = json.dumps({"choices": [choice], "usage": {"completion_tokens": 1}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+
+def test_chat_client_tops_up_a_server_that_ignores_n():
+    _IgnoresN.bodies = []
+    srv, url = _serve(_IgnoresN)
+    try:
+        client = C.ChatClient(url, "m", backoff=0.01)
+        assert client.complete("x", n=3, seed=5) == ["t1", "t2", "t3"]
+        assert [b["n"] for b in _IgnoresN.bodies] == [3, 2, 1]  # asks only for the missing ones
+        assert [b["seed"] for b in _IgnoresN.bodies] == [5, 6, 7]  # a top-up is not a replay of one seed
+        texts, reasons = client.chat([{"role": "user", "content": "x"}], n=2, return_finish=True)
+        assert texts == ["c4", "c5"] and reasons == ["length", "length"]
+        _IgnoresN.bodies = []
+        llm = C.LLM.from_endpoint(url, "m", max_workers=1)
+        res = llm.complete(["a", "b"], n=4)
+        assert [len(r) for r in res] == [4, 4] and len(_IgnoresN.bodies) == 8  # prompts and samples stay paired
+        assert [b["prompt"] for b in _IgnoresN.bodies] == ["a"] * 4 + ["b"] * 4
+        assert llm.last_finish_reasons == [["stop"] * 4] * 2
+    finally:
+        srv.shutdown()
+
+
+def test_encode_pairs_no_eos_on_truncated_or_unfinished_rows(tiny):
+    _, tok = tiny
+    eos = tok.eos_token_id
+    ids, mask, resp = C.encode_pairs(tok, ["p=", "p=", "p="], ["abcdef", "ab", "abc"], max_response_tokens=4,
+                                     add_eos=[True, True, False])
+    n = resp.sum(1).tolist()
+    assert n == [4, 3, 3]  # cut at 4 (no EOS); "ab" + EOS; "abc" whose endpoint said "length" (no EOS)
+    assert ids[0, -4:].tolist() == tok("abcd", add_special_tokens=False)["input_ids"]
+    assert ids[1, -1] == eos and ids[2, -1] != eos and ids[0, -1] != eos
+    # defaults unchanged: one bool for all rows, EOS on every row that was not cut
+    _, _, r_all = C.encode_pairs(tok, ["p=", "p="], ["ab", "abcd"], max_response_tokens=4)
+    assert r_all.sum(1).tolist() == [3, 5]
+    _, _, r_none = C.encode_pairs(tok, ["p="], ["ab"], add_eos=False)
+    assert r_none.sum().item() == 2
+    with pytest.raises(ValueError, match="add_eos"):
+        C.encode_pairs(tok, ["p="], ["ab"], add_eos=[True, False])
+
+
+def test_finish_reasons_local_generate_llm_and_server():
+    model, tok = C.load_lm(C.toy_checkpoint("teacher"))
+    n_tok = len("011;123;=3") + 1  # the teacher writes this trace + EOS for "add 12="
+    g = C.generate(model, tok, ["add 12=", "add 12="], max_new_tokens=n_tok, temperature=0.0)
+    assert g.finish_reasons == ["stop", "stop"]  # EOS on the very last allowed step is still "stop"
+    g = C.generate(model, tok, ["add 12="], max_new_tokens=n_tok - 1, temperature=0.0)
+    assert g.finish_reasons == ["length"] and g.response_mask.sum() == n_tok - 1
+    llm = C.LLM(model=model, tokenizer=tok)
+    out, reasons = llm.complete(["add 12=", "add 345="], n=2, temperature=0.0, max_tokens=6, return_finish=True)
+    assert reasons == [["length"] * 2] * 2 and llm.last_finish_reasons == reasons
+    assert llm.complete(["add 12="], temperature=0.0, max_tokens=40) == [["011;123;=3"]]
+    assert llm.last_finish_reasons == [["stop"]]
+    server = C.serve_openai(llm, model_name="teacher")
+    try:
+        client = C.ChatClient(server.url, "teacher")
+        assert client.complete("add 12=", n=2, temperature=0.0, max_tokens=4, return_finish=True)[1] == ["length"] * 2
+        assert client.complete("add 12=", temperature=0.0, max_tokens=40, return_finish=True) == (["011;123;=3"], ["stop"])
+        remote = C.LLM.from_endpoint(server.url, "teacher")
+        texts, reasons = remote.complete(["add 12=", "add 345="], temperature=0.0, max_tokens=40, return_finish=True)
+        assert reasons == [["stop"], ["stop"]] and texts == llm.complete(["add 12=", "add 345="], temperature=0.0, max_tokens=40)
+    finally:
+        server.shutdown()
+
+
+def test_generate_stops_at_any_generation_config_eos():
+    model, tok = C.tiny_lm(n_layer=2, d_model=32, seed=0)  # own copy: its generation_config is changed below
+    model.eval()
+    free = C.generate(model, tok, ["add 12="], max_new_tokens=12, temperature=0.0)
+    row = free.response_ids[0].tolist()
+    assert int(free.response_mask.sum()) == 12 and tok.eos_token_id not in row  # random model: no EOS in 12 steps
+    k = next(i for i in range(1, 12) if row[i] not in row[:i])  # a token that first appears at step k >= 1
+    model.generation_config.eos_token_id = [tok.eos_token_id, row[k]]
+    g = C.generate(model, tok, ["add 12="], max_new_tokens=12, temperature=0.0)
+    assert int(g.response_mask.sum()) == k + 1 and g.response_ids[0, :k + 1].tolist() == row[:k + 1]
+    assert g.finish_reasons == ["stop"] and (g.response_ids[0, k + 1:] == tok.pad_token_id).all()
+    ids, mask = C.encode_prompts(tok, ["add 12="])  # HF generate stops at the same place
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                        pad_token_id=tok.pad_token_id)
+    assert hf[0, ids.shape[1]:].tolist() == row[:k + 1]
+    model.generation_config.eos_token_id = row[k]  # an int; the tokenizer's EOS still counts too
+    assert int(C.generate(model, tok, ["add 12="], max_new_tokens=12, temperature=0.0).response_mask.sum()) == k + 1
+
+
+def _bos_tokenizer(adds_bos: bool = True):
+    """A word-level fast tokenizer built in memory whose post-processor adds a BOS (as Llama-3's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "hello": 4, "world": 5}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if adds_bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tok.padding_side = "left"
+    return tok
+
+
+def test_no_double_bos_when_text_starts_with_bos():
+    tok = _bos_tokenizer()
+    assert tok("<s>hello world")["input_ids"] == [1, 1, 4, 5]  # the defect: the tokenizer adds a second BOS
+    assert C._encode_texts(tok, ["<s>hello world", "hello world", "<s><s>hello"]) == [[1, 4, 5], [1, 4, 5], [1, 1, 4]]
+    ids, mask = C.encode_prompts(tok, ["<s>hello world", "world"])
+    assert ids.tolist() == [[1, 4, 5], [0, 1, 5]] and mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    ids, _, resp = C.encode_pairs(tok, ["<s>hello"], ["world"])
+    assert ids.tolist() == [[1, 4, 5, 2]] and resp.tolist() == [[0, 0, 1, 1]]
+    plain = _bos_tokenizer(adds_bos=False)  # a tokenizer that adds none: the text's own BOS is kept
+    assert C._encode_texts(plain, ["<s>hello", "hello"]) == [[1, 4], [4]]
+    # LLM's chat path: a template that writes the BOS itself (Llama-3, Gemma) -> one BOS in the model input
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
+                                         bos_token_id=1)).eval()
+    llm = C.LLM(model=model, tokenizer=tok)
+    text = llm.render_chat([{"role": "user", "content": "hello world"}])
+    assert text.startswith("<s>")
+    g = C.generate(model, tok, [text], max_new_tokens=1, temperature=0.0)
+    assert g.sequences[0, :g.prompt_len].tolist() == [1, 4, 5]
+
+
+def test_extract_answer_keeps_decimals_and_thousands():
+    assert C.extract_answer("x = 3.5") == "3.5"
+    assert C.extract_answer("total = 1,234,567 apples") == "1234567"
+    assert C.extract_answer("a = 2, so b = -0.25.") == "-0.25"  # the last '=', no trailing '.'
+    assert C.extract_answer("033;358;=8") == "8"
+    assert C.is_correct("x = 3.50", 3.5) and C.is_correct("= 1,000", "1000") and C.is_correct("=7", "7.0")
+    assert not C.is_correct("x = 3.5", 3) and not C.is_correct("=8", 3)
+    assert C.is_correct(r"\boxed{x+1}", "x+1") and not C.is_correct(r"\boxed{x+1}", "x+2")  # non-numbers: as text
+    # toy answers are unaffected: every written trace reads back its own last result
+    for p in C.toy_dataset("id", 200, seed=0, domains=tuple(C.TOY_DOMAINS)):
+        t = C.toy_trace(p)
+        assert C.extract_answer(t) == str(p.steps[-1][2]) and C.is_correct(t, p.answer)
+
+
+def test_serve_openai_answers_bad_requests_with_400_and_failures_with_500(served):
+    import urllib.error
+    import urllib.request
+
+    def post(url, body: bytes):
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    for route, body in [("completions", b"not json"), ("completions", b'{"prompt": "x", "n": "many"}'),
+                        ("completions", b'{"prompt": 5}'), ("completions", b"[1, 2]"),
+                        ("completions", b'{"prompt": "x", "max_tokens": 0}'), ("completions", b'{"prompt": "x", "stop": 3}'),
+                        ("chat/completions", b'{"messages": "hi"}'), ("chat/completions", b'{"messages": [{"role": "user"}]}')]:
+        code, out = post(f"{served.url}/{route}", body)
+        assert code == 400 and out["error"]["message"], (route, body)
+    code, out = post(f"{served.url}/completions", b'{"prompt": "add 1=", "max_tokens": 2, "n": null}')
+    assert code == 200 and len(out["choices"]) == 1  # the server is still up, and null means "not given"
+    with pytest.raises(C.EndpointError, match="rejected the request"):  # a 400 is not retried
+        C.ChatClient(served.url, "tiny").chat([{"role": "user", "content": None}])
+
+    class Broken:
+        usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+        def complete(self, *a, **k):
+            raise RuntimeError("model exploded")
+
+    srv = C.serve_openai(Broken())
+    try:
+        code, out = post(f"{srv.url}/completions", b'{"prompt": "x"}')
+        assert code == 500 and "model exploded" in out["error"]["message"]
+    finally:
+        srv.shutdown()
+
+
+def test_chat_client_base_url_gets_v1_only_without_a_path():
+    url = lambda u: C.ChatClient(u, "m").base_url  # noqa: E731
+    assert url("http://localhost:8000") == url("http://localhost:8000/") == "http://localhost:8000/v1"
+    assert url("http://localhost:8000/v1/") == "http://localhost:8000/v1"
+    assert url("https://generativelanguage.googleapis.com/v1beta/openai/") == \
+        "https://generativelanguage.googleapis.com/v1beta/openai"
+    assert url("http://host/api/v2") == "http://host/api/v2"
+
+
+def test_local_rank_wraps_around_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert C._local_cuda_index() == 1
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert C._local_cuda_index() == 0
+
+
+def test_token_logprobs_granite_logits_scaling_matches_model_forward():
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(GraniteConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, logits_scaling=8.0)).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    mask = torch.ones_like(ids)
+    _, lp_ref, ent_ref = _naive(model, ids, mask)  # Granite's forward divides its logits by logits_scaling
+    lp, ent, _ = C.token_logprobs(model, ids, mask, return_entropy=True, chunk_size=5)
+    torch.testing.assert_close(lp[:, 1:], lp_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent[:, 1:], ent_ref, atol=1e-5, rtol=0)
+
+
+def test_lm_head_runs_in_fp32_under_autocast(tiny):
+    model, tok = tiny
+    backbone, head = C._backbone_and_head(model)
+    h = torch.randn(7, model.config.hidden_size)
+    want = C._head_logits(model, head, h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = C._head_logits(model, head, h)
+        assert head(h).dtype == torch.bfloat16  # what the head would give under autocast
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_device_generator_is_the_given_one_on_its_own_device():
+    g = torch.Generator().manual_seed(3)
+    assert C._device_generator(g, torch.device("cpu")) is g and C._device_generator(None, torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_generator_on_cuda_is_deterministic_and_samples_on_device(tiny):
+    model, tok = tiny
+    model = C.tiny_lm(n_layer=2, d_model=32, seed=0)[0].cuda().eval()
+    kw = dict(max_new_tokens=16, temperature=1.0, static_cache=False, compile=False)
+    a = C.generate(model, tok, ["add 1234="] * 4, generator=torch.Generator().manual_seed(7), **kw)
+    b = C.generate(model, tok, ["add 1234="] * 4, generator=torch.Generator().manual_seed(7), **kw)
+    c = C.generate(model, tok, ["add 1234="] * 4, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
+    g = torch.Generator().manual_seed(7)
+    C.generate(model, tok, ["add 1="], generator=g, **kw)
+    assert not torch.equal(g.get_state(), torch.Generator().manual_seed(7).get_state())  # one draw advanced it
+
+
+def test_bf16_autocast_needs_native_support(monkeypatch):
+    calls = []
+
+    def fake(including_emulation=True):
+        calls.append(including_emulation)
+        return including_emulation  # an emulating GPU: bf16 only "supported" through emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake)
+    assert C._bf16_native() is False and calls == [False]
+    assert isinstance(C.autocast("cpu"), type(C.contextlib.nullcontext()))
+
+
+def test_load_lm_expands_home_and_encode_prompts_accepts_no_prompts(tmp_path, monkeypatch, tiny):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    m2, _ = C.load_lm("~/m")
+    assert torch.equal(m2.lm_head.weight, model.lm_head.weight)
+    ids, mask = C.encode_prompts(tok, [])
+    assert ids.shape == mask.shape == (0, 1)
+    ids, mask, resp = C.encode_pairs(tok, [], [])
+    assert ids.shape == mask.shape == resp.shape == (0, 1)
+
+
 # ---- distributed (slow) -----------------------------------------------------------------------
 
 
