@@ -28,15 +28,17 @@ OpenAI-compatible endpoint as M_exp, and any HF causal LM as the policy.
 Arms (--method, comma-separated; same warm-started policy, same number of synthetic/real policy
 updates): real_grpo (GRPO in the real env, stopped at --real_budget N real steps), dreamgym (all
 rollouts in M_exp, 0 new real steps; the offline real steps are reported beside it), s2r (dreamgym,
-then real GRPO with <= --s2r_frac x N real steps), no_retrieval (k = 0, M_exp retrained without
-demos), no_reasoning (M_exp retrained without R*), no_curriculum (lambda = 0), bc (the warm start,
-no RL); train_exp (only fine-tune M_exp, from --offline_file or the toy's offline data).
+then real GRPO with <= --s2r_frac x real_grpo's real steps, or x N; DEVIATION(7)), no_retrieval
+(k = 0, M_exp retrained without demos), no_reasoning (M_exp retrained without R*), no_curriculum
+(lambda = 0), bc (the warm start, no RL); train_exp (only fine-tune M_exp, from --offline_file or the
+toy's offline data).
 
 Deviations from the paper:
   1. Toy sizes (CPU): M_exp is a 2-layer d = 128 Llama (spec: 4 layers) fine-tuned for
-     --exp_epochs 8 (spec: 3; at 3 it predicted exact next states 71% of the time, at 8 85%);
-     12 policy iterations of 4 tasks x G = 8 (spec: 40 of 8 x 8); 3 items per result page
-     (spec: 5); demos <= 130 characters (spec: 150).
+     --exp_epochs 8 (spec: 3; at 3 it predicted exact next states 71% of the time, at 8 85%)
+     at --exp_learning_rate 3e-3 (spec: 1e-3; a 2-layer model from scratch in a CPU budget; real
+     models want ~1e-5, see the commands below); 12 policy iterations of 4 tasks x G = 8 (spec: 40
+     of 8 x 8); 3 items per result page (spec: 5); demos <= 130 characters (spec: 150).
   2. `back` always returns to the search page (WebShop returns to the previous page); M_exp would
      otherwise need the whole page history to redraw it.
   3. The reasoning target R* comes from a rule annotator (spec: an LLM annotator on GPU), and
@@ -49,14 +51,33 @@ Deviations from the paper:
   6. The toy M_exp reads a small BPE tokenizer (1024 ids, trained in memory on its SFT texts with
      common's BPE helper) instead of bytes: byte-level sequences were ~18x longer and the byte model
      had not learned the format after 9 CPU minutes. The policy stays byte-level (common.tiny_lm).
+  7. Real-step budget: --real_budget N defaults to 5000 (spec: 20000), and s2r's real cap is
+     --s2r_frac x (the real training steps real_grpo actually used in the same seed) when real_grpo
+     ran in this invocation (it runs before s2r), else --s2r_frac x N (spec: s2r_frac x N). In the
+     toy real_grpo ends after its --iterations updates long before N (~1,700 real steps), so
+     10% of N was ~25% of what real_grpo used, not the paper's "<= 10% of its real steps". The cap
+     and N are logged (summary.json, table.md).
+  8. phi of Eq. (3) is the hashed bag of words only (spec also names a mean-pooled-hidden-state
+     `--retriever embed`, not built here: the toy M_exp's SFT data needs the retriever before
+     M_exp exists).
 
 Reconstructed (the paper does not say; our choice): the M_exp text format
-`<think>R</think><state>s'</state><reward>r</reward><done>d</done>`; phi = hashed bag of words (1024 dims) of (s, a); k = 3;
+`<think>R</think><state>s'</state><reward>r</reward><done>d</done>`; phi = hashed bag of words (1024 dims) of (s, a),
+and of (s, a, task) for `buy`; a retrieved `buy` demo shows its task ("for red shirt, under $30: item: ... | buy => done
+r1"): a purchase's reward holds for its task only, and 73% of the demos of held-out failed purchases were successful
+buys of other tasks, shown without their task as if they graded this purchase (with the task in the key, same-task
+demos of offline buys rose from 6% to 13%; most demos still come from other tasks, now labelled as such); k = 3;
 lambda_syn = 0.3; failed purchases repeated 3x in M_exp's SFT data (pitfall 1); curriculum keeps
-at most 4 variants per iteration, most constraints first;
-synthetic buffer entries FIFO-capped at 20000 (real ones kept); GRPO std unbiased with a group of
-one giving A = 0; clip 0.2 / 0.28; hallucinated success = share of 64 synthetic successes that fail
-when their actions are replayed in the real env.
+at most 4 variants per iteration, most constraints first; an endpoint M_task gets a system text
+with the task grammar (the local M_task learns it from its `<gen_task>` SFT pairs);
+synthetic buffer entries FIFO-capped at 20000 (real ones kept); a synthetic step is rewarded only
+when M_exp ends the episode (r = 0 while done = 0 and on timeout, as ShopLite); GRPO std unbiased
+with a group of one giving A = 0; clip 0.2 / 0.28; hallucinated success = share of 64 synthetic
+successes that fail when their actions are replayed in the real env; generate mode: logp_old is
+recomputed after the rollout with the update's own function and precision (so rho starts at 1),
+real policies (--model_name_or_path) read a short <think>..</think><action>..</action> instruction
+inside their chat template, and --offline_file rewards are made binary (r = 1 iff the raw score is
+1 or "success" is true; the raw score is kept as r_raw).
 
 Commands:
   toy CPU (bc vs real_grpo vs dreamgym vs s2r, seed 0; the first run also fine-tunes and caches M_exp):
@@ -65,7 +86,8 @@ Commands:
       python dreamgym.py --table
   real models on a GPU (M_exp = an SFT'd HF model or an endpoint):
       python dreamgym.py --method train_exp --offline_file data/webshop_offline.jsonl \
-          --exp_model_name_or_path Qwen/Qwen2.5-7B-Instruct --output_dir runs/dreamgym/mexp
+          --exp_model_name_or_path Qwen/Qwen2.5-7B-Instruct --exp_learning_rate 1e-5 --exp_epochs 3 \
+          --output_dir runs/dreamgym/mexp
       python dreamgym.py --method dreamgym,s2r --model_name_or_path meta-llama/Llama-3.2-3B-Instruct \
           --exp_model_name_or_path runs/dreamgym/mexp/exp_model --action_mode generate --horizon 15 \
           --learning_rate 1e-6
@@ -78,7 +100,8 @@ tasks (greedy and sampled; eval uses only the real env), synthetic success, new 
 steps, offline real steps, hallucinated-success rate, M_exp reward error eps_R and false-success
 rate on held-out real transitions, eps_P proxies (exact next state, element F1), zero-variance
 group share, synthetic-vs-real success gap, share of retrieved demos that are real, invalid and
-malformed transitions, loss, clip fraction, wall time.
+malformed transitions (synthetic and, in generate mode, real), the real-step cap of real_grpo (N)
+and s2r, loss, clip fraction, wall time.
 """
 from __future__ import annotations
 
@@ -144,15 +167,17 @@ def parse_args(argv=None):
     p.add_argument("--exp_d_model", type=int, default=128, help="toy M_exp width")
     p.add_argument("--exp_vocab_size", type=int, default=1024, help="BPE vocabulary of the toy M_exp")
     p.add_argument("--exp_epochs", type=float, default=8.0, help="SFT epochs of M_exp, Eq. (2)")
-    p.add_argument("--exp_learning_rate", type=float, default=3e-3, help="SFT learning rate of M_exp")
+    p.add_argument("--exp_learning_rate", type=float, default=3e-3,
+                   help="SFT learning rate of M_exp, Eq. (2) (toy from scratch; spec 1e-3; ~1e-5 for a 7B model)")
     p.add_argument("--exp_batch_size", type=int, default=32, help="SFT batch of M_exp")
     p.add_argument("--fail_oversample", type=int, default=3, help="SFT repeats of failed purchases (pitfall 1)")
     p.add_argument("--exp_temperature", type=float, default=0.0, help="sampling temperature of M_exp (0 = greedy)")
-    p.add_argument("--exp_max_new_tokens", type=int, default=64, help="max tokens of one M_exp answer")
+    p.add_argument("--exp_max_new_tokens", type=int, default=None,
+                   help="max tokens of one M_exp answer (default 64 for the toy M_exp, 512 with --exp_api_base or "
+                        "--exp_model_name_or_path: a real model's reasoning + JSON/tags need room)")
     p.add_argument("--no_reasoning", action="store_true", help="M_exp without the reasoning trace R (ablation)")
     p.add_argument("--top_k", type=int, default=3, help="k, retrieved demos per M_exp call, Eq. (3)")
     p.add_argument("--demo_bytes", type=int, default=130, help="max characters of one demo")
-    p.add_argument("--retriever", default="bow", choices=["bow", "embed"], help="phi of Eq. (3)")
     p.add_argument("--buffer_add", default="synthetic", choices=["synthetic", "real", "none"],
                    help="what enters the replay buffer after each iteration")
     p.add_argument("--buffer_cap", type=int, default=20000, help="FIFO cap of synthetic buffer entries")
@@ -161,10 +186,14 @@ def parse_args(argv=None):
     p.add_argument("--lambda_syn", type=float, default=0.3, help="lambda, max synthetic share of a task batch")
     p.add_argument("--curr_seeds", type=int, default=4, help="tasks with top V_tau (Eq. 4) that seed variants")
     p.add_argument("--curr_candidates", type=int, default=4, help="variants sampled per seed task")
-    p.add_argument("--task_temperature", type=float, default=1.0, help="sampling temperature of M_task")
+    p.add_argument("--task_temperature", type=float, default=1.0,
+                   help="sampling temperature of M_task (local and endpoint; 0 = greedy, identical candidates)")
     # policy
     p.add_argument("--model_name_or_path", default=None, help="policy (default: tiny_lm 2 layers d 64, byte)")
     p.add_argument("--action_mode", default="score", choices=["score", "generate"], help="Eq. (7) or free text")
+    p.add_argument("--max_action_tokens", type=int, default=None,
+                   help="generate mode: max new tokens of one policy answer (default 32 for the toy policy, "
+                        "256 with --model_name_or_path: room for <think>..</think><action>..</action>)")
     p.add_argument("--bc_trajectories", type=int, default=50, help="epsilon = 0.5 trajectories for the BC warm start")
     p.add_argument("--bc_epochs", type=int, default=10, help="BC epochs")
     # GRPO (DEVIATION(1): 12 iterations x 4 tasks)
@@ -180,8 +209,11 @@ def parse_args(argv=None):
     p.add_argument("--num_minibatches", type=int, default=2, help="minibatches per pass")
     p.add_argument("--per_device_batch_size", type=int, default=256, help="action units per forward (memory)")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
-    p.add_argument("--real_budget", type=int, default=5000, help="N, real training steps allowed to real_grpo")
-    p.add_argument("--s2r_frac", type=float, default=0.1, help="share of N that s2r may spend in the real env")
+    p.add_argument("--real_budget", type=int, default=5000,
+                   help="N, real training steps allowed to real_grpo (DEVIATION(7): spec 20000)")
+    p.add_argument("--s2r_frac", type=float, default=0.1,
+                   help="s2r's real-step cap as a share of real_grpo's real steps in the same seed (when real_grpo "
+                        "ran in this invocation), else of N (DEVIATION(7))")
     # eval / logging
     p.add_argument("--eval_every", type=int, default=4, help="iterations between real-env evaluations")
     p.add_argument("--n_halluc", type=int, default=64, help="synthetic successes replayed in the real env")
@@ -191,6 +223,10 @@ def parse_args(argv=None):
         args.method, args.seeds = ",".join(ARMS), "0,1,2"
     if args.seed is not None:
         args.seeds = str(args.seed)
+    if args.exp_max_new_tokens is None:
+        args.exp_max_new_tokens = 512 if (args.exp_api_base or args.exp_model_name_or_path) else 64
+    if args.max_action_tokens is None:
+        args.max_action_tokens = 256 if args.model_name_or_path else 32
     return args
 
 
@@ -262,9 +298,11 @@ def hashed_bow(text: str, dim: int = 1024) -> np.ndarray:
     return v / n if n > 0 else v
 
 
-def phi_text(state: str, action: str) -> str:
-    # action words count twice: the action decides which transition is relevant
-    return f"{state} {action} {action}"
+def phi_text(state: str, action: str, task: str = "") -> str:
+    # action words count twice: the action decides which transition is relevant. A purchase's reward
+    # depends on the task, so a buy's key carries the task (reconstructed): buys of the same item for the
+    # same or a similar task rank first (demo_text shows that task next to the reward).
+    return f"{state} {action} {action}" + (f" {task}" if action == "buy" and task else "")
 
 
 def element_f1(pred: str, real: str) -> float:
@@ -624,9 +662,17 @@ def collect_trajectories(shop: ShopLite, tasks: list[str], n: int, eps_choices, 
 
 
 def demo_text(t: dict, limit: int) -> str:
-    """A retrieved transition as M_exp reads it (a search needs no source state; the rest do)."""
+    """A retrieved transition as M_exp reads it (a search needs no source state; the rest do). A buy
+    names its task: its reward r holds for that task only (reconstructed, see phi_text)."""
     src = "" if t["a"].startswith("search[") else f"{t['s'][:60]} | "
+    if t["a"] == "buy":
+        src = f"for {re.sub(r'^buy a ', '', t['task'])}: {src}"
     return f"{src}{t['a']} => {t['s2']} r{int(t['r'])}"[:limit]
+
+
+def demo_key(t: dict) -> tuple:
+    """What a demo tells M_exp: retrieval skips duplicates of it (they carry no information)."""
+    return t["s"], t["a"], t["s2"], t["r"], t["task"] if t["a"] == "buy" else None
 
 
 def exp_prompt(task: str, hist: list[str], demos: list[str], state: str, action: str) -> str:
@@ -696,7 +742,7 @@ class ReplayBuffer:
         bad = [t["task"] for t in transitions if t["task"] in self.forbidden]
         if bad:
             raise ValueError(f"evaluation task would enter the replay buffer: {bad[0]!r}")
-        keys = self._key([phi_text(t["s"], t["a"]) for t in transitions])
+        keys = self._key([phi_text(t["s"], t["a"], t["task"]) for t in transitions])
         for t, k in zip(transitions, keys):
             (self.real if t.get("real") else self.syn).append(t)
             (self._keys_real if t.get("real") else self._keys_syn).append(k)
@@ -708,23 +754,23 @@ class ReplayBuffer:
     def entries(self) -> list[dict]:
         return self.real + self.syn
 
-    def retrieve(self, queries: list[tuple[str, str, str]], k: int) -> list[list[dict]]:
-        """queries: (state, action, episode id) -> for each, the k nearest transitions by cosine of
-        phi(s, a), excluding transitions of the query's own episode."""
+    def retrieve(self, queries: list[tuple], k: int) -> list[list[dict]]:
+        """queries: (state, action, episode id[, task]) -> for each, the k nearest transitions by cosine
+        of phi(s, a[, task]), excluding transitions of the query's own episode."""
         if k <= 0 or len(self) == 0 or not queries:
             return [[] for _ in queries]
         if self._mat is None:
             self._mat = torch.from_numpy(np.stack(self._keys_real + self._keys_syn))  # (N, D)
         ents = self.entries()
-        q = torch.from_numpy(np.stack(self._key([phi_text(s, a) for s, a, _ in queries])))  # (Q, D)
+        q = torch.from_numpy(np.stack(self._key([phi_text(*x[:2], *x[3:4]) for x in queries])))  # (Q, D)
         sims = q @ self._mat.T  # (Q, N)
         out = []
-        for i, (_, _, ep) in enumerate(queries):
+        for i, ep in enumerate(x[2] for x in queries):
             order = torch.sort(sims[i], descending=True, stable=True).indices.tolist()
             picked, seen = [], set()
             for j in order:
                 e = ents[j]
-                key = (e["s"], e["a"], e["s2"], e["r"])
+                key = demo_key(e)
                 if e["ep"] != ep and key not in seen:  # own episode excluded; duplicates carry no information
                     picked.append(e)
                     seen.add(key)
@@ -742,10 +788,18 @@ class ExperienceModel:
     SYSTEM = ("You simulate a web shop. Given demos, the task, history, the current state and an action, "
               "reason about the action's effect, then answer only JSON: {\"reasoning\": str, \"next_state\": str, "
               "\"reward\": 0 or 1 (1 only if this action completes the task), \"done\": 0 or 1}.")
+    # M_task on an endpoint: the local M_task learns the grammar from its <gen_task> SFT pairs, an endpoint reads it
+    TASK_SYSTEM = ("You write shopping tasks for a web-shop simulator. Given a seed task, write one new task of "
+                   "similar or slightly higher difficulty (add or change a constraint). Grammar, exactly: "
+                   "'buy a [COLOUR ][MATERIAL ]CATEGORY[, size SIZE], under $CAP' with COLOUR in "
+                   f"{'|'.join(COLOURS)}, MATERIAL in {'|'.join(MATERIALS)}, CATEGORY in {'|'.join(CATEGORIES)}, "
+                   f"SIZE in {'|'.join(SIZES)}, CAP an integer 5-100. Example: 'buy a red cotton shirt, size M, "
+                   "under $30'. Answer with the task line only.")
 
     def __init__(self, llm: C.LLM, reasoning: bool = True, temperature: float = 0.0, max_new_tokens: int = 160,
-                 retries: int = 2, seed: int = 0):
+                 retries: int = 2, seed: int = 0, task_temperature: float = 1.0):
         self.llm, self.reasoning, self.temperature = llm, reasoning, temperature
+        self.task_temperature = task_temperature
         self.max_new_tokens, self.retries = max_new_tokens, retries
         self.calls = 0
         self.malformed = 0
@@ -788,13 +842,18 @@ class ExperienceModel:
         return [res[p] for p in prompts]
 
     def gen_tasks(self, seeds: list[str], n: int) -> list[list[str]]:
-        """M_task: n sampled variants of each seed task (text, unfiltered)."""
-        prompts = [task_gen_prompt(s) for s in seeds for _ in range(n)]
-        if not prompts:
+        """M_task: n sampled variants of each seed task at --task_temperature (text, unfiltered)."""
+        if not seeds or n <= 0:
             return []
-        self.calls += len(prompts)
-        outs = self._ask(prompts, max(self.temperature, 1e-6) if self.llm.client else 1.0, 48, json_mode=False)
-        outs = [o.strip().splitlines()[0].strip() if o.strip() else "" for o in outs]
+        self.calls += len(seeds) * n
+        if self.llm.client is not None:  # an endpoint reads the grammar (TASK_SYSTEM), one request per sample
+            convs = [[{"role": "system", "content": self.TASK_SYSTEM}, {"role": "user", "content": f"Seed task: {s}"}]
+                     for s in seeds for _ in range(n)]
+            outs = [o[0] for o in self.llm.chat(convs, n=1, temperature=self.task_temperature, max_tokens=48)]
+        else:
+            outs = self._ask([task_gen_prompt(s) for s in seeds for _ in range(n)], self.task_temperature, 48,
+                             json_mode=False)
+        outs = [o.strip().splitlines()[0].strip(" '\"`.") if o.strip() else "" for o in outs]
         return [outs[i * n:(i + 1) * n] for i in range(len(seeds))]
 
 
@@ -818,7 +877,7 @@ def exp_sft_examples(trajs: list[list[dict]], buffer: ReplayBuffer, k: int, demo
     flat = [t for tr in trajs for t in tr]
     # pitfall 1: failed purchases are rare in the offline data; repeat them so M_exp sees failures
     flat += [t for t in flat if t["a"] == "buy" and t["r"] == 0] * max(0, fail_oversample - 1)
-    demos = buffer.retrieve([(t["s"], t["a"], t["ep"]) for t in flat], k)
+    demos = buffer.retrieve([(t["s"], t["a"], t["ep"], t["task"]) for t in flat], k)
     ex = [(exp_prompt(t["task"], t["hist"], [demo_text(d, demo_bytes) for d in ds], t["s"], t["a"]),
            exp_target(t["R"], t["s2"], t["r"], t["d"], reasoning)) for t, ds in zip(flat, demos)]
     by_cat: dict[str, list[str]] = {}
@@ -873,11 +932,14 @@ def train_exp_model(model, tok, examples: list[tuple[str, str]], epochs: float, 
 
 
 class RealWorld:
-    """GRPO in the real env: every step is a real interaction (diag=True: evaluation / diagnostics)."""
+    """GRPO in the real env: every step is a real interaction (diag=True: evaluation / diagnostics).
+    stats counts the steps and the invalid ones (generate mode: unparsable or inadmissible text,
+    which ShopLite turns into the failure transition)."""
     synthetic = False
 
     def __init__(self, shop: ShopLite, diag: bool = False):
         self.shop, self.diag = shop, diag
+        self.stats = {"invalid": 0, "steps": 0}
 
     def reset(self, task: str, ep_id: str) -> Episode:
         return self.shop.reset(task, ep_id)
@@ -886,6 +948,8 @@ class RealWorld:
         out = []
         for ep, a in zip(eps, actions):
             s2, r, d, info = self.shop.step(ep, a, diag=self.diag)
+            self.stats["steps"] += 1
+            self.stats["invalid"] += not info["valid"]
             out.append((s2, info["success"], d, info))
         return out
 
@@ -911,7 +975,7 @@ class DreamWorld:
                 self.stats["invalid"] += 1
             else:
                 ask.append(i)
-        demos = self.buffer.retrieve([(eps[i].state, actions[i], eps[i].ep_id) for i in ask], self.k)
+        demos = self.buffer.retrieve([(eps[i].state, actions[i], eps[i].ep_id, eps[i].task) for i in ask], self.k)
         prompts = [exp_prompt(eps[i].task, eps[i].history, [demo_text(d, self.demo_bytes) for d in ds], eps[i].state,
                               actions[i]) for i, ds in zip(ask, demos)]
         for ds in demos:
@@ -924,24 +988,41 @@ class DreamWorld:
                 out[i] = (FAILURE_STATE, 0.0, True, {"valid": True, "malformed": True, "R": ""})
             else:
                 R, s2, r, d = ans
-                out[i] = (s2, r, bool(d) or s2 in (DONE_STATE, FAILURE_STATE), {"valid": True, "R": R})
+                d = bool(d) or s2 in (DONE_STATE, FAILURE_STATE)
+                out[i] = (s2, r if d else 0.0, d, {"valid": True, "R": R})  # outcome reward: only when it ends
         for i, ep in enumerate(eps):
             s2, r, d, info = out[i]
             ep.t += 1
             ep.history.append(actions[i])
             ep.state = s2
-            if not d and ep.t >= self.horizon:
-                d, info["timeout"] = True, True
+            if not d and ep.t >= self.horizon:  # timeout = failure, r = 0 (as ShopLite.step)
+                d, r, info["timeout"] = True, 0.0, True
             ep.done = d
             out[i] = (s2, r, d, info)
             self.stats["steps"] += 1
         return out
 
 
-def policy_prompt(task: str, state: str, acts: list[str] | None = None) -> str:
+def policy_prompt(task: str, state: str, acts: list[str] | None = None, instruct: bool = False) -> str:
+    """instruct: a real policy (--model_name_or_path, generate mode) reads the answer format it is
+    parsed with; the toy policy learns its terse format from the BC warm start."""
     if acts is None:  # score mode: the actions are scored, not listed
         return f"{task}\n{state}\n>"
+    if instruct:
+        return (f"You are shopping in a web shop. Task: {task}\nCurrent page: {state}\n"
+                f"Admissible actions: {' | '.join(acts)}\nThink briefly inside <think>...</think>, then answer "
+                f"with exactly one admissible action inside <action>...</action>.")
     return f"{task}\n{state}\nacts: {' | '.join(acts)}\n>"
+
+
+def chat_prompts(policy, tok, texts: list[str]) -> list[str]:
+    """Generate mode: wrap each prompt as a user turn in the tokenizer's chat template when it has one
+    (common.LLM.render_chat; the toy byte tokenizer has none). common's encoders keep a single BOS
+    when the rendered template already starts with one."""
+    if not getattr(tok, "chat_template", None):
+        return texts
+    llm = C.LLM(model=policy, tokenizer=tok)
+    return [llm.render_chat([{"role": "user", "content": t}]) for t in texts]
 
 
 def parse_action_text(text: str) -> str:
@@ -1035,8 +1116,11 @@ def _action_token_mask(tok, resp_ids: list[int]) -> list[int]:
 
 @torch.no_grad()
 def rollout(policy, tok, world, tasks: list[str], group_size: int, temperature: float, gen: torch.Generator,
-            action_mode: str, device, ep_prefix: str, ref_policy=None, max_action_tokens: int = 32) -> list[Trajectory]:
-    """G rollouts per task, all live episodes stepped together; logp_old taken here (pitfall 9)."""
+            action_mode: str, device, ep_prefix: str, ref_policy=None, max_action_tokens: int = 32,
+            instruct: bool = False, logp_batch_size: int = 256, need_logp_old: bool = True) -> list[Trajectory]:
+    """G rollouts per task, all live episodes stepped together; logp_old taken here (pitfall 9).
+    Generate mode: `instruct` adds the answer-format instruction (real policies), the chat template is
+    applied when the tokenizer has one, and logp_old is recomputed after sampling (set_logp_old)."""
     eps, trajs = [], []
     for ti, task in enumerate(tasks):
         for g in range(group_size):
@@ -1069,8 +1153,10 @@ def rollout(policy, tok, world, tasks: list[str], group_size: int, temperature: 
                 units.append(Unit(prompts[j], acts_l[j], k, float(lp[k]),
                                   ref_logp=float(ref_logps[j][k]) if ref_logps is not None else None))
         else:
-            prompts = [policy_prompt(eps[i].task, eps[i].state, acts) for i, acts in zip(live, acts_l)]
-            g = C.generate(policy, tok, prompts, max_new_tokens=max_action_tokens, temperature=temperature, generator=gen)
+            prompts = chat_prompts(policy, tok, [policy_prompt(eps[i].task, eps[i].state, acts, instruct)
+                                                 for i, acts in zip(live, acts_l)])
+            g = C.generate(policy, tok, prompts, max_new_tokens=max_action_tokens, temperature=temperature,
+                           generator=gen, stop_strings=("</action>",) if instruct else ())
             for j in range(len(live)):
                 m = g.response_mask[j].bool()
                 rid = g.response_ids[j][m].tolist()
@@ -1079,6 +1165,8 @@ def rollout(policy, tok, world, tasks: list[str], group_size: int, temperature: 
                 amask = torch.tensor([0] * (len(seq) - len(rid)) + _action_token_mask(tok, rid))
                 chosen.append(parse_action_text(g.texts[j]))
                 units.append(Unit(prompts[j], acts_l[j], -1, g.logprobs[j][m].cpu(), ids=seq, resp_mask=amask))
+            if need_logp_old:
+                set_logp_old(policy, tok, units, device, logp_batch_size)
         before = [(eps[i].state, list(eps[i].history)) for i in live]
         results = world.step_batch([eps[i] for i in live], chosen)
         for j, i in enumerate(live):
@@ -1099,19 +1187,39 @@ def policy_logp_units(policy, tok, units: list[Unit], device, action_mode: str):
         logp = torch.stack([lp[u.idx] for lp, u in zip(lps, units)])[:, None]  # (B, 1)
         old = torch.tensor([u.logp_old for u in units], device=logp.device)[:, None]
         return logp, old, torch.ones_like(logp)
-    rows = [u.ids.tolist() for u in units]
-    ids, mask = C.left_pad(rows, tok.pad_token_id, device)
+    logp, amask = _generate_logp(policy, tok, units, device)
+    L = logp.shape[1]
+    old = torch.zeros_like(logp)
+    for b, u in enumerate(units):
+        T = len(u.logp_old)  # the whole prompt+response (set_logp_old) or the response only
+        old[b, L - T:] = u.logp_old.to(device)
+    return logp, old, amask
+
+
+def _generate_logp(policy, tok, units: list[Unit], device):
+    """Generate mode: (logp (B, L), action mask (B, L)) of the units' prompt+response ids, left-padded,
+    under the autocast the update uses."""
+    ids, mask = C.left_pad([u.ids.tolist() for u in units], tok.pad_token_id, device)
     with C.autocast(device):
         logp = C.token_logprobs(policy, ids, mask).float()  # (B, L)
     L = ids.shape[1]
     amask = torch.zeros_like(logp)
-    old = torch.zeros_like(logp)
     for b, u in enumerate(units):
-        n = len(u.ids)
-        amask[b, L - n:] = u.resp_mask.to(device).float()
-        T = len(u.logp_old)
-        old[b, L - T:] = u.logp_old.to(device)
-    return logp, old, amask
+        amask[b, L - len(u.ids):] = u.resp_mask.to(device).float()
+    return logp, amask
+
+
+@torch.no_grad()
+def set_logp_old(policy, tok, units: list[Unit], device, batch_size: int = 256) -> None:
+    """Generate mode: logp_old of each unit (its whole prompt+response ids) from the function and precision
+    the update uses (token_logprobs under autocast). C.generate's own log-probs come from fp32 cached decode
+    steps; under bf16 autocast in the update they differ, so rho would not start at 1 (pitfall 9)."""
+    for s in range(0, len(units), batch_size):
+        chunk = units[s:s + batch_size]
+        logp, _ = _generate_logp(policy, tok, chunk, device)
+        L = logp.shape[1]
+        for b, u in enumerate(chunk):
+            u.logp_old = logp[b, L - len(u.ids):].cpu()
 
 
 def grpo_update(policy, tok, opt, trajs: list[Trajectory], group_size: int, args, device, world_size: int,
@@ -1183,20 +1291,32 @@ def _all_gather(obj, world_size: int) -> list:
 
 
 @torch.no_grad()
-def evaluate(ctx, tasks: list[str], greedy: bool = True) -> float:
+def evaluate(ctx, tasks: list[str], greedy: bool = True, stats: dict | None = None) -> float:
     """Real success on the evaluation tasks. Uses only the real env (ctx.shop, diagnostic counter);
-    M_exp is never called here. Tasks are sharded over ranks, successes summed."""
+    M_exp is never called here. Tasks are sharded over ranks, successes summed; `stats` (optional)
+    receives the number of invalid answers (generate mode: unparsable or inadmissible)."""
     world = RealWorld(ctx.shop, diag=True)
     mine = tasks[ctx.rank::ctx.world_size]
     gen = torch.Generator().manual_seed(12345 + ctx.rank)
-    trajs = rollout(ctx.policy, ctx.tok, world, mine, 1, 0.0 if greedy else 1.0, gen, ctx.args.action_mode, ctx.device,
-                    "eval")
-    tot = _all_reduce_sum(torch.tensor([float(sum(t.reward for t in trajs)), float(len(trajs))]), ctx.world_size)
+    a = ctx.args
+    trajs = rollout(ctx.policy, ctx.tok, world, mine, 1, 0.0 if greedy else 1.0, gen, a.action_mode, ctx.device,
+                    "eval", max_action_tokens=a.max_action_tokens, instruct=is_instruct(a), need_logp_old=False)
+    tot = _all_reduce_sum(torch.tensor([float(sum(t.reward for t in trajs)), float(len(trajs)),
+                                        float(world.stats["invalid"])]), ctx.world_size)
+    if stats is not None:
+        stats["invalid"] = int(tot[2])
     return float(tot[0] / tot[1].clamp(min=1))
 
 
-def bc_warm_start(policy, tok, trajs: list[list[dict]], epochs: int, lr: float, device, action_mode: str, seed: int):
-    """Behaviour cloning of the warm start (all arms): NLL of the taken (admissible) actions."""
+def is_instruct(args) -> bool:
+    """A real policy in generate mode reads the <think>..</think><action>..</action> instruction."""
+    return args.action_mode == "generate" and bool(args.model_name_or_path)
+
+
+def bc_warm_start(policy, tok, trajs: list[list[dict]], epochs: int, lr: float, device, action_mode: str, seed: int,
+                  instruct: bool = False):
+    """Behaviour cloning of the warm start (all arms): NLL of the taken (admissible) actions. Generate mode
+    uses the rollout's prompts (instruction, chat template); with `instruct` the target is <action>a</action>."""
     pairs = [(t["task"], t["s"], t["a"]) for tr in trajs for t in tr if t["a"] in admissible(t["s"], t["task"])]
     opt = torch.optim.AdamW(policy.parameters(), lr=lr)
     rng = random.Random(seed)
@@ -1210,8 +1330,10 @@ def bc_warm_start(policy, tok, trajs: list[list[dict]], epochs: int, lr: float, 
                 lps = score_actions(policy, tok, [policy_prompt(tk, st) for tk, st, _ in b], acts, device)
                 loss = -torch.stack([lp[a_l.index(a)] for lp, a_l, (_, _, a) in zip(lps, acts, b)]).mean()
             else:
-                ids, mask, resp = C.encode_pairs(tok, [policy_prompt(tk, st, al) for (tk, st, _), al in zip(b, acts)],
-                                                 [a for _, _, a in b], device=device)
+                prompts = chat_prompts(policy, tok, [policy_prompt(tk, st, al, instruct)
+                                                     for (tk, st, _), al in zip(b, acts)])
+                ids, mask, resp = C.encode_pairs(tok, prompts, [f"<action>{a}</action>" if instruct else a
+                                                                for _, _, a in b], device=device)
                 loss = -(C.token_logprobs(policy, ids, mask) * resp).sum() / resp.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -1256,9 +1378,23 @@ def build_world(args) -> World:
     return World(shop, train, ev, offline, heldout, bc, offline_steps)
 
 
+def _history_action(h) -> str:
+    """One history entry -> the action M_exp's prompt lists: an action string, an (s, a) pair, or
+    {"action": a}."""
+    if isinstance(h, str):
+        return h
+    if isinstance(h, (list, tuple)) and len(h) == 2 and isinstance(h[1], str):
+        return h[1]
+    if isinstance(h, dict) and isinstance(h.get("action"), str):
+        return h["action"]
+    raise ValueError(f"history entry {h!r} is not an action, an (s, a) pair or {{'action': a}}")
+
+
 def load_offline_file(path: str) -> list[list[dict]]:
-    """jsonl rows {task, history, state, action, reasoning, next_state, reward, done, episode} ->
-    trajectories; a malformed row raises UserError with its line number."""
+    """jsonl rows {task, history, state, action, reasoning, next_state, reward, done, episode[, success]} ->
+    trajectories; a malformed row raises UserError with its line number. The outcome reward r is 1 iff the
+    task succeeded ("success" when given, else raw reward == 1; a WebShop score 0.67 is a failure); the raw
+    score is kept as r_raw. history: actions, (state, action) pairs or {"action": a} objects."""
     if not os.path.isfile(path):
         raise C.UserError(f"--offline_file '{path}' does not exist; pass a jsonl of offline transitions")
     by_ep: dict[str, list[dict]] = {}
@@ -1269,15 +1405,28 @@ def load_offline_file(path: str) -> list[list[dict]]:
                 continue
             try:
                 o = json.loads(line)
+                if not isinstance(o, dict):
+                    raise ValueError("not a JSON object")
                 miss = [k for k in need if k not in o]
                 if miss:
                     raise ValueError(f"missing {miss}")
-            except (json.JSONDecodeError, ValueError) as e:
-                raise C.UserError(f"{path}:{i}: bad offline transition ({e}); each line needs {list(need)}") from None
+                r_raw, done = float(o["reward"]), float(o["done"])
+                if not (math.isfinite(r_raw) and math.isfinite(done)):
+                    raise ValueError("reward / done not finite")
+                success = float(bool(o["success"])) if "success" in o else float(r_raw >= 1.0)
+                hist = o.get("history") or []
+                if not isinstance(hist, list):
+                    raise ValueError("history is not a list")
+                hist = [_history_action(h) for h in hist]
+                if not all(isinstance(o[k], str) for k in ("task", "state", "action", "next_state")):
+                    raise ValueError("task, state, action and next_state must be strings")
+            except (json.JSONDecodeError, ValueError, TypeError) as e:
+                raise C.UserError(f"{path}:{i}: bad offline transition ({e}); each line needs {list(need)}, "
+                                  f"reward and done numbers") from None
             ep = str(o.get("episode", i))
-            by_ep.setdefault(ep, []).append(dict(task=o["task"], ep=ep, hist=list(o.get("history", [])), s=o["state"],
-                                                 a=o["action"], s2=o["next_state"], r=float(o["reward"]),
-                                                 d=float(o["done"]), R=o.get("reasoning", ""), real=True))
+            by_ep.setdefault(ep, []).append(dict(task=o["task"], ep=ep, hist=hist, s=o["state"], a=o["action"],
+                                                 s2=o["next_state"], r=success, r_raw=r_raw, d=done,
+                                                 R=str(o.get("reasoning", "")), real=True))
     return list(by_ep.values())
 
 
@@ -1320,13 +1469,20 @@ def load_or_train_exp(world: World, args, variant: dict, device):
             raise C.UserError("--exp_api_base needs --exp_api_model (the model name the server serves)")
         llm = C.LLM.from_endpoint(args.exp_api_base, args.exp_api_model, os.environ.get(args.exp_api_key_env))
         return ExperienceModel(llm, variant["reasoning"], args.exp_temperature, args.exp_max_new_tokens,
-                               args.exp_retries), "endpoint"
+                               args.exp_retries, task_temperature=args.task_temperature), "endpoint"
     if args.exp_model_name_or_path:
         model, tok = C.load_lm(args.exp_model_name_or_path, device=device)
         return ExperienceModel(C.LLM(model=model, tokenizer=tok), variant["reasoning"], args.exp_temperature,
-                               args.exp_max_new_tokens, args.exp_retries), args.exp_model_name_or_path
-    cfg = dict(v=3, fail_over=args.fail_oversample, vocab=args.exp_vocab_size, n_products=args.n_products,
-               data_seed=args.data_seed, page_size=args.page_size,
+                               args.exp_max_new_tokens, args.exp_retries, task_temperature=args.task_temperature), \
+            args.exp_model_name_or_path
+    # The cache key hashes the SFT examples themselves (prompts with their retrieved demos, targets) next to
+    # the recipe, so any change of the data, the retrieval key or the demo text retrains M_exp.
+    buf = make_buffer(world, args, set(world.eval_tasks))
+    ex = exp_sft_examples(world.offline, buf, variant["top_k"], args.demo_bytes, variant["reasoning"],
+                          world.train_tasks, random.Random(args.data_seed), args.fail_oversample)
+    data_hash = hashlib.sha1(json.dumps(ex).encode()).hexdigest()[:16]
+    cfg = dict(v=4, data=data_hash, fail_over=args.fail_oversample, vocab=args.exp_vocab_size,
+               n_products=args.n_products, data_seed=args.data_seed, page_size=args.page_size,
                horizon=args.horizon, n_expert=args.n_expert, n_random=args.n_random, heldout=args.heldout_frac,
                n_train=args.n_train_tasks, n_eval=args.n_eval_tasks, layers=args.exp_layers, d=args.exp_d_model,
                epochs=args.exp_epochs, lr=args.exp_learning_rate, bs=args.exp_batch_size, demo=args.demo_bytes,
@@ -1341,9 +1497,6 @@ def load_or_train_exp(world: World, args, variant: dict, device):
         if C.is_main() and not os.path.isfile(os.path.join(path, "config.json")):
             t0 = time.time()
             tqdm.write(f"[dreamgym] fine-tuning M_exp {variant} (cached afterwards) -> {path}")
-            buf = make_buffer(world, args, set(world.eval_tasks))
-            ex = exp_sft_examples(world.offline, buf, variant["top_k"], args.demo_bytes, variant["reasoning"],
-                                  world.train_tasks, random.Random(args.data_seed), args.fail_oversample)
             model, tok = toy_exp_lm(args, [p + t for p, t in ex])
             model.to(device)
             losses = train_exp_model(model, tok, ex, args.exp_epochs, args.exp_learning_rate, args.exp_batch_size,
@@ -1362,7 +1515,7 @@ def load_or_train_exp(world: World, args, variant: dict, device):
         dist.barrier()
     model, tok = C.load_lm(path, device=device)
     return ExperienceModel(C.LLM(model=model, tokenizer=tok, batch_size=64), variant["reasoning"], args.exp_temperature,
-                           args.exp_max_new_tokens, args.exp_retries), path
+                           args.exp_max_new_tokens, args.exp_retries, task_temperature=args.task_temperature), path
 
 
 def exp_model_error(expm: ExperienceModel, buffer: ReplayBuffer, heldout: list[list[dict]], k: int, demo_bytes: int,
@@ -1375,7 +1528,7 @@ def exp_model_error(expm: ExperienceModel, buffer: ReplayBuffer, heldout: list[l
     sample = buys[: n_max // 2] + rest[: n_max - min(len(buys), n_max // 2)]
     if not sample:
         return {}
-    demos = buffer.retrieve([(t["s"], t["a"], t["ep"]) for t in sample], k)
+    demos = buffer.retrieve([(t["s"], t["a"], t["ep"], t["task"]) for t in sample], k)
     prompts = [exp_prompt(t["task"], t["hist"], [demo_text(d, demo_bytes) for d in ds], t["s"], t["a"])
                for t, ds in zip(sample, demos)]
     ans = expm.step(prompts)
@@ -1446,8 +1599,23 @@ def task_batch(args, world: World, syn_pool: list[str], rng: random.Random, use_
     return syn + rng.sample(world.train_tasks, n - n_syn)
 
 
+def real_step_cap(arm: str, args, real_ref: int | None) -> tuple[int, str | None]:
+    """(real training steps an arm may spend, what they are measured against). real_grpo: N. s2r:
+    DEVIATION(7), --s2r_frac x the real steps real_grpo used in the same seed (real_ref) when it ran in
+    this invocation, else x N: N is not binding in the toy, so 10% of N was ~25% of real_grpo's use."""
+    if arm == "real_grpo":
+        return args.real_budget, "N"
+    if arm == "s2r":
+        if real_ref:
+            return int(args.s2r_frac * real_ref), "real_grpo"
+        return int(args.s2r_frac * args.real_budget), "N"
+    return 0, None
+
+
 def run_arm(arm: str, seed: int, args, world: World, exp_cache: dict, logger, bar, device, rank: int,
-            world_size: int, out_dir: str) -> dict:
+            world_size: int, out_dir: str, real_ref: int | None = None) -> dict:
+    """One arm x seed. real_ref: the real training steps real_grpo used in this seed, when it ran in this
+    invocation (s2r's real cap is --s2r_frac x real_ref, else --s2r_frac x N; DEVIATION(7))."""
     t0 = time.time()
     tag = f"{arm}-s{seed}"
     ckpt_dir = os.path.join(out_dir, f"ckpt-{tag}")
@@ -1459,7 +1627,7 @@ def run_arm(arm: str, seed: int, args, world: World, exp_cache: dict, logger, ba
     world.shop.diag_steps = 0
     if seed not in BC_CACHE:  # the shared warm start of every arm of this seed
         bc_warm_start(policy, tok, world.bc, args.bc_epochs, 3e-3 if not args.model_name_or_path else args.learning_rate,
-                      device, args.action_mode, seed)
+                      device, args.action_mode, seed, instruct=is_instruct(args))
         BC_CACHE[seed] = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     policy.load_state_dict(BC_CACHE[seed])
     ref_policy = None
@@ -1483,7 +1651,8 @@ def run_arm(arm: str, seed: int, args, world: World, exp_cache: dict, logger, ba
         buffer = make_buffer(world, args, set(world.eval_tasks))
         dream = DreamWorld(expm, buffer, variant["top_k"], args.demo_bytes, args.horizon)
     n_syn_iters = args.iterations if arm != "real_grpo" and arm != "bc" else 0
-    n_real_budget = {"real_grpo": args.real_budget, "s2r": int(args.s2r_frac * args.real_budget)}.get(arm, 0)
+    n_real_budget, cap_basis = real_step_cap(arm, args, real_ref)
+    real_w = RealWorld(world.shop)  # one real world per arm, so its invalid-action counter spans the run
     real_iters = args.iterations if arm == "real_grpo" else (10 ** 6 if arm == "s2r" else 0)
     if arm == "bc":
         n_syn_iters = real_iters = 0
@@ -1502,12 +1671,15 @@ def run_arm(arm: str, seed: int, args, world: World, exp_cache: dict, logger, ba
             buffer.add(ex["syn_buffer"])
         tqdm.write(f"[{tag}] resumed at iteration {start_it}")
 
+    eval_stats = {"invalid": 0}
+
     def do_eval(i, sampled=False):
-        g = evaluate(ctx, world.eval_tasks, greedy=True)
+        g = evaluate(ctx, world.eval_tasks, greedy=True, stats=eval_stats)
         s = evaluate(ctx, world.eval_tasks, greedy=False) if sampled else float("nan")
         curve.append((i, g, s))
         tqdm.write(f"[{tag}] iter {i:3d}  real success greedy {g:.3f}" + (f" sampled {s:.3f}" if sampled else "")
-                   + f"  real train steps {world.shop.real_steps}")
+                   + f"  real train steps {world.shop.real_steps}"
+                   + (f"  invalid answers {eval_stats['invalid']}" if args.action_mode == "generate" else ""))
         return g, s
 
     if arm == "s2r" and seed in DREAM_SNAPSHOT and start_it == 0:
@@ -1541,11 +1713,12 @@ def run_arm(arm: str, seed: int, args, world: World, exp_cache: dict, logger, ba
             n_tasks = min(per_rank_tasks, int(left // (args.group_size * args.horizon * world_size)))
             if n_tasks <= 0:  # the next batch could overrun the real budget N
                 break
-            w = RealWorld(world.shop)
+            w = real_w
         n_tasks_now = per_rank_tasks if phase_syn else n_tasks
         tasks = task_batch(args, world, syn_pool, rng, use_curr and phase_syn, n_tasks_now)
         trajs = rollout(policy, tok, w, tasks, args.group_size, args.temperature, gen, args.action_mode, device,
-                        f"{tag}-{it}-r{rank}", ref_policy=ref_policy)
+                        f"{tag}-{it}-r{rank}", ref_policy=ref_policy, max_action_tokens=args.max_action_tokens,
+                        instruct=is_instruct(args), logp_batch_size=args.per_device_batch_size)
         try:
             stats = grpo_update(policy, tok, opt, trajs, args.group_size, args, device, world_size, rng, ref_policy)
         except FloatingPointError:
@@ -1580,12 +1753,14 @@ def run_arm(arm: str, seed: int, args, world: World, exp_cache: dict, logger, ba
                 syn_pool = (syn_pool + keep[: args.curr_seeds])[-32:]
                 row.update(curr_candidates=len(cands), curr_kept=len(keep))
         else:
+            row.update(invalid=real_w.stats["invalid"], real_cap=n_real_budget)
             if args.buffer_add == "real" and buffer is not None:
                 buffer.add([tr for t in trajs for tr in t.transitions])
         it += 1
         if it % args.eval_every == 0:
             g, _ = do_eval(it)
-            row.update(real_success=g)
+            row.update(real_success=g, **({"eval_invalid": eval_stats["invalid"]} if args.action_mode == "generate"
+                                          else {}))
             if rank == 0:
                 C.save_checkpoint(ckpt_dir, policy, tok, opt, step=it, extra=dict(
                     real_steps=world.shop.real_steps, diag_steps=world.shop.diag_steps, syn_pool=syn_pool, curve=curve,
@@ -1611,7 +1786,10 @@ def run_arm(arm: str, seed: int, args, world: World, exp_cache: dict, logger, ba
                diag_real_steps=world.shop.diag_steps, iterations=it, halluc_success=halluc, halluc_n=n_h,
                syn_success_last=syn_last, syn_real_gap=syn_last - s if syn_succ else float("nan"),
                zero_var_share=float(np.mean(zero_var)) if zero_var else float("nan"), curve=curve,
-               minutes=(time.time() - t0) / 60)
+               real_budget=args.real_budget, real_step_cap=n_real_budget if cap_basis else None,
+               real_cap_basis=cap_basis, real_ref_steps=real_ref,
+               real_invalid=int(_all_reduce_sum(torch.tensor(float(real_w.stats["invalid"])), world_size).item()),
+               eval_invalid=eval_stats["invalid"], minutes=(time.time() - t0) / 60)
     if uses_exp:
         res.update({k: v for k, v in exp_err.items()}, exp_model=exp_path, exp_calls=expm.calls,
                    malformed=dream.stats["malformed"], invalid=dream.stats["invalid"],
@@ -1634,12 +1812,22 @@ def _ms(vals) -> str:
 def results_table(results: list[dict]) -> str:
     arms = list(dict.fromkeys(r["arm"] for r in results))
     cols = [("real success (greedy)", "real_success"), ("real success (sampled)", "real_success_sampled"),
-            ("new real steps", "real_train_steps"), ("halluc. success", "halluc_success"), ("eps_R", "eps_R"),
+            ("new real steps", "real_train_steps"), ("real step cap", "real_step_cap"),
+            ("halluc. success", "halluc_success"), ("eps_R", "eps_R"),
             ("false success", "false_success"), ("eps_P exact", "eps_P_exact"), ("zero-var groups", "zero_var_share"),
             ("syn-real gap", "syn_real_gap"), ("minutes", "minutes")]
     seeds = sorted({r["seed"] for r in results})
+    caps = []  # DEVIATION(7): s2r's cap = s2r_frac x real_grpo's real steps of the seed, else x N
+    for r in results:
+        if r["arm"] == "s2r" and r.get("real_step_cap") is not None:
+            basis = (f"real_grpo's {r['real_ref_steps']} real steps" if r.get("real_cap_basis") == "real_grpo"
+                     else f"N = {r['real_budget']}")
+            caps.append(f"seed {r['seed']} {r['real_step_cap']} (s2r_frac x {basis})")
+    budget = next((r["real_budget"] for r in results if "real_budget" in r), None)
     lines = [f"seeds {','.join(map(str, seeds))}; mean ± std over seeds; offline real steps (all arms, M_exp SFT + "
-             f"buffer + BC): {results[0]['offline_real_steps']}", "",
+             f"buffer + BC): {results[0]['offline_real_steps']}"
+             + (f"; real_grpo budget N = {budget}" if budget is not None else "")
+             + (f"; s2r real cap: {', '.join(caps)}" if caps else ""), "",
              "| arm | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for a in arms:
         rs = [r for r in results if r["arm"] == a]
@@ -1648,6 +1836,9 @@ def results_table(results: list[dict]) -> str:
             vals = [r.get(k) for r in rs]
             if k == "real_train_steps":
                 cells.append(f"{np.mean(vals):.0f}")
+            elif k == "real_step_cap":
+                v = [x for x in vals if x is not None]
+                cells.append(f"{np.mean(v):.0f}" if v else "-")
             else:
                 cells.append(_ms(vals))
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
@@ -1737,7 +1928,8 @@ def main(args):
         if rank == 0:
             model.save_pretrained(os.path.join(out_dir, "exp_model"))
             tok.save_pretrained(os.path.join(out_dir, "exp_model"))
-            expm = ExperienceModel(C.LLM(model=model, tokenizer=tok), variant["reasoning"], 0.0, args.exp_max_new_tokens)
+            expm = ExperienceModel(C.LLM(model=model, tokenizer=tok), variant["reasoning"], 0.0,
+                                   args.exp_max_new_tokens, task_temperature=args.task_temperature)
             err = exp_model_error(expm, buf, world.heldout, variant["top_k"], args.demo_bytes, args.n_heldout_eval)
             C.write_json(os.path.join(out_dir, "summary.json"), dict(
                 method="train_exp", final_loss=float(np.mean(losses[-10:])), examples=len(ex),
@@ -1753,16 +1945,24 @@ def main(args):
     bar = tqdm(total=n_updates, desc="dreamgym", disable=not C.is_main(), dynamic_ncols=True)
     logger = C.MetricLogger(out_dir, pbar=bar, resume_step=10 ** 9 if args.resume else None)
     results, exp_cache = [], {}
+    real_used: dict[int, int] = {}  # seed -> real training steps real_grpo used (s2r's cap basis, DEVIATION(7))
     for arm, seed in runs:
         res_path = os.path.join(out_dir, f"result-{arm}-s{seed}.json")
         if args.resume and os.path.isfile(res_path):
             with open(res_path) as f:
                 results.append(json.load(f))
+            if arm == "real_grpo":
+                real_used[seed] = int(results[-1]["real_train_steps"])
             bar.update(args.iterations if arm != "bc" else 0)
             continue
-        res = run_arm(arm, seed, args, world, exp_cache, logger, bar, device, rank, world_size, out_dir)
+        res = run_arm(arm, seed, args, world, exp_cache, logger, bar, device, rank, world_size, out_dir,
+                      real_ref=real_used.get(seed))
+        if arm == "real_grpo":
+            real_used[seed] = int(res["real_train_steps"])
         tqdm.write(f"[{arm}-s{seed}] real success {res['real_success']:.3f} (sampled {res['real_success_sampled']:.3f}), "
-                   f"new real steps {res['real_train_steps']}, halluc {res['halluc_success']:.3f}, "
+                   f"new real steps {res['real_train_steps']}"
+                   + (f" (cap {res['real_step_cap']})" if res.get("real_step_cap") is not None else "")
+                   + f", halluc {res['halluc_success']:.3f}, "
                    f"{res['minutes']:.1f} min")
         results.append(res)
         if rank == 0:
@@ -1778,7 +1978,9 @@ def main(args):
         print(table)
         C.write_json(os.path.join(out_dir, "summary.json"), dict(
             results=results, table=table, wall_s=time.time() - t_start, device=str(device), seeds=seeds,
-            offline_real_steps=world.offline_steps, methods=methods))
+            offline_real_steps=world.offline_steps, methods=methods, real_budget=args.real_budget,
+            s2r_frac=args.s2r_frac,
+            s2r_real_cap={r["seed"]: r.get("real_step_cap") for r in results if r["arm"] == "s2r"}))
     C.ddp_cleanup()
 
 

@@ -182,6 +182,56 @@ def test_retrieval_ranks_nearest_first_and_skips_own_episode():
     assert buf.retrieve([("x", "y", "q")], 0) == [[]]
 
 
+def test_buy_demos_and_keys_carry_the_task():
+    """A buy's reward holds for its task only: the demo names the task, and the retrieval key of a
+    buy includes it, so the same item bought for the same task ranks first."""
+    item = "item: red cotton shirt $25 sizes{S,M} sel{M} [buy] [back]"
+    ok = {**_tr("e1", item, "buy", "done", task="buy a red shirt, size M, under $30"), "r": 1.0}
+    other = {**_tr("e2", item, "buy", "done", task="buy a blue shirt, size M, under $30"), "r": 0.0}
+    assert D.demo_text(ok, 130).startswith("for red shirt, size M, under $30: item: red cotton shirt $25")
+    assert D.demo_text(ok, 130).endswith("buy => done r1")
+    assert "blue" not in D.demo_text(_tr("e3", item, "back", D.SEARCH_STATE), 130)  # non-buy demos unchanged
+    buf = D.ReplayBuffer()
+    buf.add([ok, other])
+    for task, first in (("buy a blue shirt, size M, under $30", "e2"), ("buy a red shirt, size M, under $30", "e1")):
+        got = buf.retrieve([(item, "buy", "q", task)], 2)[0]
+        assert [g["ep"] for g in got] == [first, {"e1": "e2", "e2": "e1"}[first]]  # both kept: different tasks
+
+
+class RewardButNotDoneExp:
+    """Stub M_exp: every answer claims reward 1 but does not end the episode."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def step(self, prompts):
+        self.calls += len(prompts)
+        return [("r", "results p1: [1] red cotton shirt $25 [back]", 1.0, 0.0) for _ in prompts]
+
+
+def test_synthetic_timeout_and_not_done_steps_give_zero_reward():
+    """Spec: horizon = timeout = failure (ShopLite gives r = 0); an outcome reward is only paid when the
+    episode ends, so r = 0 while M_exp says done = 0 and at the horizon."""
+    dream = D.DreamWorld(RewardButNotDoneExp(), D.ReplayBuffer(), 0, 100, horizon=2)
+    task = "buy a red shirt, under $30"
+    ep = dream.reset(task, "e")
+    (s2, r, d, info), = dream.step_batch([ep], ["search[red shirt]"])
+    assert (r, d) == (0.0, False)
+    (s2, r, d, info), = dream.step_batch([ep], ["click[1]"])
+    assert (r, d) == (0.0, True) and info["timeout"] and ep.done
+    policy, tok = C.tiny_lm(n_layer=1, d_model=16, seed=0)
+    trajs = D.rollout(policy, tok, D.DreamWorld(RewardButNotDoneExp(), D.ReplayBuffer(), 0, 100, horizon=2), [task],
+                      2, 1.0, torch.Generator().manual_seed(0), "score", torch.device("cpu"), "t")
+    assert all(len(t.transitions) <= 2 and t.reward == 0.0 for t in trajs)
+
+
+def test_real_world_counts_invalid_actions():
+    world = D.RealWorld(_shop())
+    eps = [world.reset("buy a red shirt, under $30", f"e{i}") for i in range(3)]
+    out = world.step_batch(eps, ["search[red shirt]", "<action>checkout", ""])
+    assert world.stats == {"invalid": 2, "steps": 3} and [o[0] for o in out[1:]] == [D.FAILURE_STATE] * 2
+
+
 class RecordingExp:
     """Stub M_exp: records calls; answers every step with a purchase that 'succeeds'."""
 
@@ -287,6 +337,20 @@ def test_endpoint_malformed_replies_are_retried_then_counted(fixed_server):
     assert len(_Fixed.seen) == 3 and expm.malformed == 1 and dream.stats["malformed"] == 1  # 1 + 2 retries
 
 
+def test_endpoint_task_generator_gets_grammar_and_task_temperature(fixed_server):
+    _Fixed.replies, _Fixed.seen = ["'buy a red wool shirt, under $40'."], []
+    url = f"http://127.0.0.1:{fixed_server.server_address[1]}/v1"
+    args = _endpoint_args(url)
+    args.task_temperature = 0.9
+    expm, _ = D.load_or_train_exp(None, args, {"top_k": 3, "reasoning": True}, "cpu")
+    out = expm.gen_tasks(["buy a red shirt, under $40"], 2)
+    assert out == [["buy a red wool shirt, under $40"] * 2]  # quotes and the full stop stripped
+    assert len(_Fixed.seen) == 2 and all(r["temperature"] == 0.9 for r in _Fixed.seen)
+    sys_msg = _Fixed.seen[0]["messages"][0]
+    assert sys_msg["role"] == "system" and "under $CAP" in sys_msg["content"] and "cotton" in sys_msg["content"]
+    assert "buy a red shirt, under $40" in _Fixed.seen[0]["messages"][1]["content"]
+
+
 def test_experience_model_through_common_serve_openai():
     """A local HF model served by common.serve_openai plays M_exp over HTTP: an untrained model's
     replies are malformed, so they are retried and counted, and the step is the failure transition."""
@@ -317,6 +381,76 @@ def test_bad_method_exits_2_with_one_line():
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown --method" in r.stderr
 
 
+def _offline_row(**kw):
+    row = dict(task="buy a red shirt, under $30", state="item: red cotton shirt $25 sizes{M} [buy] [back]",
+               action="buy", next_state="done", reward=1.0, done=1, episode="a")
+    row.update(kw)
+    return json.dumps(row)
+
+
+def test_offline_file_binary_reward_pair_history_and_bad_line(tmp_path):
+    path = tmp_path / "off.jsonl"
+    path.write_text("\n".join([
+        _offline_row(history=[["search: [search box]", "search[red shirt]"], {"action": "click[1]"}]),
+        _offline_row(episode="b", reward=0.67, history=["search[red shirt]"]),
+        _offline_row(episode="c", reward=0.5, success=True)]) + "\n")
+    trajs = {tr[0]["ep"]: tr[0] for tr in D.load_offline_file(str(path))}
+    assert trajs["a"]["hist"] == ["search[red shirt]", "click[1]"] and trajs["a"]["r"] == 1.0
+    assert trajs["b"]["r"] == 0.0 and trajs["b"]["r_raw"] == pytest.approx(0.67)  # r = 1 iff success; raw kept
+    assert trajs["c"]["r"] == 1.0 and trajs["c"]["r_raw"] == 0.5
+    assert D.exp_prompt(trajs["a"]["task"], trajs["a"]["hist"], [], "s", "a").count("search[red shirt];click[1]") == 1
+    path.write_text(_offline_row() + "\n" + _offline_row(reward="lots") + "\n")
+    with pytest.raises(C.UserError, match=r"off\.jsonl:2: bad offline transition"):
+        D.load_offline_file(str(path))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "dreamgym.py"), "--offline_file", str(path),
+                        "--output_dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "off.jsonl:2:" in r.stderr
+
+
+def test_flag_defaults_follow_the_model_kind():
+    toy = D.parse_args([])
+    assert (toy.exp_max_new_tokens, toy.max_action_tokens) == (64, 32)
+    real = D.parse_args(["--exp_api_base", "http://x/v1", "--model_name_or_path", "some/model"])
+    assert (real.exp_max_new_tokens, real.max_action_tokens) == (512, 256)
+    assert D.parse_args(["--exp_model_name_or_path", "m", "--exp_max_new_tokens", "99"]).exp_max_new_tokens == 99
+    with pytest.raises(SystemExit):  # --retriever embed was accepted and ignored; the flag is gone
+        D.parse_args(["--retriever", "embed"])
+
+
+def test_s2r_real_cap_follows_real_grpo_steps():
+    args = D.parse_args(["--real_budget", "5000", "--s2r_frac", "0.1"])
+    assert D.real_step_cap("real_grpo", args, None) == (5000, "N")
+    assert D.real_step_cap("s2r", args, 1675) == (167, "real_grpo")  # 10% of what real_grpo used
+    assert D.real_step_cap("s2r", args, None) == (500, "N")  # real_grpo did not run: 10% of N
+    assert D.real_step_cap("dreamgym", args, 1675) == (0, None)
+
+
+def test_generate_mode_logp_old_matches_update_logp():
+    """Generate mode: logp_old is recomputed with the update's function, so rho = 1 before any update
+    (C.generate's cached fp32 log-probs differ from token_logprobs under bf16 autocast)."""
+    policy, tok = C.tiny_lm(n_layer=1, d_model=16, seed=0)
+    trajs = D.rollout(policy, tok, D.RealWorld(_shop()), ["buy a red shirt, under $30"], 3, 1.0,
+                      torch.Generator().manual_seed(0), "generate", torch.device("cpu"), "g", max_action_tokens=12)
+    units = [u for t in trajs for u in t.units]
+    assert units and all(len(u.logp_old) == len(u.ids) for u in units)  # whole prompt + response, recomputed
+    assert all(int(u.resp_mask.sum()) <= 12 for u in units)  # --max_action_tokens
+    logp, old, mask = D.policy_logp_units(policy, tok, units, torch.device("cpu"), "generate")
+    assert mask.sum() > 0
+    torch.testing.assert_close(logp * mask, old * mask, atol=1e-6, rtol=0)
+
+
+def test_generate_mode_prompt_uses_instruction_and_chat_template():
+    policy, tok = C.tiny_lm(n_layer=1, d_model=16, seed=0)
+    acts = D.admissible(D.SEARCH_STATE, "buy a red shirt, under $30")
+    text = D.policy_prompt("buy a red shirt, under $30", D.SEARCH_STATE, acts, instruct=True)
+    assert "<think>" in text and "<action>" in text and acts[0] in text
+    assert D.chat_prompts(policy, tok, [text]) == [text]  # the byte tokenizer has no template
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    assert D.chat_prompts(policy, tok, [text]) == [f"<|user|>{text}<|assistant|>"]
+    args = D.parse_args(["--action_mode", "generate", "--model_name_or_path", "x"])
+    assert D.is_instruct(args) and not D.is_instruct(D.parse_args(["--action_mode", "generate"]))
+
+
 # ---- smoke run ---------------------------------------------------------------------------------------
 
 
@@ -339,6 +473,9 @@ def test_smoke_s2r_writes_outputs(tmp_path):
     res = summ["results"][0]
     assert res["arm"] == "s2r" and 0 < res["real_train_steps"] <= 40 and res["real_train_steps"] <= 0.1 * 400  # <= s2r_frac x N real steps
     assert res["offline_real_steps"] > 0 and "eps_R" in res
+    # real_grpo did not run in this invocation: s2r's cap is s2r_frac x N, logged with N
+    assert (res["real_step_cap"], res["real_cap_basis"], res["real_budget"]) == (40, "N", 400)
+    assert summ["real_budget"] == 400 and summ["s2r_real_cap"] == {"0": 40} and "real_grpo budget N = 400" in summ["table"]
     rows = C.read_jsonl(out / "metrics.jsonl")
     assert {r["phase"] for r in rows} == {"synthetic", "real"}
     assert all(r["real_train_steps"] == 0 for r in rows if r["phase"] == "synthetic")
