@@ -19,7 +19,7 @@ Equations (response y of length T, chunk length C, M chunks, N teacher samples, 
                          response token t uses logits index P + t - 1
   (3) anchors            starts t with t + C <= T sorted by (H_t, t) descending, accepted when
                          |t - u| >= C for every accepted u, at most M (fewer is fine, never padded)
-  (4) verification       z_1..z_N ~ teacher(. | x + y[:t0]) as text, C tokens (or |s_c| chars)
+  (4) verification       z_1..z_N ~ teacher(. | x + y[:t0]) as text, C tokens (chars mode: cut to |s_c| chars)
   (5) agreement          k_c = sum_n phi(s_c, z_n) in [0, N]; phi = ned | rouge1 | embed
   (6) Dirichlet prior    pbar_c = exp(mean_{t in c} log pi(y_t));  phat_c = (k_c + alpha pbar_c) / (N + alpha)
                          (no gradient through phat)
@@ -35,18 +35,32 @@ Deviations from the paper:
   2. The toy uses tiny 2-layer Llama models on running-sum arithmetic (common's toy world, domain
      "add") instead of Qwen3 on math/code; chunk length C = 4 tokens (one step is 4 characters)
      instead of 50, M = 2, N = 8. `# DEVIATION(2)`
-  3. `--teacher_chunk_unit chars` (default) caps every teacher continuation at the character length of
-     the student chunk it is compared with, so a teacher with another tokenizer writes as much text as
-     the student did; the paper budgets in teacher tokens (`--teacher_chunk_unit tokens`). `# DEVIATION(3)`
-  4. `--teacher_token_budget match` gives SFT as many teacher tokens per update as OmniOPD's nominal
-     budget B*M*N*C (more teacher samples per prompt); the paper matches training steps. `# DEVIATION(4)`
+  3. `--teacher_chunk_unit chars` (default) cuts every teacher continuation to the character length of
+     the student chunk it is compared with, so a teacher with another tokenizer is compared on as much
+     text as the student wrote; the request asks for min(C, max |s_c|) teacher tokens (C tokens of a
+     real model are ~4C characters: asking for |s_c| tokens would spend ~4x the budget; a teacher
+     whose tokenizer is much finer than the student's may then write less than |s_c|). The paper
+     budgets in teacher tokens (`--teacher_chunk_unit tokens`). `# DEVIATION(3)`
+  4. `--teacher_token_budget match` gives SFT as many teacher tokens per update as OmniOPD spends (more
+     teacher samples per prompt): by default OmniOPD's nominal B*M*N*C, an upper bound on what it
+     spends (fewer chunks in short responses, continuations that end early); `--match_teacher_tokens`
+     takes the measured number (or the OmniOPD run's dir). The paper matches training steps. `# DEVIATION(4)`
+  5. A black-box teacher must continue raw text, so its endpoint must serve /v1/completions (vLLM,
+     SGLang, llama.cpp server, Ollama); the paper's chat-only APIs (Claude-4.5-Haiku, Gemini-2.5-Flash)
+     cannot be used as they are (that would need an assistant prefill or a "continue this text" chat
+     prompt, which this file does not implement). `# DEVIATION(5)`
 
 Reconstructed (the record is silent; our choice):
   phi: `ned` (1 - Levenshtein / max length), `rouge1` (unit-multiset F1; units = letter runs, single
   digits, single symbols), `embed` (max(0, cos) of mean-pooled last hidden states of --sim_model,
   default the frozen reference student); alpha = 1, beta = 0.1 (re-implementation defaults); random
   anchors = same number of non-overlapping starts drawn uniformly; chunks may contain the EOS token;
-  learning rate, batch size, gradient clip 1.0; style teachers of the toy (recipes below).
+  a chunk that decodes to "" (special tokens only) is skipped (phi cannot score it) and stays in the
+  KL term; learning rate, batch size, gradient clip 1.0; style teachers of the toy (recipes below).
+  Teacher prompt: a local HF teacher with a chat template reads x in its own template, followed by the
+  student's decoded y[:t0]; an endpoint teacher reads x in the student's template (the toy has none).
+  pi_ref is the initial student in the student's dtype under the same autocast (KL = 0 at step 0;
+  `--ref_dtype bf16` halves its memory but starts the anchor at bf16 rounding noise).
 
 Commands:
   toy, CPU (the README's main job, ~1.5 min):   python omniopd.py
@@ -56,14 +70,22 @@ Commands:
   full toy table:       python omniopd.py --table --table_grid all --table_seeds 0,1,2
   one GPU, real models: python omniopd.py --model_name_or_path Qwen/Qwen3-1.7B --teacher Qwen/Qwen3-8B \
                           --train_file data/math_train.jsonl --eval_file data/math500.jsonl --similarity rouge1 \
-                          --max_new_tokens 4096 --chunk_tokens 50 --num_chunks 10 --teacher_samples 10 \
-                          --learning_rate 1e-6 --per_device_batch_size 8
+                          --max_new_tokens 4096 --eval_max_new_tokens 4096 --chunk_tokens 50 --num_chunks 10 \
+                          --teacher_samples 10 --learning_rate 1e-6 --per_device_batch_size 8 --micro_batch_size 2 \
+                          --gradient_checkpointing --teacher_batch_size 32 --eval_batch_size 16
+                        (--eval_max_new_tokens and --gradient_checkpointing are already the real-model defaults.
+                        Memory: B*M*N = 800 teacher rows per update, each up to P + 4096 + C tokens; Qwen3-8B's bf16
+                        KV cache is 144 KiB a token, ~19 GiB for 32 rows; the fp32 student's is 224 KiB a token,
+                        ~15 GiB for 16 eval rows)
+  sft at omniopd's measured teacher tokens: ... --method sft --match_teacher_tokens runs/omniopd/<omniopd run>
   black-box teacher:    ... --teacher_api_base http://localhost:8000/v1 --teacher_api_model Qwen/Qwen3-32B
-                          [--teacher_api_key_env OPENAI_API_KEY]
-  several GPUs:         torchrun --nproc_per_node 8 omniopd.py ... (per-rank prompt shards, exact global gradient)
+                          [--teacher_api_key_env OPENAI_API_KEY]   (the endpoint must serve /v1/completions)
+  several GPUs:         torchrun --nproc_per_node 8 omniopd.py ... (per-rank prompt shards, exact global gradient,
+                        evals sharded over ranks)
 
-Logged (metrics.jsonl): loss, train_acc (rollout correctness), kl_ref (mean per response token of
-KL(pi_ref || pi)), entropy, resp_len, chunks (per response), k_mean, k_mid (share of k_c inside
+Logged (metrics.jsonl): loss (of the global batch under torchrun, as are chunk_term and kl_term),
+train_acc (rollout correctness), kl_ref (mean per response token of KL(pi_ref || pi)), entropy,
+resp_len, chunks (per response), k_mean, k_mid (share of k_c inside
 (0.05N, 0.95N): near 0 means the teacher samples are identical or the prefix leaked), phat_mean,
 teacher_tokens / student_tokens (cumulative, all ranks), acc_greedy / acc_sample / acc_ood at evals.
 """
@@ -117,8 +139,17 @@ def parse_args(argv=None):
     p.add_argument("--teacher_access", default="logits", choices=("logits", "text"),
                    help="what the teacher exposes: logits (white-box, opd possible) or text (API-like)")
     p.add_argument("--teacher_logit_noise", type=float, default=0.0, help="sigma: N(0, sigma^2) noise on the logits opd sees")
-    p.add_argument("--sim_model", default=None, help="embedding model for --similarity embed (default: pi_ref)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="frozen models' dtype (auto: bf16 on CUDA)")
+    p.add_argument("--teacher_batch_size", type=int, default=1024,
+                   help="local text teacher: rows (prefix x N copies) per generate call; each row holds a KV cache of "
+                        "up to P + T + C tokens, so use ~32 for real models")
+    p.add_argument("--sim_model", default=None,
+                   help="encoder for --similarity embed, loaded with AutoModel (e.g. sentence-transformers/all-MiniLM-L6-v2; "
+                        "default: pi_ref)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="teacher and --sim_model dtype (auto: bf16 on CUDA)")
+    p.add_argument("--ref_dtype", default="same", choices=("same", "bf16"),
+                   help="pi_ref dtype: same as the student (fp32, run under the student's autocast, so KL(pi_ref || pi) "
+                        "= 0 at step 0) or bf16 (half the memory; KL then starts at the bf16 rounding noise)")
     p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
     # ---- method ----
     p.add_argument("--method", default="omniopd", choices=("omniopd", "opd", "sft", "grpo", "kl_only"), help="objective")
@@ -135,7 +166,12 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.1, help="beta: weight of the KL anchor to pi_ref, Eq. (7)/(9)")
     p.add_argument("--group_size", type=int, default=8, help="G: samples per prompt for grpo, Eq. (9)")
     p.add_argument("--teacher_token_budget", default="match", choices=("match", "none"),
-                   help="sft: match omniopd's B*M*N*C teacher tokens per update, or one response per prompt")
+                   help="sft: match omniopd's teacher tokens per update (see --match_teacher_tokens), "
+                        "or one response per prompt")
+    p.add_argument("--match_teacher_tokens", default=None,
+                   help="sft with --teacher_token_budget match: omniopd's *measured* teacher tokens per update (all ranks), "
+                        "as a number or the omniopd run's output dir (reads teacher_tokens / steps from its summary.json); "
+                        "default: omniopd's nominal B*M*N*C")
     p.add_argument("--temperature", type=float, default=1.0, help="student rollout temperature, Eq. (1)")
     p.add_argument("--max_new_tokens", type=int, default=32, help="T max: response tokens per rollout")
     # ---- training ----
@@ -143,6 +179,12 @@ def parse_args(argv=None):
     p.add_argument("--per_device_batch_size", type=int, default=32, help="B per rank: rollouts per update")
     p.add_argument("--max_steps", type=int, default=80, help="optimizer updates")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clip")
+    p.add_argument("--micro_batch_size", type=int, default=None,
+                   help="rows per forward + backward of the loss (exact: every loss is a sum over rows / B); "
+                        "default: all at once")
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation checkpointing of the student's training forward "
+                        "(default: on for real models, off for the toy)")
     p.add_argument("--seed", type=int, default=0, help="seed of random, numpy, torch, samplers")
     # ---- data ----
     p.add_argument("--train_file", default=None, help="jsonl with 'prompt', 'answer' (default: toy add problems)")
@@ -151,7 +193,12 @@ def parse_args(argv=None):
     # ---- evaluation ----
     p.add_argument("--eval_size", type=int, default=500, help="held-out problems per eval split")
     p.add_argument("--eval_every", type=int, default=40, help="greedy held-out eval every n steps (0: start/end only)")
-    p.add_argument("--eval_max_new_tokens", type=int, default=40, help="response tokens at eval")
+    p.add_argument("--eval_max_new_tokens", type=int, default=None,
+                   help="response tokens at eval (default: 40 for the toy student on toy problems, else --max_new_tokens: "
+                        "40 tokens would cut every real reasoning trace before its answer)")
+    p.add_argument("--eval_batch_size", type=int, default=128,
+                   help="prompts per eval generate call (each holds a KV cache of P + eval_max_new_tokens tokens; "
+                        "~16 for real models)")
     # ---- output ----
     p.add_argument("--output_dir", default=None, help="run dir (default runs/omniopd/<method>-<toy_teacher>-s<seed>)")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every n steps (0: at the end only)")
@@ -165,9 +212,17 @@ def parse_args(argv=None):
     if args.output_dir is None:
         tag = "table" if args.table else f"{args.method}-{args.toy_teacher}-s{args.seed}"
         args.output_dir = os.path.join("runs", "omniopd", tag)
-    for k in ("chunk_tokens", "num_chunks", "teacher_samples", "per_device_batch_size", "max_new_tokens"):
+    toy = args.model_name_or_path == "toy"
+    if args.eval_max_new_tokens is None:
+        args.eval_max_new_tokens = 40 if toy and args.eval_file is None else args.max_new_tokens
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = not toy
+    for k in ("chunk_tokens", "num_chunks", "teacher_samples", "per_device_batch_size", "max_new_tokens",
+              "teacher_batch_size", "eval_max_new_tokens", "eval_batch_size"):
         if getattr(args, k) < 1:
             p.error(f"--{k} must be >= 1")
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        p.error("--micro_batch_size must be >= 1")
     if args.max_steps < 0:
         p.error("--max_steps must be >= 0")
     return args
@@ -449,17 +504,55 @@ def verification_requests(prompt_texts: Sequence[str], response_ids: torch.Tenso
     return prefixes, chunks
 
 
+def drop_empty_chunks(starts: Sequence[Sequence[int]], prefixes: list[str], chunks: list[str]):
+    """Skip chunks whose decoded text is empty (only special tokens, e.g. a lone EOS): phi("", z) cannot
+    score them (phi("", "") = 1 after the teacher text is cut to 0 characters would give k = N). They
+    get no chunk term and stay unaudited, i.e. in the KL anchor. -> (starts, prefixes, chunks)."""
+    keep = [bool(c) for c in chunks]
+    it = iter(keep)
+    starts = [[t for t in ss if next(it)] for ss in starts]
+    return starts, [p for p, k in zip(prefixes, keep) if k], [c for c, k in zip(chunks, keep) if k]
+
+
+def teacher_complete(teacher, prompts: list[str], n: int, **kw) -> list[list[str]]:
+    """teacher.complete(prompts, n, ...) with two real-model concerns. A local teacher that needs
+    several generate calls (len(prompts) * n > its batch_size) gets the prompts sorted by length, so
+    each call pads to similar lengths; the answers come back in the caller's order. (One call, as in
+    the toy, is left as is: sorting inside one call saves nothing and would reorder the sampler's
+    draws.) An endpoint that rejects /v1/completions raises one line saying that it must serve raw
+    completions."""
+    bs = getattr(teacher, "batch_size", None)
+    if getattr(teacher, "is_local", False) and bs and len(prompts) * n > bs:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        outs = teacher.complete([prompts[i] for i in order], n=n, **kw)
+        res: list = [None] * len(prompts)
+        for j, i in enumerate(order):
+            res[i] = outs[j]
+        return res
+    try:
+        return teacher.complete(prompts, n=n, **kw)
+    except C.EndpointError as e:  # DEVIATION(5): raw-text continuation needs /v1/completions
+        msg = str(e)
+        if "rejected" in msg or "HTTP 4" in msg:
+            raise C.EndpointError(f"{msg}. The teacher must continue raw text through /v1/completions (vLLM, SGLang, "
+                                  f"llama.cpp server, Ollama serve it); chat-only APIs cannot continue a prefix") from None
+        raise
+
+
 def teacher_continuations(teacher: C.LLM, prefixes: list[str], chunks: list[str], n: int, temperature: float,
                           unit: str, chunk_len: int) -> list[list[str]]:
     """N text continuations per prefix from a text-only teacher (`common.LLM`: local HF model or an
     OpenAI-compatible endpoint; no logits anywhere). One batched call for the whole batch."""
     if not prefixes:
         return []
-    if unit == "chars":  # DEVIATION(3): as many characters as the student chunk has
-        max_tokens = max(1, max(len(s) for s in chunks))
-        outs = teacher.complete(prefixes, n=n, temperature=temperature, max_tokens=max_tokens)
+    if unit == "chars":  # DEVIATION(3): as much text as the student chunk, cut to its characters
+        # at most C teacher tokens (about C student tokens of text; a real chunk of C tokens is ~4C
+        # characters, and asking for that many tokens would spend ~4x the teacher budget); fewer when
+        # every chunk is shorter in characters (the toy's byte tokens: 1 character = 1 token)
+        max_tokens = max(1, min(chunk_len, max(len(s) for s in chunks)))
+        outs = teacher_complete(teacher, prefixes, n, temperature=temperature, max_tokens=max_tokens)
         return [[z[:len(s)] for z in zs] for s, zs in zip(chunks, outs)]
-    return teacher.complete(prefixes, n=n, temperature=temperature, max_tokens=chunk_len)
+    return teacher_complete(teacher, prefixes, n, temperature=temperature, max_tokens=chunk_len)
 
 
 @torch.no_grad()
@@ -477,24 +570,33 @@ def teacher_token_logprobs(teacher, ids, mask, sigma: float = 0.0, generator: to
 
 @torch.no_grad()
 def evaluate(model, tok, problems: Sequence[Problem], chat: bool, temperature: float = 0.0, max_new_tokens: int = 40,
-             generator: torch.Generator | None = None, batch_size: int = 128) -> float:
-    """Share of held-out problems answered correctly (common.is_correct on the last '=' / \\boxed{})."""
+             generator: torch.Generator | None = None, batch_size: int = 128, rank: int = 0, world: int = 1) -> float:
+    """Share of held-out problems answered correctly (common.is_correct on the last '=' / \\boxed{}).
+    Under torchrun every rank answers problems[rank::world] and the correct counts are summed."""
+    shard = problems[rank::world] if world > 1 else problems
     correct = 0
-    for i in range(0, len(problems), batch_size):
-        batch = problems[i:i + batch_size]
+    for i in range(0, len(shard), batch_size):
+        batch = shard[i:i + batch_size]
         g = C.generate(model, tok, render_prompts(tok, [p.prompt for p in batch], chat), max_new_tokens=max_new_tokens,
                        temperature=temperature, generator=generator)
         correct += sum(C.is_correct(t, p.answer) for t, p in zip(g.texts, batch))
+    if world > 1:
+        import torch.distributed as dist
+
+        n = torch.tensor([correct], dtype=torch.long)
+        dist.all_reduce(n)
+        correct = int(n)
     return correct / max(1, len(problems))
 
 
-def run_evals(model, tok, evals: dict, chat: bool, args, seed: int, full: bool) -> dict:
-    out = {"acc_greedy": evaluate(model, tok, evals["id"], chat, 0.0, args.eval_max_new_tokens)}
+def run_evals(model, tok, evals: dict, chat: bool, args, seed: int, full: bool, rank: int = 0, world: int = 1) -> dict:
+    kw = dict(max_new_tokens=args.eval_max_new_tokens, batch_size=args.eval_batch_size, rank=rank, world=world)
+    out = {"acc_greedy": evaluate(model, tok, evals["id"], chat, 0.0, **kw)}
     if full:
         gen = torch.Generator(next(model.parameters()).device).manual_seed(seed + 7)
-        out["acc_sample"] = evaluate(model, tok, evals["id"], chat, 1.0, args.eval_max_new_tokens, gen)
+        out["acc_sample"] = evaluate(model, tok, evals["id"], chat, 1.0, generator=gen, **kw)
         if "ood" in evals:
-            out["acc_ood"] = evaluate(model, tok, evals["ood"], chat, 0.0, args.eval_max_new_tokens)
+            out["acc_ood"] = evaluate(model, tok, evals["ood"], chat, 0.0, **kw)
     return out
 
 
@@ -529,13 +631,18 @@ def build(args, device, rank):
             raise UserError(f"--method opd compares token log-probs, but teacher '{teacher_path}' has another tokenizer "
                             f"than the student ({what}); use --method omniopd or sft")
     model, tok = C.load_lm(student_path, device=device)  # trainable weights stay fp32 (autocast on CUDA)
-    ref, _ = C.load_lm(student_path, dtype=frozen_dtype, device=device)
+    if args.gradient_checkpointing:  # the training forward of B x (P + T) tokens through every layer
+        enable_activation_checkpointing(model)
+    # pi_ref in the student's own dtype, run under the same autocast (token_logprobs): at step 0 its
+    # logits equal the student's, so KL(pi_ref || pi) starts at 0, not at bf16 rounding noise that
+    # the anchor would then pull the student towards
+    ref, _ = C.load_lm(student_path, dtype=torch.float32 if args.ref_dtype == "same" else torch.bfloat16, device=device)
     for p_ in ref.parameters():
         p_.requires_grad_(False)
     chat = args.chat_template == "auto" and bool(getattr(tok, "chat_template", None))
 
     # teacher: text interface (all methods but opd), white-box model (opd only)
-    llm = teacher_model = None
+    llm = teacher_model = teacher_tok = None
     needs_teacher = args.method in ("omniopd", "opd", "sft")
     if args.method == "opd":
         teacher_model, _ = C.load_lm(teacher_path, dtype=frozen_dtype, device=device)
@@ -548,13 +655,17 @@ def build(args, device, rank):
                 raise UserError(f"environment variable {args.teacher_api_key_env} (from --teacher_api_key_env) is not set")
             llm = C.LLM.from_endpoint(args.teacher_api_base, args.teacher_api_model, key, max_workers=16, timeout=300)
         else:
-            tmodel, ttok = C.load_lm(teacher_path, dtype=frozen_dtype, device=device)
-            llm = C.LLM(model=tmodel, tokenizer=ttok, batch_size=1024, seed=args.seed * 1000 + 17 + rank)
+            tmodel, teacher_tok = C.load_lm(teacher_path, dtype=frozen_dtype, device=device)
+            llm = C.LLM(model=tmodel, tokenizer=teacher_tok, batch_size=args.teacher_batch_size,
+                        seed=args.seed * 1000 + 17 + rank)
             # the method code below sees only `llm` (text in, text out): it cannot read teacher logits
+    # a local teacher with a chat template reads the prompt in its own template (a teacher of another
+    # family would find the student's markup foreign); an endpoint gets the student's rendering
+    teacher_chat = args.chat_template == "auto" and bool(getattr(teacher_tok, "chat_template", None))
 
     embedder = None
     if args.method == "omniopd" and args.similarity == "embed":
-        emb_model, emb_tok = (ref, tok) if args.sim_model is None else C.load_lm(args.sim_model, dtype=frozen_dtype, device=device)
+        emb_model, emb_tok = (ref, tok) if args.sim_model is None else load_encoder(args.sim_model, frozen_dtype, device)
         embedder = make_embedder(emb_model, emb_tok)
 
     if args.train_file:
@@ -567,7 +678,72 @@ def build(args, device, rank):
         evals = {"id": C.toy_dataset("id", args.eval_size, seed=1, domains=("add",)),
                  "ood": C.toy_dataset("ood", args.eval_size, seed=1, domains=("add",))}
     return dict(model=model, tok=tok, ref=ref, chat=chat, llm=llm, teacher_model=teacher_model, embedder=embedder,
-                train=train, evals=evals, student_path=student_path, teacher_path=teacher_path or args.teacher_api_model)
+                teacher_tok=teacher_tok, teacher_chat=teacher_chat, train=train, evals=evals, student_path=student_path,
+                teacher_path=teacher_path or args.teacher_api_model)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """HF activation checkpointing of every decoder layer, non-reentrant (active in train mode only, so
+    generation keeps its KV cache). transformers >= 5.2x names it activation_checkpointing_enable and
+    deprecates gradient_checkpointing_enable."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def load_encoder(name_or_path: str, dtype, device):
+    """(model, tokenizer) of --sim_model through AutoModel: sentence encoders (BERT-like) have no
+    causal-LM head; a causal LM loads as its backbone (the same last hidden states)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    C.check_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load --sim_model '{name_or_path}' ({first[:200]}); pass a local directory or a hub id "
+                        f"that is downloaded") from None
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    for p_ in model.parameters():
+        p_.requires_grad_(False)
+    return model.to(device).eval(), tok
+
+
+def teacher_prompts(w: dict, problems) -> list[str]:
+    """The prompts as the teacher reads them: its own chat template when it is a local model with one,
+    else the student's rendering (the toy: the raw prompt either way)."""
+    if w.get("teacher_tok") is not None and w.get("teacher_chat"):
+        return render_prompts(w["teacher_tok"], [p.prompt for p in problems], True)
+    return render_prompts(w["tok"], [p.prompt for p in problems], w["chat"])
+
+
+def gather_rng_states(w: dict, world: int) -> list:
+    """Every rank's state of the samplers that run across steps (random anchors, opd's logit noise),
+    so --resume continues them instead of restarting them from the seed."""
+    st = (w["anchor_rng"].getstate(), w["noise_gen"].get_state())
+    if world == 1:
+        return [st]
+    import torch.distributed as dist
+
+    out: list = [None] * world
+    dist.all_gather_object(out, st)
+    return out
+
+
+def _ckpt_step(ckpt_dir: str) -> int | None:
+    """The step of the checkpoint in ckpt_dir, or None when there is none."""
+    path = os.path.join(ckpt_dir, "state.pt")
+    if not os.path.isfile(path):
+        return None
+    try:
+        return int(torch.load(path, weights_only=False)["step"])
+    except Exception:  # noqa: BLE001 - a checkpoint that cannot be read is no good checkpoint
+        return None
 
 
 def batch_problems(train, step: int, n: int, seed: int, group: int = 1):
@@ -577,23 +753,86 @@ def batch_problems(train, step: int, n: int, seed: int, group: int = 1):
     return [p for p in picks for _ in range(group)]
 
 
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    """Row slices of at most `size` rows (all n rows in one slice when size is None)."""
+    size = size or max(1, n)
+    return [slice(i, min(n, i + size)) for i in range(0, max(1, n), size)]
+
+
+def backward_in_micro_batches(n: int, size: int | None, loss_fn: Callable) -> tuple[torch.Tensor, list[dict]]:
+    """loss_fn(rows) -> (loss of those rows, already divided by the *global* batch, and its metrics),
+    backpropagated at once for each micro-batch of `size` rows, so only their activations are held.
+    Exact: every loss here is a sum over rows / B, so the parts add up to the full batch's loss and
+    gradient. Returns (the total loss, detached; the metrics of every micro-batch)."""
+    total, parts = None, []
+    for rows in micro_batches(n, size):
+        loss, aux = loss_fn(rows)
+        if loss.requires_grad:  # kl_only at step 0 with no chunks still has a (zero) graph
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+        parts.append(aux)
+    return total, parts
+
+
+def _cat(parts: list[dict], key: str) -> torch.Tensor:
+    xs = [p[key] for p in parts]
+    return xs[0] if len(xs) == 1 else torch.cat(xs)
+
+
+def _sum(parts: list[dict], key: str) -> torch.Tensor:
+    tot = parts[0][key]
+    for p in parts[1:]:
+        tot = tot + p[key]
+    return tot
+
+
+def sft_token_target(args, world: int) -> float:
+    """Teacher tokens per update and rank that sft buys under --teacher_token_budget match (DEVIATION(4)):
+    --match_teacher_tokens (omniopd's measured tokens per update, all ranks, or its run dir), else
+    omniopd's nominal B*M*N*C. 0 with --teacher_token_budget none (one response per prompt)."""
+    if args.teacher_token_budget != "match":
+        return 0
+    if args.match_teacher_tokens is None:
+        return args.per_device_batch_size * args.num_chunks * args.teacher_samples * args.chunk_tokens
+    src = args.match_teacher_tokens
+    if os.path.isdir(src) or src.endswith(".json"):
+        path = os.path.join(src, "summary.json") if os.path.isdir(src) else src
+        try:
+            with open(path) as f:
+                s = json.load(f)
+            per_update = s["teacher_tokens"] / max(1, s["steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"--match_teacher_tokens: cannot read teacher_tokens and steps from '{path}'; pass an omniopd "
+                            f"run dir with a summary.json, or a number of teacher tokens per update") from None
+    else:
+        try:
+            per_update = float(src)
+        except ValueError:
+            raise UserError(f"--match_teacher_tokens '{src}' is neither a number nor an omniopd run dir") from None
+    return per_update / world
+
+
 def train_step(args, w, step, rank, world, gen) -> tuple[torch.Tensor, dict]:
-    """One update's loss (backward is done by the caller) and its metrics."""
+    """One update: rollouts, teacher calls, and the loss's forward + backward (in --micro_batch_size
+    rows at a time). Returns (this rank's loss x world, detached; metrics); the caller all-reduces the
+    gradients and steps."""
     model, tok, ref, device = w["model"], w["tok"], w["ref"], w["device"]
     Bl, Bg = args.per_device_batch_size, args.per_device_batch_size * world
     group = args.group_size if args.method == "grpo" else 1
     probs = batch_problems(w["train"], step, Bg, args.seed, group)[rank * Bl:(rank + 1) * Bl]  # this rank's shard
     prompts = render_prompts(tok, [p.prompt for p in probs], w["chat"])
     m: dict = {}
+    mb = args.micro_batch_size
 
     if args.method == "sft":  # Eq. (10): teacher text, teacher-forced NLL
-        target = Bl * args.num_chunks * args.teacher_samples * args.chunk_tokens if args.teacher_token_budget == "match" else 0
+        target = sft_token_target(args, world)
+        t_prompts = teacher_prompts(w, probs)  # the teacher reads its own template, the student trains on its own
         before = w["llm"].usage["completion_tokens"]
         ps, rs = [], []
         while True:  # DEVIATION(4): n responses per prompt (one batched call) until the token budget is met
             per_resp = w.get("sft_tokens_per_response", args.max_new_tokens / 2)
             n = max(1, math.ceil((target - (w["llm"].usage["completion_tokens"] - before)) / (Bl * per_resp)))
-            outs = w["llm"].complete(prompts, n=n, temperature=1.0, max_tokens=args.max_new_tokens)
+            outs = teacher_complete(w["llm"], t_prompts, n, temperature=1.0, max_tokens=args.max_new_tokens)
             ps += [p for p in prompts for _ in range(n)]
             rs += [z for o in outs for z in o]
             used = w["llm"].usage["completion_tokens"] - before
@@ -602,11 +841,15 @@ def train_step(args, w, step, rank, world, gen) -> tuple[torch.Tensor, dict]:
                 break
         w["teacher_tokens"] += w["llm"].usage["completion_tokens"] - before
         ids, mask, resp = C.encode_pairs(tok, ps, rs, device=device, max_response_tokens=args.max_new_tokens)
-        with C.autocast(device):
-            logp, _, kl = C.token_logprobs(model, ids, mask, ref_model=ref)
         n_global = len(rs) * world
-        loss = sft_loss(logp, resp, n_global) * world
-        m.update(kl_ref=(kl * resp).sum() / resp.sum(), sft_responses=len(rs))
+
+        def sft_mb(rows):
+            with C.autocast(device):
+                logp, _, kl = C.token_logprobs(model, ids[rows], mask[rows], ref_model=ref)
+            return sft_loss(logp, resp[rows], n_global) * world, dict(kl=(kl.detach() * resp[rows]).sum())
+
+        loss, parts = backward_in_micro_batches(len(rs), mb, sft_mb)
+        m.update(kl_ref=_sum(parts, "kl") / resp.sum(), sft_responses=len(rs))
         return loss, m
 
     g = C.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, generator=gen)
@@ -626,41 +869,60 @@ def train_step(args, w, step, rank, world, gen) -> tuple[torch.Tensor, dict]:
             starts = peak_entropy_chunks(entropy, rmask, args.chunk_tokens, args.num_chunks)  # Eq. (3)
             if args.anchor == "random":
                 starts = random_chunks(rmask, args.chunk_tokens, [len(s) for s in starts], w["anchor_rng"])
-        prefixes, chunks = verification_requests(prompts, resp_ids, starts, args.chunk_tokens, tok)
+        prefixes, chunks = verification_requests(teacher_prompts(w, probs), resp_ids, starts, args.chunk_tokens, tok)
+        if not all(chunks):
+            starts, prefixes, chunks = drop_empty_chunks(starts, prefixes, chunks)
         before = w["llm"].usage["completion_tokens"] if w["llm"] is not None else 0
         conts = teacher_continuations(w["llm"], prefixes, chunks, args.teacher_samples, args.teacher_temperature,
                                       args.teacher_chunk_unit, args.chunk_tokens) if prefixes else []
         if w["llm"] is not None:
             w["teacher_tokens"] += w["llm"].usage["completion_tokens"] - before
         k = chunk_agreement(chunks, conts, args.similarity, w["embedder"]) if chunks else torch.zeros(0)  # Eq. (5)
-        with C.autocast(device):
-            logp, _, kl = C.token_logprobs(model, g.sequences, g.attention_mask, ref_model=ref)  # Eq. (7) terms
-        logp, kl = logp[:, P:], kl[:, P:]
-        pbar = chunk_mean_logp(logp.detach(), starts, args.chunk_tokens).exp()  # Eq. (6)
-        phat = dm_posterior(k, pbar.cpu(), args.teacher_samples, args.alpha)
-        loss, parts = omniopd_loss(logp, kl, rmask, starts, phat, args.chunk_tokens, args.beta, Bg)
-        loss = loss * world
+        first = np.cumsum([0] + [len(s) for s in starts]).tolist()  # index of each row's first chunk in k
+
+        def omni_mb(rows):
+            with C.autocast(device):
+                logp, _, kl = C.token_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref_model=ref)
+            logp, kl = logp[:, P:], kl[:, P:]  # Eq. (7) terms
+            st = starts[rows]
+            pbar = chunk_mean_logp(logp.detach(), st, args.chunk_tokens).exp()  # Eq. (6)
+            phat = dm_posterior(k[first[rows.start]:first[rows.stop]], pbar.cpu(), args.teacher_samples, args.alpha)
+            loss, parts = omniopd_loss(logp, kl, rmask[rows], st, phat, args.chunk_tokens, args.beta, Bg)
+            return loss * world, dict(kl=(kl.detach() * rmask[rows]).sum(), pbar=pbar, phat=phat, **parts)
+
+        loss, parts = backward_in_micro_batches(len(probs), mb, omni_mb)
         N = args.teacher_samples
-        m.update(chunks=sum(len(s) for s in starts) / len(starts), kl_ref=(kl.detach() * rmask).sum() / rmask.sum(),
-                 **{k_: v for k_, v in parts.items()})
+        m.update(chunks=sum(len(s) for s in starts) / len(starts), kl_ref=_sum(parts, "kl") / rmask.sum(),
+                 chunk_term=_sum(parts, "chunk_term"), kl_term=_sum(parts, "kl_term"))
         if len(k):
-            m.update(k_mean=k.mean(), k_mid=((k > 0.05 * N) & (k < 0.95 * N)).float().mean(), phat_mean=phat.mean(),
-                     pbar_mean=pbar.mean())
+            m.update(k_mean=k.mean(), k_mid=((k > 0.05 * N) & (k < 0.95 * N)).float().mean(),
+                     phat_mean=_cat(parts, "phat").mean(), pbar_mean=_cat(parts, "pbar").mean())
         return loss, m
 
-    with C.autocast(device):
-        logp, _, kl = C.token_logprobs(model, g.sequences, g.attention_mask, ref_model=ref)
-    logp, kl = logp[:, P:], kl[:, P:]
-    m["kl_ref"] = (kl.detach() * rmask).sum() / rmask.sum()
-    if args.method == "opd":  # Eq. (8)
+    if args.method == "opd":  # Eq. (8): the teacher scores the student's tokens (no grad, whole batch)
         tlp = teacher_token_logprobs(w["teacher_model"], g.sequences, g.attention_mask, args.teacher_logit_noise,
                                      w["noise_gen"])[:, P:]
         w["teacher_tokens"] += int(rmask.sum())  # tokens the teacher scored (prefill), not generated
-        loss, adv = opd_loss(logp, tlp.to(logp), rmask, Bg)
-        m["adv_mean"] = adv.sum() / rmask.sum()
-        return loss * world, m
-    adv = grpo_advantages(rewards, args.group_size if Bl % args.group_size == 0 else Bl)  # Eq. (9)
-    return grpo_loss(logp, kl, rmask, adv.to(device), args.beta, Bg) * world, m
+    else:
+        adv = grpo_advantages(rewards, args.group_size if Bl % args.group_size == 0 else Bl).to(device)  # Eq. (9)
+
+    def base_mb(rows):
+        with C.autocast(device):
+            logp, _, kl = C.token_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref_model=ref)
+        logp, kl = logp[:, P:], kl[:, P:]
+        aux = dict(kl=(kl.detach() * rmask[rows]).sum())
+        if args.method == "opd":
+            loss, a = opd_loss(logp, tlp[rows].to(logp), rmask[rows], Bg)
+            aux["adv"] = a.sum()
+        else:
+            loss = grpo_loss(logp, kl, rmask[rows], adv[rows], args.beta, Bg)
+        return loss * world, aux
+
+    loss, parts = backward_in_micro_batches(len(probs), mb, base_mb)
+    m["kl_ref"] = _sum(parts, "kl") / rmask.sum()
+    if args.method == "opd":
+        m["adv_mean"] = _sum(parts, "adv") / rmask.sum()
+    return loss, m
 
 
 def main(args):
@@ -682,6 +944,8 @@ def main(args):
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
     if args.resume and not os.path.isfile(os.path.join(ckpt_dir, "state.pt")):
         raise UserError(f"--resume: no checkpoint at '{ckpt_dir}'; run without --resume to start fresh")
+    if args.method == "sft":
+        sft_token_target(args, world)  # a bad --match_teacher_tokens fails before anything is loaded
     w = build(args, device, rank)
     w.update(device=device, teacher_tokens=0, student_tokens=0, anchor_rng=random.Random(args.seed + 99),
              noise_gen=torch.Generator().manual_seed(args.seed + 5))
@@ -693,11 +957,17 @@ def main(args):
         start = st["step"]
         w["teacher_tokens"], w["student_tokens"] = st["extra"]["teacher_tokens"], st["extra"]["student_tokens"]
         before = st["extra"]["before"]
+        rng = st["extra"].get("rng")
+        if rng and len(rng) == world:  # the samplers that live across steps continue where they stopped
+            w["anchor_rng"].setstate(rng[rank][0])
+            w["noise_gen"].set_state(rng[rank][1])
+        if st["extra"].get("sft_tokens_per_response"):  # and so does sft's estimate of a response's length
+            w["sft_tokens_per_response"] = st["extra"]["sft_tokens_per_response"]
     if main_rank:
         os.makedirs(args.output_dir, exist_ok=True)
         C.write_json(os.path.join(args.output_dir, "args.json"), vars(args))
     if not args.resume:
-        before = run_evals(model, tok, w["evals"], w["chat"], args, args.seed, True) if main_rank else {}
+        before = run_evals(model, tok, w["evals"], w["chat"], args, args.seed, True, rank, world)
         if main_rank:
             tqdm.write("before: " + "  ".join(f"{k} {v:.3f}" for k, v in before.items()))
     bar = tqdm(range(start, args.max_steps), desc=f"omniopd[{args.method}]", disable=not main_rank, initial=start,
@@ -706,18 +976,32 @@ def main(args):
     if not args.resume:
         log.log(0, **before, teacher_tokens=0, student_tokens=0)
 
+    def save(done: int) -> None:  # every rank calls it (the samplers' states are gathered); rank 0 writes
+        C.save_checkpoint(ckpt_dir, model, tok, opt, done, extra=dict(
+            teacher_tokens=w["teacher_tokens"], student_tokens=w["student_tokens"], before=before,
+            rng=gather_rng_states(w, world), sft_tokens_per_response=w.get("sft_tokens_per_response")))
+
     model.train()
     for step in bar:
         gen.manual_seed(args.seed * 100003 + step * 101 + rank)  # rollouts replay exactly on --resume
         if hasattr(w.get("llm"), "reseed") and w["llm"].is_local:  # and so do a local teacher's samples
             w["llm"].reseed(args.seed * 100003 + step * 101 + rank + 50021)
-        loss, m = train_step(args, w, step, rank, world, gen)
-        if not torch.isfinite(loss.detach()):
-            raise UserError(f"loss is {loss.item()} at step {step}; the last good checkpoint stays in {ckpt_dir}; "
-                            f"lower --learning_rate or raise --beta")
         opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:  # kl_only at step 0 with no chunks still has a (zero) graph
-            loss.backward()
+        loss, m = train_step(args, w, step, rank, world, gen)  # forward + backward
+        loss = loss / world  # this rank's share of the global batch's loss
+        if world > 1:  # log the global loss (and its two terms); every rank then sees a NaN and stops
+            import torch.distributed as dist
+
+            keys = [k for k in ("chunk_term", "kl_term") if k in m]
+            v = torch.stack([loss.float().cpu()] + [m[k].float().cpu() for k in keys])
+            dist.all_reduce(v)
+            loss = v[0]
+            m.update(zip(keys, v[1:]))
+        if not torch.isfinite(loss):
+            ck = _ckpt_step(ckpt_dir)
+            kept = (f"the last good checkpoint (step {ck}) stays in {ckpt_dir}" if ck is not None
+                    else "no checkpoint was written (--save_every n keeps one)")
+            raise UserError(f"loss is {loss.item()} at step {step}; {kept}; lower --learning_rate or raise --beta")
         C.all_reduce_grads(model, world)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         opt.step()  # DEVIATION(1): one AdamW step per rollout batch
@@ -726,25 +1010,24 @@ def main(args):
             import torch.distributed as dist
 
             dist.all_reduce(tt)
-        row = dict(loss=loss.detach() / world, grad_norm=gnorm, teacher_tokens=int(tt[0]), student_tokens=int(tt[1]), **m)
+        row = dict(loss=loss, grad_norm=gnorm, teacher_tokens=int(tt[0]), student_tokens=int(tt[1]), **m)
         done = step + 1
-        if args.eval_every and done % args.eval_every == 0 and done < args.max_steps and main_rank:
-            row.update(run_evals(model, tok, w["evals"], w["chat"], args, args.seed, False))
-            tqdm.write(f"step {done}: acc_greedy {row['acc_greedy']:.3f}  kl_ref {float(row.get('kl_ref', 0)):.4f}")
+        if args.eval_every and done % args.eval_every == 0 and done < args.max_steps:
+            row.update(run_evals(model, tok, w["evals"], w["chat"], args, args.seed, False, rank, world))
+            if main_rank:
+                tqdm.write(f"step {done}: acc_greedy {row['acc_greedy']:.3f}  kl_ref {float(row.get('kl_ref', 0)):.4f}")
         row = log.log(done, **row)
         if main_rank:
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "train_acc", "kl_ref", "k_mean", "teacher_tokens")
                              if k in row}, refresh=False)
         if args.save_every and done % args.save_every == 0 and done < args.max_steps:
-            C.save_checkpoint(ckpt_dir, model, tok, opt, done, extra=dict(teacher_tokens=w["teacher_tokens"],
-                                                                         student_tokens=w["student_tokens"], before=before))
+            save(done)
     bar.close()
     model.eval()
+    save(args.max_steps)  # before the final eval: a crash there keeps the trained weights
+    after = run_evals(model, tok, w["evals"], w["chat"], args, args.seed, True, rank, world)
     if main_rank:
-        after = run_evals(model, tok, w["evals"], w["chat"], args, args.seed, True)
         log.log(args.max_steps, **after)
-        C.save_checkpoint(ckpt_dir, model, tok, opt, args.max_steps,
-                          extra=dict(teacher_tokens=w["teacher_tokens"], student_tokens=w["student_tokens"], before=before))
         rows = C.read_jsonl(log.path)
         last = {k: v for r in rows for k, v in r.items()}  # latest value of every metric
         summary = dict(method=args.method, toy_teacher=args.toy_teacher, similarity=args.similarity, anchor=args.anchor,

@@ -352,3 +352,232 @@ def test_table_aggregates_mean_std_and_final_kl(tmp_path):
     # acc 0.5, 0.7: mean 0.6, sample std 0.1414; teacher tokens (100 + 200) / 2 / 10 updates = 15
     assert row == "| same | arm | 0,1 | 0.600 ± 0.141 | 0.300 ± 0.071 | - | 15 | 5 | 0.200 ± 0.141 | 1.0 |"
     assert (tmp_path / "table" / "table.png").is_file()
+
+
+# ---- real-model path: defaults, micro-batches, teacher requests, checkpoints ---------------------
+
+
+def test_real_model_defaults_differ_from_the_toy():
+    a = O.parse_args(["--output_dir", "x"])
+    assert a.eval_max_new_tokens == 40 and a.gradient_checkpointing is False and a.micro_batch_size is None
+    assert a.teacher_batch_size == 1024 and a.ref_dtype == "same"
+    b = O.parse_args(["--model_name_or_path", "Qwen/Qwen3-1.7B", "--max_new_tokens", "4096", "--output_dir", "x"])
+    assert b.eval_max_new_tokens == 4096 and b.gradient_checkpointing is True
+    c = O.parse_args(["--eval_file", "e.jsonl", "--max_new_tokens", "64", "--no-gradient_checkpointing", "--output_dir", "x"])
+    assert c.eval_max_new_tokens == 64 and c.gradient_checkpointing is False
+    assert O.parse_args(["--eval_file", "e.jsonl", "--eval_max_new_tokens", "7", "--output_dir", "x"]).eval_max_new_tokens == 7
+
+
+class StubTextTeacher:
+    """A deterministic text-only teacher with token usage (1 character = 1 token)."""
+    is_local = False
+
+    def __init__(self):
+        self.usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+    def complete(self, prompts, n=1, max_tokens=8, **kw):
+        outs = [[("033;358;886;628;=8" * 4)[(i + len(p)) % 5:][:max_tokens] for i in range(n)] for p in prompts]
+        self.usage["completion_tokens"] += sum(len(z) for o in outs for z in o)
+        return outs
+
+
+def _train_step_grads(method, micro, tiny_models):
+    model, ref, teacher, tok = tiny_models
+    args = O.parse_args(["--method", method, "--per_device_batch_size", "4", "--group_size", "2", "--chunk_tokens", "3",
+                         "--num_chunks", "3", "--teacher_samples", "2", "--max_new_tokens", "16", "--output_dir", "x"]
+                        + (["--micro_batch_size", str(micro)] if micro else []))
+    w = dict(model=model, tok=tok, ref=ref, chat=False, llm=StubTextTeacher(), teacher_model=teacher, embedder=None,
+             teacher_tok=None, teacher_chat=False, train=C.toy_dataset("train", 64, seed=0, domains=("add",)),
+             device=torch.device("cpu"), teacher_tokens=0, student_tokens=0, anchor_rng=random.Random(0),
+             noise_gen=torch.Generator().manual_seed(0))
+    model.zero_grad(set_to_none=True)
+    model.train()
+    loss, m = O.train_step(args, w, 3, 0, 1, torch.Generator().manual_seed(5))
+    model.eval()
+    return loss, m, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", ["omniopd", "sft", "grpo", "opd"])
+def test_micro_batches_give_the_full_batch_loss_and_gradient(method):
+    """--micro_batch_size 2 x 2 rows == 4 rows in one go (every loss is a sum over rows / B)."""
+    model, tok = C.tiny_lm(n_layer=2, d_model=32, seed=0)
+    ref = C.tiny_lm(n_layer=2, d_model=32, seed=0)[0].eval()
+    teacher = C.tiny_lm(n_layer=2, d_model=32, seed=3)[0].eval()
+    with torch.no_grad():  # the student moved away from pi_ref, so the KL anchor has a gradient
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    models = (model, ref, teacher, tok)
+    l4, m4, g4 = _train_step_grads(method, None, models)
+    l2, m2, g2 = _train_step_grads(method, 2, models)
+    assert not l4.requires_grad and g4 and g4.keys() == g2.keys()
+    torch.testing.assert_close(l2, l4, atol=1e-6, rtol=1e-5)
+    for n in g4:
+        torch.testing.assert_close(g2[n], g4[n], atol=1e-6, rtol=1e-4, msg=n)
+    assert m4.keys() == m2.keys()
+    for k in m4:
+        torch.testing.assert_close(torch.as_tensor(m2[k]).float(), torch.as_tensor(m4[k]).float(), atol=1e-6, rtol=1e-5)
+    if method == "omniopd":
+        assert "k_mean" in m4 and float(m4["chunk_term"]) != 0.0
+
+
+def test_gradient_checkpointing_keeps_the_gradient():
+    """--gradient_checkpointing (HF, non-reentrant) recomputes activations; the gradient is unchanged."""
+    grads = []
+    for ckpt in (False, True):
+        model, tok = C.tiny_lm(n_layer=2, d_model=32, seed=0)
+        ref = C.tiny_lm(n_layer=2, d_model=32, seed=1)[0].eval()
+        if ckpt:
+            O.enable_activation_checkpointing(model)
+            assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        grads.append(_train_step_grads("omniopd", 2, (model, ref, ref, tok))[2])
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_micro_batches_cover_every_row_once():
+    assert O.micro_batches(5, None) == [slice(0, 5)]
+    assert O.micro_batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert O.micro_batches(4, 8) == [slice(0, 4)]
+
+
+def test_empty_decoded_chunks_are_skipped_and_stay_in_the_kl_term(tiny):
+    """A chunk of special tokens only decodes to "": cut to 0 characters every teacher text would
+    match it (phi("", "") = 1, k = N). It is dropped: no chunk term, its tokens stay unaudited."""
+    _, tok = tiny
+    eos = tok.eos_token_id
+    r = tok("011;123;=3", add_special_tokens=False)["input_ids"] + [eos]
+    ids = torch.tensor([r])
+    starts = [[2, 10]]  # C = 1: "1" and the lone EOS
+    prefixes, chunks = O.verification_requests(["add 12="], ids, starts, 1, tok)
+    assert chunks == ["1", ""]
+    st, pre, ch = O.drop_empty_chunks(starts, prefixes, chunks)
+    assert st == [[2]] and pre == ["add 12=01"] and ch == ["1"]
+    _, audited = O.chunk_weights(st, torch.tensor([0.5]), (1, len(r)), 1)
+    assert audited[0, 2] and not audited[0, 10]  # the EOS keeps its KL anchor
+    # rows keep their order when a middle row loses its only chunk
+    st, pre, ch = O.drop_empty_chunks([[0], [3], [1, 5]], ["a", "b", "c", "d"], ["x", "", "y", "z"])
+    assert st == [[0], [], [1, 5]] and pre == ["a", "c", "d"] and ch == ["x", "y", "z"]
+
+
+def test_chars_mode_asks_for_at_most_c_teacher_tokens():
+    """A real chunk of C tokens is ~4C characters: ask for C teacher tokens, not |s_c| tokens, then cut to |s_c|."""
+    t = RecordingTeacher()
+    outs = O.teacher_continuations(t, ["p1", "p2"], ["abcdefghij", "ab"], 3, 1.0, "chars", 4)
+    assert t.kw["max_tokens"] == 4
+    assert [len(z) for z in outs[1]] == [2, 2, 2] and [len(z) for z in outs[0]] == [3, 4, 5]
+    O.teacher_continuations(t, ["p"], ["ab"], 1, 1.0, "chars", 4)
+    assert t.kw["max_tokens"] == 2  # the toy's byte tokens: never more than the chunk's characters
+
+
+class LocalRecordingTeacher:
+    is_local = True
+
+    def __init__(self, batch_size):
+        self.batch_size, self.calls = batch_size, []
+
+    def complete(self, prompts, n=1, **kw):
+        self.calls.append(list(prompts))
+        return [[p.upper() + str(i) for i in range(n)] for p in prompts]
+
+
+def test_local_teacher_requests_are_sorted_across_calls_and_returned_in_order():
+    prompts = ["ccc", "a", "bbbbb", "dd"]
+    t = LocalRecordingTeacher(batch_size=4)
+    out = O.teacher_complete(t, prompts, 2, temperature=1.0, max_tokens=3)
+    assert t.calls == [["a", "dd", "ccc", "bbbbb"]]  # 8 rows > 4: sorted by length
+    assert out == [[p.upper() + "0", p.upper() + "1"] for p in prompts]
+    t = LocalRecordingTeacher(batch_size=8)
+    O.teacher_complete(t, prompts, 2)
+    assert t.calls == [prompts]  # one generate call (the toy): the sampler's order is left alone
+
+
+def test_endpoint_without_raw_completions_fails_with_the_fix():
+    class ChatOnly:
+        is_local = False
+
+        def complete(self, prompts, n=1, **kw):
+            raise C.EndpointError("http://h/v1/completions rejected the request (HTTP 404: b'not found')")
+
+    with pytest.raises(C.UserError, match=r"must continue raw text through /v1/completions"):
+        O.teacher_continuations(ChatOnly(), ["p"], ["s"], 2, 1.0, "tokens", 4)
+
+
+def test_teacher_reads_the_prompt_in_its_own_chat_template(tiny):
+    _, tok = tiny
+    ttok = C.tiny_lm(tokenizer="byte")[1]
+    ttok.chat_template = "{% for m in messages %}<T>{{ m['content'] }}</T>{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    probs = [O.Problem("add 12=", "3")]
+    w = dict(tok=tok, chat=False, teacher_tok=ttok, teacher_chat=True)
+    assert O.teacher_prompts(w, probs) == ["<T>add 12=</T>A:"]
+    ids = torch.tensor([tok("011;123;=3", add_special_tokens=False)["input_ids"]])
+    prefixes, _ = O.verification_requests(O.teacher_prompts(w, probs), ids, [[4]], 4, tok)
+    assert prefixes == ["<T>add 12=</T>A:011;"]  # the teacher's template, then the student's own text
+    for w in (dict(w, teacher_chat=False), dict(w, teacher_tok=None)):  # no template / an endpoint: the student's
+        assert O.teacher_prompts(w, probs) == ["add 12="]
+
+
+def test_sft_token_target(tmp_path):
+    a = O.parse_args(["--method", "sft", "--output_dir", "x"])
+    assert O.sft_token_target(a, 1) == 32 * 2 * 8 * 4  # omniopd's nominal B*M*N*C
+    a = O.parse_args(["--method", "sft", "--match_teacher_tokens", "1500", "--output_dir", "x"])
+    assert O.sft_token_target(a, 2) == 750  # all ranks -> per rank
+    (tmp_path / "summary.json").write_text(json.dumps({"teacher_tokens": 8000, "steps": 4}))
+    a = O.parse_args(["--method", "sft", "--match_teacher_tokens", str(tmp_path), "--output_dir", "x"])
+    assert O.sft_token_target(a, 1) == 2000
+    a = O.parse_args(["--method", "sft", "--match_teacher_tokens", str(tmp_path / "nope"), "--output_dir", "x"])
+    with pytest.raises(C.UserError, match="match_teacher_tokens"):
+        O.sft_token_target(a, 1)
+    assert O.sft_token_target(O.parse_args(["--teacher_token_budget", "none", "--output_dir", "x"]), 1) == 0
+
+
+def test_reference_loads_in_the_students_dtype_unless_bf16_asked():
+    for flag, want in [([], torch.float32), (["--ref_dtype", "bf16"], torch.bfloat16)]:
+        args = O.parse_args(["--method", "kl_only", "--eval_size", "4", "--output_dir", "x", *flag])
+        w = O.build(args, torch.device("cpu"), 0)
+        assert next(w["ref"].parameters()).dtype == want and next(w["model"].parameters()).dtype == torch.float32
+
+
+def test_final_checkpoint_is_written_before_the_final_eval(tmp_path, monkeypatch):
+    calls = []
+
+    def evals(*a, **kw):
+        calls.append(a[6])
+        if len(calls) > 1:
+            raise RuntimeError("eval crashed")
+        return {"acc_greedy": 0.0, "acc_sample": 0.0}
+
+    monkeypatch.setattr(O, "run_evals", evals)
+    args = ["--max_steps", "1", "--per_device_batch_size", "2", "--eval_size", "4", "--output_dir", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="eval crashed"):
+        O.main(O.parse_args(args))
+    st = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)
+    assert st["step"] == 1 and st["extra"]["teacher_tokens"] > 0 and len(st["extra"]["rng"]) == 1
+
+
+def test_nan_loss_names_a_checkpoint_only_when_one_exists(tmp_path, monkeypatch):
+    monkeypatch.setattr(O, "run_evals", lambda *a, **kw: {"acc_greedy": 0.0, "acc_sample": 0.0})
+    monkeypatch.setattr(O, "train_step", lambda *a, **kw: (torch.tensor(float("nan")), {}))
+    args = ["--per_device_batch_size", "2", "--eval_size", "4", "--output_dir", str(tmp_path)]
+    with pytest.raises(C.UserError, match="no checkpoint was written"):
+        O.main(O.parse_args(["--max_steps", "2", *args]))
+    C.save_checkpoint(str(tmp_path / "checkpoint"), step=1, extra={"teacher_tokens": 0, "student_tokens": 0, "before": {}})
+    with pytest.raises(C.UserError, match=r"last good checkpoint \(step 1\) stays in"):
+        O.main(O.parse_args(["--max_steps", "2", "--resume", *args]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--anchor", "random"], ["--method", "sft"]])
+def test_resume_replays_an_uninterrupted_run(tmp_path, flags):
+    """2 updates + --resume for 2 more == 4 updates in one go (random anchors' sampler and sft's
+    response-length estimate are restored from the checkpoint, not restarted)."""
+    common = ["--per_device_batch_size", "4", "--eval_size", "4", "--eval_every", "0", *flags]
+    r = _run(["--max_steps", "4", "--output_dir", str(tmp_path / "a"), *common])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run(["--max_steps", "2", "--save_every", "1", "--output_dir", str(tmp_path / "b"), *common])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run(["--max_steps", "4", "--resume", "--output_dir", str(tmp_path / "b"), *common])
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (C.read_jsonl(str(tmp_path / d / "metrics.jsonl")) for d in ("a", "b"))
+    pick = lambda rows: [(r["step"], r["loss"], r["teacher_tokens"]) for r in rows if "loss" in r]
+    assert pick(a) == pick(b) and len(pick(a)) == 4
