@@ -201,14 +201,17 @@ def check_model_path(name_or_path: str | None) -> None:
 
 
 def load_lm(name_or_path: str, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-            trust_remote_code: bool = False):
+            trust_remote_code: bool = False, auto_class=None):
     """Load (model, tokenizer) through the transformers Auto classes.
 
     Left padding (for generation), a pad-token fallback (eos), model in eval mode on `device`.
     A missing local path, or a hub id that cannot be fetched (offline, typo, gated), raises one
-    UserError that says what to pass instead.
+    UserError that says what to pass instead. `auto_class` (default AutoModelForCausalLM) may be
+    e.g. AutoModel for an encoder with no LM head.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    auto_class = auto_class or AutoModelForCausalLM
 
     name_or_path = str(name_or_path)
     check_model_path(name_or_path)
@@ -219,8 +222,7 @@ def load_lm(name_or_path: str, dtype: torch.dtype | str | None = None, device: t
                  "fp32": torch.float32, "float32": torch.float32, "auto": "auto"}[dtype]
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32,
-                                                     trust_remote_code=trust_remote_code)
+        model = auto_class.from_pretrained(name_or_path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load model '{name_or_path}' ({first[:200]}); if this machine is offline, download "
@@ -228,7 +230,7 @@ def load_lm(name_or_path: str, dtype: torch.dtype | str | None = None, device: t
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     if device is not None:
         model.to(device)

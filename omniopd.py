@@ -696,22 +696,12 @@ def enable_activation_checkpointing(model) -> None:
 def load_encoder(name_or_path: str, dtype, device):
     """(model, tokenizer) of --sim_model through AutoModel: sentence encoders (BERT-like) have no
     causal-LM head; a causal LM loads as its backbone (the same last hidden states)."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    C.check_model_path(name_or_path)
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load --sim_model '{name_or_path}' ({first[:200]}); pass a local directory or a hub id "
-                        f"that is downloaded") from None
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    model, tok = C.load_lm(name_or_path, dtype=dtype, device=device, auto_class=AutoModel)
     for p_ in model.parameters():
         p_.requires_grad_(False)
-    return model.to(device).eval(), tok
+    return model, tok
 
 
 def teacher_prompts(w: dict, problems) -> list[str]:
