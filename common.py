@@ -1313,6 +1313,14 @@ class ChatClient:
         return (texts, reasons) if return_finish else texts
 
 
+def render_chat(tok, messages: list[dict]) -> str:
+    """A conversation as the text a local model continues: the tokenizer's chat template with the
+    assistant turn opened, or a plain "role: content" rendering when it has none."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
 class LLM:
     """One text-in / text-out interface over a local HF model or an OpenAI-compatible endpoint.
 
@@ -1364,10 +1372,7 @@ class LLM:
         return self.client.model if self.client else getattr(self._model.config, "_name_or_path", "local")
 
     def render_chat(self, messages: list[dict]) -> str:
-        tok = self._tok
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return render_chat(self._tok, messages)
 
     def _local(self, texts: list[str], n: int, temperature: float, max_tokens: int, top_p: float,
                stop: Sequence[str] | None) -> list[list[str]]:

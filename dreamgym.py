@@ -1015,14 +1015,13 @@ def policy_prompt(task: str, state: str, acts: list[str] | None = None, instruct
     return f"{task}\n{state}\nacts: {' | '.join(acts)}\n>"
 
 
-def chat_prompts(policy, tok, texts: list[str]) -> list[str]:
+def chat_prompts(tok, texts: list[str]) -> list[str]:
     """Generate mode: wrap each prompt as a user turn in the tokenizer's chat template when it has one
-    (common.LLM.render_chat; the toy byte tokenizer has none). common's encoders keep a single BOS
+    (common.render_chat; the toy byte tokenizer has none). common's encoders keep a single BOS
     when the rendered template already starts with one."""
     if not getattr(tok, "chat_template", None):
         return texts
-    llm = C.LLM(model=policy, tokenizer=tok)
-    return [llm.render_chat([{"role": "user", "content": t}]) for t in texts]
+    return [C.render_chat(tok, [{"role": "user", "content": t}]) for t in texts]
 
 
 def parse_action_text(text: str) -> str:
@@ -1153,8 +1152,8 @@ def rollout(policy, tok, world, tasks: list[str], group_size: int, temperature: 
                 units.append(Unit(prompts[j], acts_l[j], k, float(lp[k]),
                                   ref_logp=float(ref_logps[j][k]) if ref_logps is not None else None))
         else:
-            prompts = chat_prompts(policy, tok, [policy_prompt(eps[i].task, eps[i].state, acts, instruct)
-                                                 for i, acts in zip(live, acts_l)])
+            prompts = chat_prompts(tok, [policy_prompt(eps[i].task, eps[i].state, acts, instruct)
+                                         for i, acts in zip(live, acts_l)])
             g = C.generate(policy, tok, prompts, max_new_tokens=max_action_tokens, temperature=temperature,
                            generator=gen, stop_strings=("</action>",) if instruct else ())
             for j in range(len(live)):
@@ -1330,8 +1329,7 @@ def bc_warm_start(policy, tok, trajs: list[list[dict]], epochs: int, lr: float, 
                 lps = score_actions(policy, tok, [policy_prompt(tk, st) for tk, st, _ in b], acts, device)
                 loss = -torch.stack([lp[a_l.index(a)] for lp, a_l, (_, _, a) in zip(lps, acts, b)]).mean()
             else:
-                prompts = chat_prompts(policy, tok, [policy_prompt(tk, st, al, instruct)
-                                                     for (tk, st, _), al in zip(b, acts)])
+                prompts = chat_prompts(tok, [policy_prompt(tk, st, al, instruct) for (tk, st, _), al in zip(b, acts)])
                 ids, mask, resp = C.encode_pairs(tok, prompts, [f"<action>{a}</action>" if instruct else a
                                                                 for _, _, a in b], device=device)
                 loss = -(C.token_logprobs(policy, ids, mask) * resp).sum() / resp.sum()

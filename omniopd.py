@@ -487,8 +487,7 @@ def same_tokenizer(tok_a, tok_b) -> bool:
 def render_prompts(tok, prompts: Sequence[str], chat: bool) -> list[str]:
     if not chat:
         return list(prompts)
-    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts]
+    return [C.render_chat(tok, [{"role": "user", "content": p}]) for p in prompts]
 
 
 def verification_requests(prompt_texts: Sequence[str], response_ids: torch.Tensor, starts: Sequence[Sequence[int]],

@@ -444,9 +444,9 @@ def test_generate_mode_prompt_uses_instruction_and_chat_template():
     acts = D.admissible(D.SEARCH_STATE, "buy a red shirt, under $30")
     text = D.policy_prompt("buy a red shirt, under $30", D.SEARCH_STATE, acts, instruct=True)
     assert "<think>" in text and "<action>" in text and acts[0] in text
-    assert D.chat_prompts(policy, tok, [text]) == [text]  # the byte tokenizer has no template
+    assert D.chat_prompts(tok, [text]) == [text]  # the byte tokenizer has no template
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
-    assert D.chat_prompts(policy, tok, [text]) == [f"<|user|>{text}<|assistant|>"]
+    assert D.chat_prompts(tok, [text]) == [f"<|user|>{text}<|assistant|>"]
     args = D.parse_args(["--action_mode", "generate", "--model_name_or_path", "x"])
     assert D.is_instruct(args) and not D.is_instruct(D.parse_args(["--action_mode", "generate"]))
 
