@@ -37,8 +37,6 @@ import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import zlib
 from typing import Callable, Iterable, Sequence
 
@@ -59,14 +57,51 @@ class UserError(Exception):
     """
 
 
+def require(cond, msg: str) -> None:
+    """Raise UserError(msg) unless `cond`: the one-line form of a flag check in validate_args."""
+    if not cond:
+        raise UserError(msg)
+
+
+_LAST_CHECKPOINT: dict = {}  # {"dir": path, "step": n} of the last checkpoint saved or loaded in this process
+
+
 @contextlib.contextmanager
 def exit_on_user_error():
-    """`with exit_on_user_error(): main(parse_args())` -> one line + exit 2 on a UserError."""
+    """`with exit_on_user_error(): main(parse_args())` turns what a user can fix into one line:
+
+    - UserError -> `error: <message>`, exit 2;
+    - an OSError from the file system (disk full, permission denied, read-only) -> one line naming the
+      file, exit 2;
+    - Ctrl-C -> one line naming the last checkpoint (or saying there is none), exit 130. It exits at once
+      (os._exit): worker threads blocked on a hung endpoint must not keep the process alive.
+    """
+    import errno
+
     try:
         yield
     except UserError as e:
         sys.stdout.flush()
         print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        if _LAST_CHECKPOINT:
+            msg = (f"interrupted; the last checkpoint is step {_LAST_CHECKPOINT['step']} in {_LAST_CHECKPOINT['dir']}: "
+                   f"continue with the same command plus --resume")
+        else:
+            msg = "interrupted before the first checkpoint was written; nothing to resume"
+        print(msg, file=sys.stderr, flush=True)
+        os._exit(130)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO):
+            raise
+        sys.stdout.flush()
+        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EIO: "an I/O error occurred"}.get(e.errno,
+                                                                                                   "permission denied")
+        print(f"error: {what} at '{e.filename or '?'}' ({e.strerror}); free space / fix permissions or pass another "
+              f"--output_dir", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
@@ -225,6 +260,9 @@ def load_lm(name_or_path: str, dtype: torch.dtype | str | None = None, device: t
         model = auto_class.from_pretrained(name_or_path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if os.path.isdir(name_or_path):
+            raise UserError(f"'{name_or_path}' is a folder but not a loadable model ({first[:200]}); pass a "
+                            f"save_pretrained directory (config.json, weights, tokenizer)") from None
         raise UserError(f"cannot load model '{name_or_path}' ({first[:200]}); if this machine is offline, download "
                         f"it first (huggingface-cli download {name_or_path}) or pass a local checkpoint directory") from None
     tok.padding_side = "left"
@@ -1124,17 +1162,27 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+_COMPLETE = "COMPLETE"  # written last into a checkpoint: a directory without it is an interrupted save
+
+
 def save_checkpoint(ckpt_dir: str, model=None, tok=None, optimizer=None, step: int = 0, extra: dict | None = None,
                     modules: dict | None = None) -> str:
     """Save a resumable training state atomically to `ckpt_dir`:
     model/ (save_pretrained, loadable with load_lm), optimizer.pt, state.pt (step, RNG states,
-    `extra`, and the state_dicts of any other `modules` such as a router or value head).
-    Written to a temporary sibling directory and renamed, so a crash mid-save keeps the last good one.
+    `extra`, and the state_dicts of any other `modules` such as a router or value head), and last a
+    COMPLETE marker. Written to a temporary sibling directory and renamed; the previous checkpoint is
+    kept as `<ckpt_dir>.old` until the new one is in place, so a kill at any moment leaves at least one
+    complete checkpoint that `find_checkpoint` finds. Temp dirs of earlier, killed saves are removed.
+    Put everything the next step depends on into `extra` (generator states, buffers, counters).
     """
     if not is_main():
         return ckpt_dir
-    tmp = ckpt_dir.rstrip("/") + f".tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    base = ckpt_dir.rstrip("/")
+    parent = os.path.dirname(os.path.abspath(base))
+    for name in os.listdir(parent) if os.path.isdir(parent) else ():
+        if name.startswith(os.path.basename(base) + ".tmp"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    tmp = base + f".tmp{os.getpid()}"
     os.makedirs(tmp)
     if model is not None:
         m = model.module if hasattr(model, "module") else model
@@ -1147,36 +1195,206 @@ def save_checkpoint(ckpt_dir: str, model=None, tok=None, optimizer=None, step: i
              "torch_rng": torch.get_rng_state(),
              "modules": {k: v.state_dict() for k, v in (modules or {}).items()}}
     torch.save(state, os.path.join(tmp, "state.pt"))
-    old = ckpt_dir.rstrip("/") + ".old"
-    if os.path.exists(ckpt_dir):
+    with open(os.path.join(tmp, _COMPLETE), "w") as f:
+        f.write(json.dumps({"step": step}))
+    old = base + ".old"
+    if os.path.isfile(os.path.join(base, _COMPLETE)):
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(ckpt_dir, old)
-    os.replace(tmp, ckpt_dir)
+        os.replace(base, old)
+    else:  # an incomplete dir under the final name (a legacy or damaged save): never the fallback
+        shutil.rmtree(base, ignore_errors=True)
+    os.replace(tmp, base)
     shutil.rmtree(old, ignore_errors=True)
-    return ckpt_dir
+    _LAST_CHECKPOINT.update(dir=base, step=step)
+    return base
+
+
+def _checkpoint_step(path: str) -> int | None:
+    try:
+        with open(os.path.join(path, _COMPLETE)) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def find_checkpoint(ckpt_dir: str) -> str | None:
+    """The newest complete checkpoint among `ckpt_dir`, `<ckpt_dir>.old` and temp dirs of a save
+    killed after its marker, or None. A save killed half-way leaves no marker and is skipped: resume
+    falls back to the previous checkpoint."""
+    base = ckpt_dir.rstrip("/")
+    parent = os.path.dirname(os.path.abspath(base))
+    if not os.path.isdir(parent):
+        return None
+    stem = os.path.basename(base)
+    cands = [os.path.join(parent, n) for n in os.listdir(parent)
+             if n == stem or n == stem + ".old" or n.startswith(stem + ".tmp")]
+    steps = [(s, p) for p in cands if (s := _checkpoint_step(p)) is not None]
+    if not steps:
+        return None
+    return max(steps, key=lambda sp: (sp[0], sp[1] == base))[1]
+
+
+def _load_file(path: str, what: str):
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:  # truncated zip, unpickling garbage, permission denied...
+        raise UserError(f"checkpoint file '{path}' is corrupt or unreadable ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''}); delete that checkpoint directory to fall "
+                        f"back to the previous one, or start again with --overwrite") from None
 
 
 def load_checkpoint(ckpt_dir: str, model=None, optimizer=None, modules: dict | None = None) -> dict:
-    """Restore what save_checkpoint wrote (weights into `model` in place, optimizer, RNG states,
-    other modules); returns the state dict with "step" and "extra". Missing dir -> UserError."""
-    if not os.path.isfile(os.path.join(ckpt_dir, "state.pt")):
-        raise UserError(f"no checkpoint at '{ckpt_dir}' to resume from; run without --resume to start fresh")
-    state = torch.load(os.path.join(ckpt_dir, "state.pt"), weights_only=False)
-    if model is not None and os.path.isdir(os.path.join(ckpt_dir, "model")):
+    """Restore the newest complete checkpoint at `ckpt_dir` (see find_checkpoint): weights into `model`
+    in place, optimizer, python / numpy / torch RNG states, other modules; returns the state dict with
+    "step" and "extra" (and "path", the directory it came from). No complete checkpoint, or a
+    corrupt file -> one UserError naming it."""
+    path = find_checkpoint(ckpt_dir)
+    if path is None:
+        raise UserError(f"no checkpoint at '{ckpt_dir}' (none complete) to resume from; run without --resume to start fresh")
+    state = _load_file(os.path.join(path, "state.pt"), "state")
+    if model is not None and os.path.isdir(os.path.join(path, "model")):
         from transformers import AutoModelForCausalLM
 
         m = model.module if hasattr(model, "module") else model
-        saved = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt_dir, "model"), dtype=torch.float32)
+        try:
+            saved = AutoModelForCausalLM.from_pretrained(os.path.join(path, "model"), dtype=torch.float32)
+        except Exception as e:
+            raise UserError(f"checkpoint model '{os.path.join(path, 'model')}' is corrupt or unreadable "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); delete that "
+                            f"checkpoint directory to fall back to the previous one, or start again with --overwrite") from None
         m.load_state_dict(saved.state_dict())
-    if optimizer is not None and os.path.isfile(os.path.join(ckpt_dir, "optimizer.pt")):
-        optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=False))
+    if optimizer is not None and os.path.isfile(os.path.join(path, "optimizer.pt")):
+        optimizer.load_state_dict(_load_file(os.path.join(path, "optimizer.pt"), "optimizer"))
     for k, v in (modules or {}).items():
         if k in state["modules"]:
             v.load_state_dict(state["modules"][k])
     random.setstate(state["python_rng"])
     np.random.set_state(state["numpy_rng"])
     torch.set_rng_state(state["torch_rng"])
+    state["path"] = path
+    _LAST_CHECKPOINT.update(dir=path, step=state["step"])
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- runs: output directory, resume policy, data files ----
+# ---------------------------------------------------------------------------------------------
+
+ALWAYS_IGNORED = ("resume", "overwrite", "output_dir")
+
+
+def _writable_dir(path: str) -> None:
+    """UserError unless `path` exists as a writable directory or can be created (nothing is created)."""
+    p = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise UserError(f"--output_dir '{path}' is a file; pass a directory")
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p) or not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir '{path}' is not writable ('{p}' refuses writes); pass a directory you can write")
+
+
+def _differences(old: dict, new: dict, ignore: Sequence[str]) -> list[str]:
+    skip = set(ALWAYS_IGNORED) | set(ignore)
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        if k in skip:
+            continue
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if json.loads(json.dumps(a, default=str)) != json.loads(json.dumps(b, default=str)):
+            diffs.append(f"--{k} {a} -> {b}")
+    return diffs
+
+
+def start_run(args, has_checkpoint: bool, ignore: Sequence[str] = ()) -> None:
+    """The output-directory policy; call after validate_args and the preflight, before any write.
+
+    - `--resume` with `--overwrite`: refused.
+    - An unwritable `--output_dir` (or a file of that name): refused.
+    - A fresh run into a directory that holds a run (args.json): refused, unless `--overwrite`, which
+      deletes that previous run directory first. A directory without args.json is used as is.
+    - `--resume`: refused without a previous run (args.json) or without `has_checkpoint` (the caller's
+      word: its checkpoint or finished parts exist), and refused when a flag that changes results
+      differs from the stored args.json (every flag except ALWAYS_IGNORED and `ignore`), naming each.
+    Then writes args.json (rank 0, fresh runs; a resumed run keeps the original).
+    """
+    out = args.output_dir
+    resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
+    require(not (resume and overwrite), "--resume and --overwrite exclude each other; pass one")
+    if not is_main():
+        return
+    _writable_dir(out)
+    args_path = os.path.join(out, "args.json")
+    now = json.loads(json.dumps(vars(args), default=str))
+    if resume:
+        require(os.path.isfile(args_path), f"--resume: '{out}' holds no run (no args.json); run without --resume")
+        try:
+            with open(args_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--resume: '{args_path}' is unreadable ({e}); start again with --overwrite") from None
+        require(has_checkpoint, f"--resume: '{out}' has no checkpoint yet; start again with --overwrite")
+        diffs = _differences(old, now, ignore)
+        require(not diffs, f"--resume: flags differ from the run in '{out}': {'; '.join(diffs)}; pass the same flags, "
+                           f"or --overwrite / another --output_dir for a new run")
+        return
+    if os.path.isfile(args_path):
+        require(overwrite, f"'{out}' already holds a run (args.json); pass --resume to continue it, --overwrite to "
+                           f"replace it, or another --output_dir")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    write_json(args_path, now)
+
+
+def read_text_lines(path: str) -> list[str]:
+    """Lines of a UTF-8 text file (newlines stripped); a missing, unreadable or non-UTF-8 file raises
+    one UserError naming it (and the line of the first bad byte)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read data file '{path}' ({e.strerror}); check the path") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#x}); re-encode the file as UTF-8") from None
+    return text.splitlines()
+
+
+def preflight_model(name_or_path: str | None) -> None:
+    """Before any work: the model path exists (or the hub id resolves) and its config loads."""
+    if not name_or_path:
+        return
+    check_model_path(name_or_path)
+    from transformers import AutoConfig
+
+    p = os.path.expanduser(str(name_or_path))
+    try:
+        AutoConfig.from_pretrained(p)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if os.path.isdir(p):
+            raise UserError(f"'{name_or_path}' is a folder but not a loadable model ({first}); pass a save_pretrained "
+                            f"directory (config.json + weights)") from None
+        raise UserError(f"cannot load model '{name_or_path}' ({first}); if this machine is offline, download it first "
+                        f"(huggingface-cli download {name_or_path}) or pass a local checkpoint directory") from None
+
+
+def preflight_endpoint(llm, route: str = "chat", deadline: float = 30.0) -> None:
+    """Before any work: one tiny request (1 token) on the route the run will use ("chat" or
+    "completions"), so an unreachable or misconfigured endpoint fails in seconds, not after minutes of
+    other work. A local LLM passes."""
+    client = llm.client if isinstance(llm, LLM) else llm
+    if client is None:
+        return
+    require(route in ("chat", "completions"), f"preflight_endpoint: route must be chat or completions, not {route}")
+    probe = ChatClient(client.base_url, client.model, client.api_key, timeout=min(client.timeout, deadline),
+                       deadline=deadline, max_retries=1, backoff=0.5)
+    if route == "chat":
+        probe.chat([{"role": "user", "content": "Say OK."}], n=1, temperature=0.0, max_tokens=1)
+    else:
+        probe.complete("Say OK.", n=1, temperature=0.0, max_tokens=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1191,11 +1409,14 @@ class EndpointError(UserError):
 class ChatClient:
     """Client for any OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, hosted APIs).
 
-    Stdlib HTTP only. Timeouts; retries with exponential backoff on 429, 5xx and connection errors
-    (honouring Retry-After); after `max_retries` one EndpointError that names the URL and the fix.
-    A 200 answer that is not the expected JSON is retried too (some servers glitch), then raised.
-    A server that answers fewer than `n` choices (Ollama ignores `n`) is asked again for the
-    missing ones, so `chat` / `complete` always return exactly n texts.
+    Stdlib HTTP only. Each attempt has a wall-clock limit (`timeout`, body included: a server that
+    trickles bytes does not keep it alive) and each request an overall `deadline` over all its
+    attempts. Retries with exponential backoff on 429, 5xx, connection and transport errors (a
+    truncated body, a garbage status line) and on a 200 answer that is not the expected JSON;
+    Retry-After is honoured up to `max_retry_after` seconds. When it gives up: one EndpointError
+    that names the URL, what went wrong and the fix (401/403 key, 404 route or model, 429 rate, 5xx
+    server, refused connection, timeout). A server that answers fewer than `n` choices (Ollama
+    ignores `n`) is asked again for the missing ones, so `chat` / `complete` return exactly n texts.
     `usage` counts calls, retries and tokens (as the server reports them).
 
     base_url: "http://host:8000" gets "/v1" appended; a URL with a path is used as given
@@ -1203,7 +1424,8 @@ class ChatClient:
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
-                 max_retries: int = 4, backoff: float = 1.0):
+                 max_retries: int = 4, backoff: float = 1.0, deadline: float | None = 600.0,
+                 max_retry_after: float = 60.0):
         import urllib.parse
 
         self.base_url = base_url.rstrip("/")
@@ -1211,52 +1433,117 @@ class ChatClient:
             self.base_url += "/v1"
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.max_retries, self.backoff = max_retries, backoff
+        self.deadline, self.max_retry_after = deadline, max_retry_after
         self.usage = {"calls": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _attempt(url: str, data: bytes, headers: dict, limit: float) -> tuple[int, dict, bytes]:
+        """One POST with a wall-clock limit on the whole exchange: a timer shuts the socket at `limit`
+        seconds, so a server that trickles its status line, headers or body cannot hold us (a socket
+        timeout alone restarts with every byte). Returns (status, headers, body)."""
+        import http.client
+        import urllib.parse
+
+        u = urllib.parse.urlsplit(url)
+        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        conn = cls(u.hostname, u.port, timeout=limit)
+        fired = threading.Event()
+
+        def cut():
+            fired.set()
+            with contextlib.suppress(OSError, AttributeError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(limit, cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            conn.request("POST", u.path + (f"?{u.query}" if u.query else ""), body=data, headers=headers)
+            r = conn.getresponse()
+            return r.status, dict(r.headers), r.read()
+        except (OSError, http.client.HTTPException):
+            if fired.is_set():
+                raise TimeoutError(f"no complete answer within {limit:g}s (timed out)") from None
+            raise
+        finally:
+            timer.cancel()
+            conn.close()
+
+    def _advice(self, url: str, code: int | None, last: str) -> str:
+        if code in (401, 403):
+            return f"{url} refused the API key ({last}); set the right key in the --*_api_key_env variable"
+        if code == 404:
+            return (f"{url} has no such route or model ({last}); check the base URL (does the server serve this "
+                    f"route?) and the model name '{self.model}'")
+        if code is not None and 400 <= code < 500 and code != 429:
+            return f"{url} rejected the request ({last}); check the model name '{self.model}' and the request parameters"
+        if code == 429:
+            return f"{url} kept rate-limiting ({last}); lower the request concurrency or wait and --resume"
+        if code is not None and code >= 500:
+            return f"{url} kept failing with a server error ({last}); check the server's log"
+        if "refused" in last.lower() or "name or service" in last.lower() or "nodename" in last.lower():
+            return (f"nothing answers at {url} ({last}); start the server (e.g. vllm serve {self.model}) or pass the "
+                    f"right --*_api_base")
+        if "timed out" in last.lower() or "timeout" in last.lower() or "slowly" in last.lower():
+            return (f"{url} did not answer in time ({last}); the server is hung or overloaded: check it, or raise "
+                    f"--request_timeout")
+        return f"{url} failed ({last}); check the server and the --*_api_base / model flags"
+
     def _post(self, route: str, payload: dict) -> dict:
+        import http.client
+
         url = f"{self.base_url}/{route}"
         data = json.dumps(payload).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        last = ""
+        t_end = time.monotonic() + (self.deadline if self.deadline else float("inf"))
+        last, code, tries = "", None, 0
         for attempt in range(self.max_retries + 1):
             wait = self.backoff * 2 ** attempt
+            left = t_end - time.monotonic()
+            if left <= 0:
+                last = f"deadline of {self.deadline:g}s passed; {last}" if last else f"deadline of {self.deadline:g}s passed"
+                break
+            tries += 1
+            limit = min(self.timeout, left)
+            code = None
             try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    body = r.read()
-                try:
-                    out = json.loads(body)
-                    if not isinstance(out, dict) or not isinstance(out.get("choices"), list) or not out["choices"]:
-                        raise ValueError("no 'choices' list")
-                except ValueError as e:
-                    last = f"malformed response ({e}): {body[:120]!r}"
-                else:
-                    with self._lock:
-                        self.usage["calls"] += 1
-                        for k in ("prompt_tokens", "completion_tokens"):
-                            self.usage[k] += int((out.get("usage") or {}).get(k, 0) or 0)
-                    return out
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}: {e.read()[:200]!r}"
-                if e.code != 429 and e.code < 500:  # 4xx other than 429: our request is wrong, retrying won't help
-                    raise EndpointError(f"{url} rejected the request ({last}); check --model name, api key and parameters") from None
-                ra = e.headers.get("Retry-After") if e.headers else None
-                if ra:
+                status, rh, body = self._attempt(url, data, headers, limit)
+            except (ConnectionError, socket.timeout, TimeoutError, OSError, http.client.HTTPException) as e:
+                last = f"{type(e).__name__}: {e}"
+            else:
+                if status == 200:
                     try:
-                        wait = max(wait, float(ra))
-                    except ValueError:
-                        pass
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                        out = json.loads(body)
+                        if not isinstance(out, dict) or not isinstance(out.get("choices"), list) or not out["choices"]:
+                            raise ValueError("no 'choices' list")
+                    except ValueError as e:
+                        last = f"malformed response ({e}): {body[:120]!r}"
+                    else:
+                        with self._lock:
+                            self.usage["calls"] += 1
+                            for k in ("prompt_tokens", "completion_tokens"):
+                                self.usage[k] += int((out.get("usage") or {}).get(k, 0) or 0)
+                        return out
+                else:
+                    code = status
+                    last = f"HTTP {status}: {body[:200]!r}"
+                    if status != 429 and status < 500:  # 4xx other than 429: our request is wrong, retrying won't help
+                        raise EndpointError(self._advice(url, status, last))
+                    ra = {k.lower(): v for k, v in rh.items()}.get("retry-after")
+                    if ra:
+                        try:
+                            wait = max(wait, min(float(ra), self.max_retry_after))
+                        except ValueError:
+                            pass
             if attempt < self.max_retries:
+                wait = min(wait, max(0.0, t_end - time.monotonic()))
                 with self._lock:
                     self.usage["retries"] += 1
                 time.sleep(wait)
-        raise EndpointError(f"endpoint {url} failed after {self.max_retries + 1} tries ({last}); start the server "
-                            f"(e.g. vllm serve {self.model}) or pass the right --*_api_base")
+        raise EndpointError(self._advice(url, code, f"{last}; {tries} tries"))
 
     def _n_choices(self, route: str, payload: dict, n: int, read: Callable[[dict], str], what: str):
         """Exactly n (text, finish_reason) pairs: the missing ones are asked for again with
@@ -1355,7 +1642,8 @@ class LLM:
 
     @classmethod
     def from_endpoint(cls, base_url: str, model: str, api_key: str | None = None, **kw) -> "LLM":
-        client_kw = {k: kw.pop(k) for k in ("timeout", "max_retries", "backoff") if k in kw}
+        client_kw = {k: kw.pop(k) for k in ("timeout", "max_retries", "backoff", "deadline", "max_retry_after")
+                     if k in kw}
         return cls(client=ChatClient(base_url, model, api_key, **client_kw), **kw)
 
     def reseed(self, seed: int) -> None:
@@ -1392,8 +1680,13 @@ class LLM:
     def _remote(self, fn, items, **kw) -> list[list[str]]:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=self.max_workers) as ex:  # concurrent requests, order kept
+        ex = ThreadPoolExecutor(max_workers=self.max_workers)  # concurrent requests, order kept
+        try:
             res = list(ex.map(lambda x: fn(x, return_finish=True, **kw), items))
+        except BaseException:  # Ctrl-C or a failed request: drop queued requests, don't wait for running ones
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+        ex.shutdown(wait=True)
         for k in self.usage:
             self.usage[k] = self.client.usage.get(k, 0)
         self.last_finish_reasons = [r for _, r in res]

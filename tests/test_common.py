@@ -333,7 +333,7 @@ def test_chat_client_garbage_and_unreachable_raise_one_clear_error():
         srv.shutdown()
     with socket_free_port() as port:
         client = C.ChatClient(f"http://127.0.0.1:{port}", "m", backoff=0.01, max_retries=1, timeout=2)
-        with pytest.raises(C.EndpointError, match="failed after 2 tries"):
+        with pytest.raises(C.EndpointError, match="nothing answers at .*2 tries.*start the server"):
             client.chat([{"role": "user", "content": "x"}])
 
 
@@ -693,3 +693,221 @@ def test_torchrun_two_processes_equal_one_process_on_combined_batch(tmp_path):
     assert any(not torch.equal(a[k], start[k]) for k in a)  # the step changed the weights
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+# ---- runs: output-dir policy, resume refusal, checkpoint fallback, faults -----------------------
+# Breakages these catch (each checked by breaking the line): start_run not refusing a finished run's dir,
+# --overwrite not clearing it, a changed flag accepted on --resume (or an ignored one refused), args.json
+# written on resume; find_checkpoint taking an incomplete (marker-less) newer save or ignoring .old / temp
+# siblings; stale temp dirs not cleaned; a truncated state.pt giving a traceback; read_text_lines accepting
+# invalid UTF-8; Ctrl-C printing a traceback; the client's deadline, Retry-After cap, trickle limit,
+# transport-error retries and per-status advice.
+
+
+def _ns(**kw):
+    import argparse
+
+    base = dict(output_dir="", resume=False, overwrite=False, lr=0.1, seed=0, workers=1)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_start_run_refuses_finished_dir_and_resumes_only_the_same_run(tmp_path):
+    out = str(tmp_path / "run")
+    C.start_run(_ns(output_dir=out), has_checkpoint=False)
+    assert json.load(open(os.path.join(out, "args.json")))["lr"] == 0.1
+    open(os.path.join(out, "summary.json"), "w").write("{}")
+    with pytest.raises(C.UserError, match="already holds a run"):
+        C.start_run(_ns(output_dir=out), has_checkpoint=False)
+    with pytest.raises(C.UserError, match="no checkpoint"):
+        C.start_run(_ns(output_dir=out, resume=True), has_checkpoint=False)
+    with pytest.raises(C.UserError, match=r"--lr 0.1 -> 0.2"):
+        C.start_run(_ns(output_dir=out, resume=True, lr=0.2), has_checkpoint=True)
+    C.start_run(_ns(output_dir=out, resume=True, workers=4), has_checkpoint=True, ignore=("workers",))
+    with pytest.raises(C.UserError, match="--workers 1 -> 4"):
+        C.start_run(_ns(output_dir=out, resume=True, workers=4), has_checkpoint=True)
+    assert json.load(open(os.path.join(out, "args.json")))["workers"] == 1  # resume keeps the original
+    with pytest.raises(C.UserError, match="exclude each other"):
+        C.start_run(_ns(output_dir=out, resume=True, overwrite=True), has_checkpoint=True)
+    C.start_run(_ns(output_dir=out, overwrite=True, lr=0.3), has_checkpoint=False)
+    assert sorted(os.listdir(out)) == ["args.json"] and json.load(open(os.path.join(out, "args.json")))["lr"] == 0.3
+    with pytest.raises(C.UserError, match="holds no run"):
+        C.start_run(_ns(output_dir=str(tmp_path / "empty"), resume=True), has_checkpoint=True)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(C.UserError, match="is a file"):
+        C.start_run(_ns(output_dir=str(tmp_path / "afile")), has_checkpoint=False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_start_run_refuses_unwritable_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(C.UserError, match="not writable"):
+            C.start_run(_ns(output_dir=str(ro / "run")), has_checkpoint=False)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_checkpoint_falls_back_to_the_last_complete_save(tmp_path):
+    ck = str(tmp_path / "checkpoint")
+    C.save_checkpoint(ck, step=1, extra={"v": 1})
+    C.save_checkpoint(ck, step=2, extra={"v": 2})
+    assert C.load_checkpoint(ck)["extra"] == {"v": 2} and not os.path.exists(ck + ".old")
+    # a kill mid-save: the newer temp dir has no marker, the old one was moved aside -> the old one is used
+    os.replace(ck, ck + ".old")
+    os.makedirs(ck + ".tmp999")
+    torch.save({"step": 3}, os.path.join(ck + ".tmp999", "state.pt"))
+    assert C.find_checkpoint(ck) == ck + ".old" and C.load_checkpoint(ck)["step"] == 2
+    # a kill after the marker, before the rename: the complete temp dir is the newest
+    C.save_checkpoint(str(tmp_path / "other"), step=5)
+    os.replace(str(tmp_path / "other"), ck + ".tmp1000")
+    assert C.find_checkpoint(ck) == ck + ".tmp1000" and C.load_checkpoint(ck)["step"] == 5
+    C.save_checkpoint(ck, step=6)  # the next save cleans the debris and keeps one checkpoint
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"] and C.load_checkpoint(ck)["step"] == 6
+    with open(os.path.join(ck, "state.pt"), "r+b") as f:
+        f.truncate(50)
+    with pytest.raises(C.UserError, match="state.pt' is corrupt"):
+        C.load_checkpoint(ck)
+    assert C.find_checkpoint(str(tmp_path / "none")) is None
+
+
+def test_read_text_lines_names_the_bad_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": "\xff"}\n')
+    with pytest.raises(C.UserError, match=r"d.jsonl:3: not valid UTF-8"):
+        C.read_text_lines(str(p))
+    with pytest.raises(C.UserError, match="cannot read data file"):
+        C.read_text_lines(str(tmp_path / "missing.jsonl"))
+    p.write_text("x\ny\n")
+    assert C.read_text_lines(str(p)) == ["x", "y"]
+
+
+def test_ctrl_c_ends_with_one_line_naming_the_last_checkpoint(tmp_path):
+    code = ("import os, signal, sys; sys.path.insert(0, %r); import common as C\n"
+            "with C.exit_on_user_error():\n"
+            "    C.save_checkpoint(%r, step=4)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    import time; time.sleep(5)\n") % (ROOT, str(tmp_path / "ck"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "step 4" in r.stderr and "--resume" in r.stderr
+
+
+class _RawServer:
+    """A socket server that answers each connection with `script(conn)`: for faults http.server
+    cannot produce (a garbage status line, a body cut short, a trickle, a hang)."""
+
+    def __init__(self, script):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.calls = 0
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.script = script
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.calls += 1
+            threading.Thread(target=self._handle, args=(conn, self.calls), daemon=True).start()
+
+    def _handle(self, conn, k):
+        try:
+            conn.recv(65536)
+            self.script(conn, k)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+_OK = json.dumps({"choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]}).encode()
+
+
+def _http(status: str, body: bytes, headers: str = "") -> bytes:
+    return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode() + body
+
+
+@pytest.mark.parametrize("fault", ["garbage_status", "truncated_body"])
+def test_chat_client_retries_transport_errors(fault):
+    def script(conn, k):
+        if k == 1:
+            conn.sendall(b"HELLO THERE\r\n\r\n" if fault == "garbage_status"
+                         else _http("200 OK", _OK)[:-10])
+        else:
+            conn.sendall(_http("200 OK", _OK))
+
+    srv = _RawServer(script)
+    try:
+        client = C.ChatClient(srv.url, "m", backoff=0.01, timeout=5)
+        assert client.complete("x") == ["ok"] and srv.calls == 2 and client.usage["retries"] == 1
+    finally:
+        srv.close()
+
+
+def test_chat_client_deadline_ends_a_hung_or_trickling_server_in_seconds():
+    import time
+
+    def hang(conn, k):
+        time.sleep(30)
+
+    def trickle(conn, k):
+        msg = _http("200 OK", _OK)
+        for i in range(len(msg)):
+            conn.sendall(msg[i:i + 1])
+            time.sleep(0.3)
+
+    for script, pattern in ((hang, "did not answer in time"), (trickle, "did not answer in time")):
+        srv = _RawServer(script)
+        try:
+            client = C.ChatClient(srv.url, "m", backoff=0.01, timeout=1.0, deadline=2.5, max_retries=10)
+            t0 = time.time()
+            with pytest.raises(C.EndpointError, match=pattern):
+                client.complete("x")
+            assert time.time() - t0 < 6
+        finally:
+            srv.close()
+
+
+def test_chat_client_caps_retry_after_and_names_each_status():
+    import time
+
+    def limited(conn, k):
+        conn.sendall(_http("429 Too Many Requests", b"slow down", "Retry-After: 3600\r\n") if k == 1
+                     else _http("200 OK", _OK))
+
+    srv = _RawServer(limited)
+    try:
+        t0 = time.time()
+        client = C.ChatClient(srv.url, "m", backoff=0.01, max_retry_after=0.5)
+        assert client.complete("x") == ["ok"] and 0.4 < time.time() - t0 < 5
+    finally:
+        srv.close()
+    for status, pattern in (("401 Unauthorized", "API key"), ("404 Not Found", "no such route or model"),
+                            ("429 Too Many Requests", "kept rate-limiting"), ("503 Busy", "server error")):
+        srv = _RawServer(lambda conn, k, s=status: conn.sendall(_http(s, b"{}")))
+        try:
+            client = C.ChatClient(srv.url, "m", backoff=0.01, max_retries=1)
+            with pytest.raises(C.EndpointError, match=pattern):
+                client.complete("x")
+        finally:
+            srv.close()
+
+
+def test_preflight_model_refuses_missing_and_weightless_folders(tmp_path):
+    with pytest.raises(C.UserError, match="does not exist"):
+        C.preflight_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(C.UserError, match="not a loadable model"):
+        C.preflight_model(str(tmp_path / "empty"))
