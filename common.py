@@ -12,7 +12,10 @@ Sections (in this order):
              extract_answer / is_correct, pretrain_lm, toy_checkpoint (cached tiny HF models)
   LLMs       ChatClient (OpenAI-compatible endpoint, stdlib HTTP), LLM (one text interface over a
              local HF model or an endpoint), serve_openai (a local OpenAI-compatible server)
-  logging    MetricLogger, plot_metrics, save_checkpoint / load_checkpoint
+  logging    MetricLogger, plot_metrics, save_checkpoint / find_checkpoint / load_checkpoint (atomic, with
+             a COMPLETE marker and fallback to the previous checkpoint)
+  runs       require, start_run (output-dir and --resume policy), read_text_lines, preflight_model,
+             preflight_endpoint; exit_on_user_error turns bad input, Ctrl-C and disk faults into one line
 
 `python common.py` builds the toy checkpoints and prints each model's accuracy per split.
 `python common.py --bench` compares `generate` with HF `generate` (tokens/s) and measures the
