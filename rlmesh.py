@@ -48,7 +48,14 @@ comparison runs in well under 3 minutes on a 2-core CPU; `--surrogate fno` is th
 Commands:
   toy CPU (default comparison, all arms, seed 0, ~0.5 min):  python rlmesh.py
   full multi-seed table (+ plots):     python rlmesh.py --full_table --seeds 0,1,2 [--surrogate fno]
-  Burgers:                             python rlmesh.py --pde burgers
+  Burgers, small (minutes):            python rlmesh.py --pde burgers --surrogate fno --surrogate_epochs 40
+                                         --ref_cells 1024 --budget 200 --checkpoints 50,100,200 --n_test 100
+                                         --n_policy_inst 40 --policy_iters 100
+  Burgers at the spec's sizes:         python rlmesh.py --pde burgers --surrogate fno   (about an hour of CPU: ~750
+                                         fine references on 2048 cells x ~7,000 time steps, ~3 s each; the run
+                                         prints its own estimate after the validation references. Kernel ridge,
+                                         the default surrogate, barely learns Burgers at T = 1: 0.52 -> 0.43 rel. L2
+                                         from 50 to 400 queries, where the FNO gets 0.36 -> 0.16)
   one arm / variants:                  python rlmesh.py --method rl --rl ppo --policy mlp --rl_mode online
   GPU (surrogate training on CUDA):    python rlmesh.py --full_table --surrogate fno --surrogate_epochs 300 --device cuda
   (solvers, meshes, kernel ridge and the policy stay in float64 numpy / CPU torch; only the surrogate moves)
@@ -62,14 +69,21 @@ Commands:
   broadcast; only rank 0 logs and writes files. Labels, costs and kernel-ridge results are bit-identical to one
   process; neural-surrogate errors equal up to float32 summation order (tested with 2 CPU processes only).
 
+Runs: flags are checked first (one line, exit 2, nothing written); an --output_dir holding a run is refused
+unless --resume (the same flags; continues after the last finished arm) or --overwrite (deletes it). The
+checkpoint after each arm holds every finished arm's result, so kill -9 + --resume gives the uninterrupted
+summary.json; rows logged after it are cut.
+
 Logged metrics (metrics.jsonl, one row per arm and checkpoint): arm, queries, dataset_cost, total_cost,
 test_rel_l2, test_rmse, label_rel_l2; policy.jsonl: reward, advantage stats, proxy-vs-oracle rank
-correlation, validation label error of the mean action; summary.json: final table, queries each arm
-needs to reach uniform's final error, wall time, device, seed.
+correlation, validation label error of the mean action; summary.json: final table, queries and total cost
+each arm needs to reach uniform's final error (every arm judged per query and at equal total cost), wall time,
+device, seed.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -161,7 +175,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: 1, or $NANOPAPERS_THREADS)")
     p.add_argument("--output_dir", default=None, help="default runs/rlmesh/<pde>_<method>_s<seed>")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="skip arms finished in output_dir/checkpoint (and, with --full_table, seeds with a result.json)")
+                   help="continue the run in output_dir (same flags): skip arms finished in its checkpoint (and, with "
+                        "--full_table, seeds with a result.json); refused without a checkpoint or with changed flags")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="delete a previous run in output_dir and start fresh (without it such a directory is refused)")
     args = p.parse_args(argv)
     burg = args.pde == "burgers"
     if args.n_nodes is None:
@@ -569,7 +586,8 @@ class World:
         return np.exp(g / g.std(1, keepdims=True))
 
     def surrogate_input(self, fields: np.ndarray) -> np.ndarray:
-        """(n, Ne): log a (Darcy, / log contrast) or u0 (Burgers) on the eval grid."""
+        """(n, Ne): log a (Darcy) or u0 (Burgers) on the eval grid, not rescaled (kernel ridge takes the median
+        bandwidth, the FNO / MLP standardise their input)."""
         v = _eval_field(fields, self.grid, periodic=self.burgers)
         return v if self.burgers else np.log(v)
 
@@ -588,13 +606,16 @@ class World:
         """Fine-mesh references on the eval grid (n, Ne) and their cost per solve."""
         a = self.a
         if self.burgers:
-            nodes = np.broadcast_to(np.linspace(0, 1, a.ref_cells + 1), (len(fields), a.ref_cells + 1))
-            out, cost = [], []
+            nodes = np.linspace(0, 1, a.ref_cells + 1)[None]
+            # a batch runs until its slowest row is done: batch inputs of similar step counts (rows are independent,
+            # so the result does not depend on the grouping)
+            steps = _burgers_steps(_cell_averages(fields, nodes), np.diff(nodes, axis=1), a.t_final, a.cfl, np.inf)
+            order = np.argsort(steps, kind="stable")
+            out, cost = np.empty((len(fields), len(self.grid))), np.empty(len(fields), dtype=np.int64)
             for i in range(0, len(fields), 64):  # batches keep the FFT arrays small
-                y, c = self.simulate(fields[i:i + 64], np.ascontiguousarray(nodes[i:i + 64]))
-                out.append(y)
-                cost.append(c)
-            return np.concatenate(out), np.concatenate(cost)
+                idx = order[i:i + 64]
+                out[idx], cost[idx] = self.simulate(fields[idx], nodes.repeat(len(idx), 0))
+            return out, cost
         nodes = np.linspace(0, 1, self.Mf)[None].repeat(len(fields), 0)
         u = solve_darcy_1d(fields, nodes, 1.0, "harmonic", a.quad)
         return interp_to_grid(nodes[0], u, self.grid), np.full(len(fields), self.Mf, dtype=np.int64)
@@ -643,7 +664,10 @@ class World:
         return v / (v.max(1, keepdims=True) + 1e-12)
 
     def monitor_density(self, fields: np.ndarray, beta: float, kind: str) -> tuple[np.ndarray, np.ndarray]:
-        """Classical equidistribution baseline: rho = 1 + beta m (m raw, in its units); returns (rho (n, M), pilot cost (n,))."""
+        """Classical equidistribution baseline: rho = 1 + beta m; returns (rho (n, M), pilot cost (n,)).
+        gradient: m = |d log a/dx| (Darcy) or |du0/dx| (Burgers), box-smoothed over 9 then 17 fine samples, in its
+        raw units (1/length; not divided by log contrast or a max). pilot_solve: m = sqrt(1 + v'^2), v' the
+        slope of a uniform pilot solve with half the cells divided by its mean |.| (cost counted)."""
         cost = np.zeros(len(fields), dtype=np.int64)
         if kind == "gradient":
             if self.burgers:
@@ -898,7 +922,7 @@ def train_policy(agent: Agent, fields: np.ndarray, refs: np.ndarray | None, val_
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- one seed: every arm, its data, surrogates, costs ----
+# ---- flags ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -911,35 +935,107 @@ def _arm_list(args) -> list[str]:
     return arms
 
 
-def _checkpoints(args) -> list[int]:
+def _ints(text: str, flag: str) -> list[int]:
     try:
-        ks = sorted({int(k) for k in args.checkpoints.split(",") if k.strip()})
+        return [int(k) for k in text.split(",") if k.strip()]
     except ValueError:
-        raise UserError(f"--checkpoints '{args.checkpoints}' must be comma-separated integers, e.g. 50,100,200")
-    if not ks or ks[0] < 1 or ks[-1] > args.budget:
-        raise UserError(f"--checkpoints {ks} must lie in 1..--budget ({args.budget}); raise --budget or lower them")
+        raise UserError(f"--{flag} '{text}' must be comma-separated integers, e.g. 0,1,2") from None
+
+
+def _checkpoints(args) -> list[int]:
+    ks = sorted(set(_ints(args.checkpoints, "checkpoints")))
+    common.require(ks and ks[0] >= 1 and ks[-1] <= args.budget,
+                   f"--checkpoints {ks} must lie in 1..--budget ({args.budget}); raise --budget or lower them")
     return ks
 
 
-def validate_args(args):
-    if args.n_nodes < 3:
-        raise UserError("--n_nodes must be >= 3")
-    if not 0 <= args.min_gap_frac < 1:
-        raise UserError("--min_gap_frac must be in [0, 1): g (N-1) < 1 is needed to fit the nodes")
-    if args.n_warmup < 2 or args.n_warmup > min(_checkpoints(args)):
-        raise UserError(f"--n_warmup ({args.n_warmup}) must be in 2..smallest checkpoint (the proxy needs >= 2 points)")
-    if args.group_size < 2:
-        raise UserError("--group_size must be >= 2 (group advantages need a spread)")
-    if args.instances_per_iter > args.n_policy_inst:
-        raise UserError("--instances_per_iter must be <= --n_policy_inst")
-    if args.n_val < 2 or args.n_test < 1:
-        raise UserError("--n_val must be >= 2 and --n_test >= 1")
-    if args.fine_res < 65 or (args.fine_res - 1) % (args.density_res - 1):
-        raise UserError("--fine_res - 1 must be a multiple of --density_res - 1 (e.g. 4097 and 257)")
+def _betas(args) -> list[float]:
     try:
-        [float(b) for b in args.monitor_betas.split(",")]
+        betas = [float(b) for b in args.monitor_betas.split(",") if b.strip()]
     except ValueError:
-        raise UserError(f"--monitor_betas '{args.monitor_betas}' must be comma-separated numbers")
+        raise UserError(f"--monitor_betas '{args.monitor_betas}' must be comma-separated numbers, e.g. 0.01,0.1") from None
+    common.require(betas and all(np.isfinite(b) and b > 0 for b in betas),
+                   f"--monitor_betas '{args.monitor_betas}' must be positive numbers (rho = 1 + beta m)")
+    return betas
+
+
+def validate_args(args) -> None:
+    """Every flag's range and every combination that cannot work, before anything is loaded or written."""
+    req = common.require
+    burg = args.pde == "burgers"
+    # problem
+    req(args.contrast > 0 and np.isfinite(args.contrast), f"--contrast {args.contrast} must be > 0 (a = contrast on the channels)")
+    req(args.length_scale > 0, f"--length_scale {args.length_scale} must be > 0")
+    req(args.n_nodes >= (5 if burg else 3), f"--n_nodes {args.n_nodes} must be >= {5 if burg else 3} "
+        f"({'4 cells, so that the monitor pilot mesh has 2' if burg else 'one interior node'})")
+    req(args.quad >= 1, f"--quad {args.quad} must be >= 1 (sub-points of the harmonic face rule)")
+    req(args.density_res >= 3, f"--density_res {args.density_res} must be >= 3")
+    req(args.fine_res >= 65 and (args.fine_res - 1) % (args.density_res - 1) == 0,
+        f"--fine_res {args.fine_res}: need >= 65 and fine_res - 1 a multiple of --density_res - 1 (e.g. 4097 and 257)")
+    req(args.fine_res > args.n_nodes, f"--fine_res {args.fine_res} must exceed --n_nodes {args.n_nodes} "
+        f"(the Darcy reference lives on the fine grid)")
+    if burg:
+        req(args.nu >= 0 and np.isfinite(args.nu), f"--nu {args.nu} must be >= 0 (viscosity)")
+        req(args.t_final > 0, f"--t_final {args.t_final} must be > 0 (zero time steps would cost nothing and say nothing)")
+        req(0 < args.cfl <= 1, f"--cfl {args.cfl} must be in (0, 1] (explicit Rusanov flux: stable for cfl <= 1)")
+        req(args.ref_cells > (args.n_nodes - 1) * args.hi_factor,
+            f"--ref_cells {args.ref_cells} must exceed the finest simulation mesh ((n_nodes - 1) x hi_factor = "
+            f"{(args.n_nodes - 1) * args.hi_factor} cells): references must be finer than what they judge")
+    else:
+        req(args.fine_res > (args.n_nodes - 1) * args.hi_factor + 1,
+            f"--fine_res {args.fine_res} must exceed the uniform_hi mesh ({(args.n_nodes - 1) * args.hi_factor + 1} nodes)")
+    req(args.eval_res >= 3, f"--eval_res {args.eval_res} must be >= 3 (Darcy's grid includes the two zero boundary "
+        f"values: fewer points give a zero reference and a NaN error)")
+    # mesh and policy
+    req(0 <= args.min_gap_frac < 1, f"--min_gap_frac {args.min_gap_frac} must be in [0, 1): g (N-1) < 1 is needed to fit the nodes")
+    req(args.sigma > 0, f"--sigma {args.sigma} must be > 0 (policy std)")
+    # RL
+    req(args.policy_lr > 0, f"--policy_lr {args.policy_lr} must be > 0")
+    req(args.policy_iters >= 1, f"--policy_iters {args.policy_iters} must be >= 1 (0 leaves the rl arms an untrained "
+        f"policy, i.e. the uniform mesh)")
+    req(args.group_size >= 2, f"--group_size {args.group_size} must be >= 2 (group advantages need a spread)")
+    req(1 <= args.instances_per_iter <= args.n_policy_inst,
+        f"--instances_per_iter {args.instances_per_iter} must be in 1..--n_policy_inst ({args.n_policy_inst})")
+    req(0 < args.ppo_clip < 1, f"--ppo_clip {args.ppo_clip} must be in (0, 1)")
+    req(args.ppo_epochs >= 1, f"--ppo_epochs {args.ppo_epochs} must be >= 1")
+    req(args.cost_weight >= 0, f"--cost_weight {args.cost_weight} must be >= 0 (c of Eq. 7 penalises cost)")
+    req(args.krr_lambda > 0, f"--krr_lambda {args.krr_lambda} must be > 0 (ridge of Eq. 6)")
+    req(args.n_val >= 2, f"--n_val {args.n_val} must be >= 2 (proxy validation error and beta tuning)")
+    req(args.n_test >= 1, f"--n_test {args.n_test} must be >= 1")
+    # baselines
+    req(args.hi_factor >= 2, f"--hi_factor {args.hi_factor} must be >= 2 (uniform_hi refines the cells by it)")
+    _betas(args)
+    req(args.method != "uniform_cost", "--method uniform_cost matches the rl arm's cost per query, so it runs only "
+        "after rl: use --method all --pde burgers")
+    # data and surrogate
+    req(args.budget >= 2, f"--budget {args.budget} must be >= 2")
+    ks = _checkpoints(args)
+    req(2 <= args.n_warmup <= ks[0], f"--n_warmup {args.n_warmup} must be in 2..the smallest checkpoint ({ks[0]}): "
+        f"the proxy needs >= 2 points and every arm's data set starts with the same queries")
+    # (checked for every surrogate: a value that is never meaningful is a typo even where krr ignores it)
+    req(args.surrogate_epochs >= 1, f"--surrogate_epochs {args.surrogate_epochs} must be >= 1 (0 reports an untrained "
+        f"fno / mlp surrogate)")
+    req(args.per_device_batch_size >= 1, f"--per_device_batch_size {args.per_device_batch_size} must be >= 1")
+    req(args.learning_rate > 0, f"--learning_rate {args.learning_rate} must be > 0")
+    req(args.weight_decay >= 0, f"--weight_decay {args.weight_decay} must be >= 0")
+    req(min(args.fno_width, args.fno_layers, args.fno_modes) >= 1, "--fno_width, --fno_layers, --fno_modes must be >= 1")
+    # run
+    if args.full_table:
+        seeds = _ints(args.seeds, "seeds")
+        req(seeds and len(set(seeds)) == len(seeds), f"--seeds '{args.seeds}' must list distinct seeds")
+    req(args.threads is None or args.threads >= 1, f"--threads {args.threads} must be >= 1")
+
+
+def preflight(args) -> None:
+    """What the run will use besides flags: the surrogate's device."""
+    if args.device:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError as e:
+            raise UserError(f"--device '{args.device}' is not a torch device ({e}); use cpu, cuda or mps") from None
+        common.require(dev.type != "cuda" or torch.cuda.is_available(),
+                       f"--device {args.device}: CUDA is not available here; drop --device (cpu) or run on a GPU machine")
+        common.require(dev.type != "mps" or torch.backends.mps.is_available(), f"--device {args.device}: MPS is not available here")
 
 
 def say(msg: str) -> None:
@@ -948,36 +1044,301 @@ def say(msg: str) -> None:
         tqdm.write(msg)
 
 
-def run_seed(args, out_dir: str, seed: int, device) -> dict:
-    """Every arm of one seed on the same inputs: returns {"rows": eval rows, "meshes": examples, ...}."""
-    t0 = time.time()
+# ---------------------------------------------------------------------------------------------
+# ---- one seed: shared inputs and references, one mesher per arm ----
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SeedData:
+    """What every arm of one seed shares: the same query inputs in the same order, validation and test inputs
+    with their fine references (test references are evaluation, not budget; validation ones are counted by the
+    arms that use them)."""
+    args: argparse.Namespace
+    world: World
+    seed: int
+    ss: list
+    fields: np.ndarray
+    val_fields: np.ndarray
+    test_fields: np.ndarray
+    X_all: np.ndarray
+    X_val: np.ndarray
+    X_test: np.ndarray
+    Y_val: np.ndarray
+    Y_test: np.ndarray
+    val_cost: int
+    pool: tuple | None = None  # (fields, refs, ref cost) of the policy-training pool, shared by rl and rl_oracle
+
+    def policy_pool(self):
+        if self.pool is None:
+            f = self.world.sample_inputs(np.random.default_rng(self.ss[4]), self.args.n_policy_inst)
+            refs, cost = sharded(self.world.reference, f)
+            self.pool = (f, refs, int(cost.sum()))
+        return self.pool
+
+
+def prepare_seed(args, seed: int) -> SeedData:
+    """Inputs of one seed and the fine references of its validation and test inputs."""
     common.seed_everything(seed)
     world = World(args)
-    ks = _checkpoints(args)
-    arms = _arm_list(args)
     ss = np.random.SeedSequence(seed).spawn(6)
-    rng_data, rng_val, rng_test, rng_pol = (np.random.default_rng(s) for s in ss[:4])
+    rng_data, rng_val, rng_test = (np.random.default_rng(s) for s in ss[:3])
     fields = world.sample_inputs(rng_data, args.budget)
     val_fields = world.sample_inputs(rng_val, args.n_val)
     test_fields = world.sample_inputs(rng_test, args.n_test)
-    X_all, X_val, X_test = (world.surrogate_input(f) for f in (fields, val_fields, test_fields))
     # torchrun: every rank draws the same inputs; `sharded` splits their solves across ranks and all-gathers
-    main_rank, world_size = common.is_main(), rank_world()[1]
     say(f"[seed {seed}] reference solves for {args.n_val} val + {args.n_test} test inputs ...")
+    t = time.time()
     Y_val, val_cost = sharded(world.reference, val_fields)
-    Y_test, _ = sharded(world.reference, test_fields)  # test references are evaluation, not budget
-    val_cost = int(val_cost.sum())
+    if world.burgers:  # say what the references cost: they dominate a Burgers run
+        arms = _arm_list(args)
+        more = args.n_test + (args.n_policy_inst if {"rl", "rl_oracle"} & set(arms) and args.rl_mode == "pretrain"
+                              else 0) + (args.budget if "exact" in arms else 0)
+        per = (time.time() - t) / args.n_val
+        say(f"[seed {seed}] Burgers references ({args.ref_cells} cells, ~{val_cost.mean() / args.ref_cells:.0f} time "
+            f"steps each): {per:.2f} s per solve here; {more} more (test, policy pool, exact arm) take about "
+            f"{per * more / 60:.1f} min")
+    Y_test, _ = sharded(world.reference, test_fields)
+    X_all, X_val, X_test = (world.surrogate_input(f) for f in (fields, val_fields, test_fields))
+    return SeedData(args, world, seed, ss, fields, val_fields, test_fields, X_all, X_val, X_test, Y_val, Y_test,
+                    int(val_cost.sum()))
 
-    if main_rank:
-        os.makedirs(out_dir, exist_ok=True)
+
+class Mesher:
+    """One arm: how it meshes a query (`nodes`), what it spends before the first query (`setup`, into
+    `setup_cost`: validation references, tuning, policy training), and how it collects its data set (`collect`:
+    labels and cost per query; per-query extras such as pilot solves go to `extra_q`). Every arm sees the same
+    inputs in the same order; total cost at k queries = dataset cost[:k] + setup_cost + extra_q[:k]."""
+
+    def __init__(self, d: SeedData, arm: str, results: dict, arm_seed: int, log_policy):
+        self.d, self.arm, self.results, self.log_policy = d, arm, results, log_policy
+        self.arm_seed, self.rng = arm_seed, np.random.default_rng(arm_seed)  # random meshes, policy-pool draws
+        self.a, self.w = d.args, d.world
+        self.setup_cost, self.info = 0, {}
+        self.extra_q = np.zeros(d.args.budget, dtype=np.int64)
+
+    def setup(self) -> None:
+        pass
+
+    def nodes(self, fields: np.ndarray):
+        """-> (nodes (n, N'), pilot cost per input (n,))."""
+        raise NotImplementedError
+
+    def collect(self):
+        nodes, pilot = self.nodes(self.d.fields)
+        self.extra_q += np.asarray(pilot, dtype=np.int64)
+        return sharded(self.w.simulate, self.d.fields, nodes)
+
+    def example_nodes(self):
+        return None
+
+    def label_error(self) -> float:
+        """Label error of this arm's meshes on the test inputs (diagnostic, not counted)."""
+        y, _ = sharded(self.w.simulate, self.d.test_fields, self.nodes(self.d.test_fields)[0])
+        return float(rel_l2(y, self.d.Y_test).mean())
+
+
+class UniformMesher(Mesher):
+    def n_nodes(self) -> int:
+        return self.w.N
+
+    def nodes(self, fields):
+        return self.w.uniform_nodes(len(fields), self.n_nodes()), np.zeros(len(fields), dtype=np.int64)
+
+
+class UniformHiMesher(UniformMesher):
+    def n_nodes(self) -> int:
+        return (self.w.N - 1) * self.a.hi_factor + 1
+
+
+class UniformCostMesher(UniformMesher):
+    """The largest uniform mesh whose mean cost per query, on the same query inputs, stays within the rl arm's
+    (Burgers: cost = cells x time steps, and the steps depend on each input's max |u0|)."""
+
+    def setup(self):
+        target = self.results["rl"]["cost_per_query"]
+        cost = lambda n: float(self.w.uniform_cost_of(self.d.fields, n).mean())  # noqa: E731
+        n = self.w.N
+        if cost(n) <= target:
+            while cost(n + 1) <= target:
+                n += 1
+        else:
+            while n > 3 and cost(n) > target:
+                n -= 1
+        self.best = n
+        self.info.update(n_nodes=n, matched_cost_per_query=target)
+
+    def n_nodes(self) -> int:
+        return self.best
+
+
+class ExactMesher(Mesher):
+    """Fine-reference labels (the upper bound), at the reference's cost."""
+
+    def collect(self):
+        return sharded(self.w.reference, self.d.fields)
+
+    def label_error(self) -> float:
+        return 0.0  # its labels are the references themselves
+
+
+class RandomMesher(Mesher):
+    def nodes(self, fields):
+        rho = self.w.random_density(self.rng, len(fields))
+        return mesh_from_density(rho, self.w.N, self.w.gap), np.zeros(len(fields), dtype=np.int64)
+
+    def example_nodes(self):
+        return self.nodes(self.d.test_fields[:3])[0].tolist()
+
+
+class MonitorMesher(Mesher):
+    """Classical equidistribution: rho = 1 + beta m, beta tuned on the validation references (their cost and the
+    tuning solves are counted)."""
+
+    def setup(self):
+        a, d = self.a, self.d
+        self.kind = a.monitor if a.monitor != "auto" else ("pilot_solve" if self.w.burgers else "gradient")
+        best = None
+        for beta in _betas(a):
+            rho, pc = sharded(lambda f: self.w.monitor_density(f, beta, self.kind), d.val_fields)
+            yv, c = sharded(self.w.simulate, d.val_fields, mesh_from_density(rho, self.w.N, self.w.gap))
+            self.setup_cost += int(c.sum() + np.sum(pc))
+            err = float(rel_l2(yv, d.Y_val).mean())
+            self.info[f"val_label_beta_{beta:g}"] = err
+            if best is None or err < best[1]:
+                best = (beta, err)
+        self.setup_cost += d.val_cost
+        self.beta = self.info["beta"] = best[0]
+        say(f"[seed {d.seed}] monitor ({self.kind}): beta {best[0]:g} val label error {best[1]:.4f}")
+
+    def nodes(self, fields):  # the pilot solves of `pilot_solve` are sharded too
+        rho, pc = sharded(lambda g: self.w.monitor_density(g, self.beta, self.kind), fields)
+        return mesh_from_density(rho, self.w.N, self.w.gap), pc
+
+    def example_nodes(self):
+        return self.nodes(self.d.test_fields[:3])[0].tolist()
+
+
+class RLMesher(Mesher):
+    """The method (Eq. 5-8): n_warmup uniform queries give the proxy its first data; a policy trained on a pool of
+    inputs (pretrain, then frozen) or per query (online, keeping the best of G) meshes the rest."""
+
+    def setup(self):
+        a, d = self.a, self.d
+        self.reward = "oracle" if self.arm == "rl_oracle" else a.reward
+        nw = a.n_warmup
+        self.y_w, self.c_w = sharded(self.w.simulate, d.fields[:nw], self.w.uniform_nodes(nw))
+        gen = torch.Generator().manual_seed(self.arm_seed % 2 ** 63)
+        self.agent = Agent(a, self.w, self.reward, d.X_all[:nw], self.y_w, d.X_val, d.Y_val, gen)
+        self.setup_cost += d.val_cost  # the proxy's validation references
+        if a.rl_mode != "pretrain":
+            return
+        # oracle reward needs the pool's fine solves (counted); the proxy uses them for diagnostics only
+        pol_fields, pol_refs, pol_cost = d.policy_pool()
+        if self.reward == "oracle":
+            self.setup_cost += pol_cost
+        if common.is_main():  # torchrun: the policy trains on rank 0 (its rollouts unsharded), then is broadcast
+            train_policy(self.agent, pol_fields, pol_refs, d.val_fields, d.Y_val, self.rng, self.log_policy)
+        if rank_world()[1] > 1:
+            state, self.agent.cost = from_rank0((self.agent.policy.state_dict(), self.agent.cost))
+            self.agent.policy.load_state_dict(state)
+        self.info["policy_theta" if a.policy == "linear" else "policy"] = (
+            self.agent.policy.theta.tolist() if a.policy == "linear" else "mlp")
+        self.setup_cost += self.agent.cost  # every policy-training simulation
+
+    def nodes(self, fields):
+        return self.agent.mean_nodes(fields), np.zeros(len(fields), dtype=np.int64)
+
+    def collect(self):
+        a, d, nw = self.a, self.d, self.a.n_warmup
+        Y, cq = np.empty((a.budget, len(self.w.grid))), np.empty(a.budget, dtype=np.int64)
+        Y[:nw], cq[:nw] = self.y_w, self.c_w
+        if a.rl_mode == "pretrain":
+            Y[nw:], cq[nw:] = sharded(self.w.simulate, d.fields[nw:], self.agent.mean_nodes(d.fields[nw:]))
+            return Y, cq
+        # online: per query G candidates, proxy on the data so far, update, keep the best.
+        # torchrun: rank 0 runs the sequential loop; the other ranks receive its labels and policy
+        agent, main_rank = self.agent, common.is_main()
+        for q in tqdm(range(nw, a.budget) if main_rank else (), desc="online", leave=False):
+            agent.X_D, agent.Y_D = d.X_all[:q], Y[:q]
+            ref_q = None
+            if self.reward == "oracle":  # the oracle needs a fine solve of the query (counted)
+                ref_q, c_ref = self.w.reference(d.fields[q:q + 1])
+                self.extra_q[q] += int(c_ref.sum())
+            feats, w, y, c, R, _ = agent.rollout(d.fields[q:q + 1], ref_q)
+            row = agent.update(feats, w, R)
+            self.log_policy({"query": q, "reward": float(R.mean()), **row})
+            j = int(np.argmax(R[0]))
+            Y[q], cq[q] = y[0, j], c[0, j]
+            self.extra_q[q] += int(c[0].sum() - c[0, j])  # the kept candidate is the query, the rest is extra
+        if rank_world()[1] > 1:
+            Y, cq, self.extra_q, agent.X_D, agent.Y_D, state = from_rank0(
+                (Y, cq, self.extra_q, agent.X_D, agent.Y_D, agent.policy.state_dict()))
+            agent.policy.load_state_dict(state)
+        return Y, cq
+
+    def example_nodes(self):
+        return self.agent.mean_nodes(self.d.test_fields[:3]).tolist()
+
+
+MESHERS = {"uniform": UniformMesher, "uniform_cost": UniformCostMesher, "uniform_hi": UniformHiMesher,
+           "exact": ExactMesher, "random": RandomMesher, "monitor": MonitorMesher, "rl": RLMesher,
+           "rl_oracle": RLMesher}
+
+
+def run_arm(d: SeedData, arm: str, results: dict, device, log, log_policy) -> dict:
+    """One arm of one seed: set up its mesher, collect the data set, train and test a surrogate at each
+    checkpoint; returns the arm's result (rows per checkpoint, costs, label error, mesher info)."""
+    ta, a = time.time(), d.args
+    arm_seed = int(np.random.SeedSequence([d.seed, ARMS.index(arm)]).generate_state(1)[0])
+    mesher = MESHERS[arm](d, arm, results, arm_seed, log_policy)
+    mesher.setup()
+    Y, cq = mesher.collect()
+    info = dict(mesher.info)
+    ex = mesher.example_nodes()
+    if ex is not None:
+        info["nodes_example"] = ex
+    label_err = mesher.label_error()
+    rows = []
+    for k in _checkpoints(a):
+        ev = train_eval_surrogate(a, d.world, d.X_all[:k], Y[:k], d.X_test, d.Y_test, device, d.seed * 1000 + k)
+        dcost = int(cq[:k].sum())
+        row = log(arm=arm, queries=k, dataset_cost=dcost,
+                  total_cost=dcost + mesher.setup_cost + int(mesher.extra_q[:k].sum()), label_rel_l2=label_err, **ev)
+        rows.append(row)
+        say(f"[seed {d.seed}] {arm:>12} queries {k:4d} cost {dcost:>9d} (total {row['total_cost']}) "
+            f"test relL2 {ev['test_rel_l2']:.4f} label {label_err:.4f}")
+    return {"rows": rows, "extra_cost": mesher.setup_cost, "cost_per_query": float(cq.mean()),
+            "label_rel_l2": label_err, "minutes": (time.time() - ta) / 60, **info}
+
+
+def reach_uniform_final(results: dict) -> None:
+    """Per arm: the first checkpoint (queries, and the total cost spent by then) at which its test error reaches
+    uniform's error at the full budget. Every arm is judged on both axes: per query and at equal total cost."""
+    if "uniform" not in results:
+        return
+    target = results["uniform"]["rows"][-1]["test_rel_l2"]
+    for r in results.values():
+        hit = [row for row in r["rows"] if row["test_rel_l2"] <= target]
+        r["queries_to_uniform_final"] = hit[0]["queries"] if hit else None
+        r["total_cost_to_uniform_final"] = hit[0]["total_cost"] if hit else None
+
+
+def run_seed(args, out_dir: str, seed: int, device) -> dict:
+    """Every arm of one seed on the same inputs: returns {"arms": per-arm results, "examples": meshes, ...}.
+    Resumable per arm: the checkpoint after each arm holds every finished arm's result (all a later arm reads)."""
+    t0 = time.time()
+    d = prepare_seed(args, seed)
+    arms, ks = _arm_list(args), _checkpoints(args)
+    main_rank = common.is_main()
     ckpt_dir = os.path.join(out_dir, "checkpoint")
     done, step = {}, 0
-    if main_rank and args.resume and os.path.isdir(ckpt_dir):
+    if main_rank and args.resume and common.find_checkpoint(ckpt_dir):
         st = common.load_checkpoint(ckpt_dir)
         done, step = st["extra"]["done"], st["step"]
         say(f"[seed {seed}] resumed: arms done {list(done)}")
     done, step = from_rank0((done, step))
-    # on resume keep the rows of finished arms only (an unfinished arm restarts from scratch)
+    # rows logged after the checkpoint (an unfinished arm, which restarts from scratch) are cut
     logger = common.MetricLogger(out_dir, resume_step=step - 1 if done else None)
     plog = common.MetricLogger(out_dir, resume_step=step - 1 if done else None, filename="policy.jsonl")
     bar = tqdm(total=len(arms) * len(ks), desc=f"seed {seed}", dynamic_ncols=True, disable=not main_rank)
@@ -987,135 +1348,22 @@ def run_seed(args, out_dir: str, seed: int, device) -> dict:
     for arm in arms:
         if arm in done:
             continue
-        ta = time.time()
-        arm_seed = int(np.random.SeedSequence([seed, ARMS.index(arm)]).generate_state(1)[0])
-        arm_rng = np.random.default_rng(arm_seed)
-        extra_cost, info = 0, {}
-        extra_q = np.zeros(args.budget, dtype=np.int64)  # online mode: candidate solves spent per query
-        N = world.N
-        nodes_fn = None  # fields -> (nodes, pilot cost)
-        if arm == "uniform":
-            nodes_fn = lambda f: (world.uniform_nodes(len(f)), 0)  # noqa: E731
-        elif arm == "uniform_hi":
-            nhi = (N - 1) * args.hi_factor + 1
-            nodes_fn = lambda f: (world.uniform_nodes(len(f), nhi), 0)  # noqa: E731
-        elif arm == "uniform_cost":  # the largest uniform mesh whose mean cost is <= the RL arm's (Burgers)
-            match = results.get("rl") or results.get("monitor")
-            target = match["cost_per_query"] if match else float(world.uniform_cost_of(val_fields, N).mean())
-            best = N
-            for n in range(4, 8 * N):
-                if world.uniform_cost_of(val_fields, n).mean() <= target:
-                    best = n
-            info["n_nodes"] = best
-            nodes_fn = lambda f: (world.uniform_nodes(len(f), best), 0)  # noqa: E731
-        elif arm == "random":
-            nodes_fn = lambda f: (mesh_from_density(world.random_density(arm_rng, len(f)), N, world.gap), 0)  # noqa
-        elif arm == "monitor":
-            kind = args.monitor if args.monitor != "auto" else ("pilot_solve" if world.burgers else "gradient")
-            best = None
-            for beta in [float(b) for b in args.monitor_betas.split(",")]:  # tuned on validation (cost counted)
-                rho, pc = sharded(lambda f: world.monitor_density(f, beta, kind), val_fields)
-                yv, c = sharded(world.simulate, val_fields, mesh_from_density(rho, N, world.gap))
-                extra_cost += int(c.sum() + np.sum(pc))
-                err = float(rel_l2(yv, Y_val).mean())
-                info[f"val_label_beta_{beta:g}"] = err
-                if best is None or err < best[1]:
-                    best = (beta, err)
-            extra_cost += val_cost
-            info["beta"] = best[0]
-            say(f"[seed {seed}] monitor ({kind}): beta {best[0]:g} val label error {best[1]:.4f}")
+        counter = {"step": step}
 
-            def nodes_fn(f, beta=best[0], kind=kind):  # the pilot solves of `pilot_solve` are sharded too
-                rho, pc = sharded(lambda g: world.monitor_density(g, beta, kind), f)
-                return mesh_from_density(rho, N, world.gap), pc
-        elif arm in ("rl", "rl_oracle"):
-            reward = "oracle" if arm == "rl_oracle" else args.reward
-            nw = args.n_warmup
-            y_w, c_w = sharded(world.simulate, fields[:nw], world.uniform_nodes(nw))
-            gen = torch.Generator().manual_seed(arm_seed % 2 ** 63)
-            agent = Agent(args, world, reward, X_all[:nw], y_w, X_val, Y_val, gen)
-            pol_fields = world.sample_inputs(np.random.default_rng(ss[4]), args.n_policy_inst)
-            # oracle reward needs them; proxy only for diagnostics
-            pol_refs, pol_cost = sharded(world.reference, pol_fields)
-            extra_cost += val_cost + (int(pol_cost.sum()) if reward == "oracle" and args.rl_mode == "pretrain" else 0)
-            if args.rl_mode == "pretrain":
-                if main_rank:  # torchrun: the policy trains on rank 0 (its rollouts unsharded), then is broadcast
-                    train_policy(agent, pol_fields, pol_refs, val_fields, Y_val, arm_rng,
-                                 lambda r: plog.log(step, arm=arm, **r))
-                if world_size > 1:
-                    state, agent.cost = from_rank0((agent.policy.state_dict(), agent.cost))
-                    agent.policy.load_state_dict(state)
-                info["policy_theta" if args.policy == "linear" else "policy"] = (
-                    agent.policy.theta.tolist() if args.policy == "linear" else "mlp")
-        # ---- collect the dataset (same inputs, same order for every arm) ----
-        if arm == "exact":
-            Y, cq = sharded(world.reference, fields)
-        elif arm in ("rl", "rl_oracle"):
-            Y, cq = np.empty((args.budget, len(world.grid))), np.empty(args.budget, dtype=np.int64)
-            Y[:nw], cq[:nw] = y_w, c_w
-            if args.rl_mode == "pretrain":
-                Y[nw:], cq[nw:] = sharded(world.simulate, fields[nw:], agent.mean_nodes(fields[nw:]))
-            else:  # online: per query G candidates, proxy on the data so far, update, keep the best
-                # torchrun: rank 0 runs the sequential loop; the other ranks receive its labels and policy
-                for q in tqdm(range(nw, args.budget) if main_rank else (), desc="online", leave=False):
-                    agent.X_D, agent.Y_D = X_all[:q], Y[:q]
-                    ref_q = None
-                    if reward == "oracle":  # the oracle needs a fine solve of the query (counted)
-                        ref_q, c_ref = world.reference(fields[q:q + 1])
-                        extra_q[q] += int(c_ref.sum())
-                    feats, w, y, c, R, _ = agent.rollout(fields[q:q + 1], ref_q)
-                    row = agent.update(feats, w, R)
-                    plog.log(step, arm=arm, query=q, reward=float(R.mean()), **row)
-                    j = int(np.argmax(R[0]))
-                    Y[q], cq[q] = y[0, j], c[0, j]
-                    extra_q[q] += int(c[0].sum() - c[0, j])  # the kept candidate is the query, the rest is extra
-                if world_size > 1:
-                    Y, cq, extra_q, agent.X_D, agent.Y_D, state = from_rank0(
-                        (Y, cq, extra_q, agent.X_D, agent.Y_D, agent.policy.state_dict()))
-                    agent.policy.load_state_dict(state)
-            if args.rl_mode == "pretrain":
-                extra_cost += agent.cost  # every policy-training simulation
-            info["nodes_example"] = agent.mean_nodes(test_fields[:3]).tolist()
-        else:
-            nodes, pc = nodes_fn(fields)
-            Y, cq = sharded(world.simulate, fields, nodes)
-            extra_cost += int(np.sum(pc))
-            if arm in ("monitor", "random"):
-                info["nodes_example"] = nodes_fn(test_fields[:3])[0].tolist()
-        # label error of this arm's mesher on the test inputs (diagnostic, not counted)
-        if arm == "exact":
-            label_err = 0.0
-        elif arm in ("rl", "rl_oracle"):
-            label_err = float(rel_l2(sharded(world.simulate, test_fields, agent.mean_nodes(test_fields))[0],
-                                     Y_test).mean())
-        else:
-            label_err = float(rel_l2(sharded(world.simulate, test_fields, nodes_fn(test_fields)[0])[0], Y_test).mean())
-        rows = []
-        for k in ks:
-            ev = train_eval_surrogate(args, world, X_all[:k], Y[:k], X_test, Y_test, device, seed * 1000 + k)
-            dcost = int(cq[:k].sum())
-            row = logger.log(step, arm=arm, queries=k, dataset_cost=dcost,
-                             total_cost=dcost + extra_cost + int(extra_q[:k].sum()),
-                             label_rel_l2=label_err, **ev)
-            rows.append(row)
-            say(f"[seed {seed}] {arm:>12} queries {k:4d} cost {dcost:>9d} (total {row['total_cost']}) "
-                f"test relL2 {ev['test_rel_l2']:.4f} label {label_err:.4f}")
-            step += 1
+        def log(**row):
+            out = logger.log(counter["step"], **row)
+            counter["step"] += 1
             bar.update(1)
-        results[arm] = {"rows": rows, "extra_cost": extra_cost, "cost_per_query": float(cq.mean()),
-                        "label_rel_l2": label_err, "minutes": (time.time() - ta) / 60, **info}
-        common.save_checkpoint(ckpt_dir, step=step, extra={"done": results},
-                               modules={"policy": agent.policy} if arm.startswith("rl") else None)
+            return out
+
+        results[arm] = run_arm(d, arm, results, device, log, lambda r, arm=arm, s=step: plog.log(s, arm=arm, **r))
+        step = counter["step"]
+        common.save_checkpoint(ckpt_dir, step=step, extra={"done": results})
     bar.close()
-    # queries needed to reach uniform's final error (the "fewer simulations" claim)
-    if "uniform" in results:
-        target = results["uniform"]["rows"][-1]["test_rel_l2"]
-        for arm, r in results.items():
-            hit = [row["queries"] for row in r["rows"] if row["test_rel_l2"] <= target]
-            r["queries_to_uniform_final"] = hit[0] if hit else None
-    examples = {"x": world.xf[::max(len(world.xf) // 1024, 1)].tolist(),
-                "inputs": test_fields[:3, ::max(len(world.xf) // 1024, 1)].tolist(),
-                "grid": world.grid.tolist(), "refs": Y_test[:3].tolist()}
+    reach_uniform_final(results)
+    every = max(len(d.world.xf) // 1024, 1)
+    examples = {"x": d.world.xf[::every].tolist(), "inputs": d.test_fields[:3, ::every].tolist(),
+                "grid": d.world.grid.tolist(), "refs": d.Y_test[:3].tolist()}
     return {"seed": seed, "arms": results, "examples": examples, "minutes": (time.time() - t0) / 60}
 
 
@@ -1208,17 +1456,19 @@ def table_markdown(per_seed: list[dict], args) -> str:
     lines = [f"{what}, surrogate {args.surrogate}{epochs}, seeds {seeds}, mean ± std over seeds; cost = nodes "
              f"(Darcy) or cells x time steps (Burgers); total cost adds validation, pilot and policy-training solves.", "",
              "| arm | " + " | ".join(f"test relL2 @ {k}" for k in ks) +
-             " | label relL2 | cost/query | dataset cost @ budget | total cost @ budget | queries to uniform's final |",
-             "|---" * (len(ks) + 6) + "|"]
+             " | label relL2 | cost/query | dataset cost @ budget | total cost @ budget | queries to uniform's final "
+             "| total cost to uniform's final |",
+             "|---" * (len(ks) + 7) + "|"]
     for arm in arms:
         rs = [r["arms"][arm] for r in per_seed]
         cells = [ms([r["rows"][i]["test_rel_l2"] for r in rs]) for i in range(len(ks))]
         q = [r.get("queries_to_uniform_final") for r in rs]
         qs = ", ".join("—" if v is None else str(v) for v in q)
+        tc = ", ".join("—" if v is None else str(v) for v in (r.get("total_cost_to_uniform_final") for r in rs))
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {ms([r['label_rel_l2'] for r in rs])} | "
                      f"{np.mean([r['cost_per_query'] for r in rs]):.0f} | "
                      f"{np.mean([r['rows'][-1]['dataset_cost'] for r in rs]):.0f} | "
-                     f"{np.mean([r['rows'][-1]['total_cost'] for r in rs]):.0f} | {qs} |")
+                     f"{np.mean([r['rows'][-1]['total_cost'] for r in rs]):.0f} | {qs} | {tc} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1227,21 +1477,29 @@ def table_markdown(per_seed: list[dict], args) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def has_checkpoint(args) -> bool:
+    """Whether output_dir holds something --resume can continue: a complete per-arm checkpoint (or, with
+    --full_table, a finished seed's result.json)."""
+    out = args.output_dir
+    if not args.full_table:
+        return common.find_checkpoint(os.path.join(out, "checkpoint")) is not None
+    return any(os.path.isfile(os.path.join(out, f"seed{s}", "result.json"))
+               or common.find_checkpoint(os.path.join(out, f"seed{s}", "checkpoint")) is not None
+               for s in _ints(args.seeds, "seeds"))
+
+
 def main(args):
     t0 = time.time()
     common.set_cpu_threads(args.threads)
-    validate_args(args)
+    validate_args(args)  # nothing loaded or written yet
+    preflight(args)
     _, world_size, _ = common.ddp_setup()  # torchrun: gloo on CPU, nccl on GPU; one process: no-op
+    # output-dir policy: a finished run is refused unless --resume (same flags) or --overwrite; writes args.json
+    common.start_run(args, has_checkpoint=has_checkpoint(args), ignore=("threads",))
     device = common.pick_device(args.device)  # this rank's GPU under torchrun; only the surrogate uses it
     main_rank = common.is_main()  # rank 0 alone writes files and prints
-    if main_rank:
-        os.makedirs(args.output_dir, exist_ok=True)
-        common.write_json(os.path.join(args.output_dir, "args.json"), vars(args))
     if args.full_table:
-        try:
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"--seeds '{args.seeds}' must be comma-separated integers, e.g. 0,1,2")
+        seeds = _ints(args.seeds, "seeds")
         per_seed = []
         for s in seeds:
             res_path = os.path.join(args.output_dir, f"seed{s}", "result.json")
@@ -1268,7 +1526,9 @@ def main(args):
                                "label_rel_l2": [r["arms"][arm]["label_rel_l2"] for r in per_seed],
                                "total_cost": [r["arms"][arm]["rows"][-1]["total_cost"] for r in per_seed],
                                "queries_to_uniform_final": [r["arms"][arm].get("queries_to_uniform_final")
-                                                            for r in per_seed]}
+                                                            for r in per_seed],
+                               "total_cost_to_uniform_final": [r["arms"][arm].get("total_cost_to_uniform_final")
+                                                               for r in per_seed]}
                          for arm in per_seed[0]["arms"]},
                "seed": seeds[0] if len(seeds) == 1 else seeds}
     if not main_rank:  # the other ranks return the same summary and write nothing

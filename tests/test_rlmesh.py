@@ -1,7 +1,31 @@
 """Tests of rlmesh.py: solver convergence orders against analytic / manufactured solutions, mesh invariants,
-interpolation, the proxy reward against a full kernel-ridge refit, the policy update, and a smoke run."""
+interpolation, the proxy reward against a full kernel-ridge refit, the policy update; whole arms against a plain
+reference written here (loops: dense FV / Rusanov solves, kernel ridge, errors, costs); hand cost totals of every
+arm; every arm-defining flag changes its arm; bad input refused before any write; the output-dir / resume policy;
+kill -9 + --resume (slow); torchrun == one process (slow); a smoke run.
+
+Breakages these tests were seen to catch (each line broken in a copy of rlmesh.py, the tests run, and they
+failed; the test that caught it in brackets):
+- references with midpoint instead of harmonic faces, or on a grid of half the nodes [darcy plain reference];
+- an arm's total cost without its policy-training solves, without its validation references (rl; monitor), or
+  without the oracle pool's references (rl_oracle) [darcy plain reference: hand totals];
+- the monitor keeping the worst beta instead of the best [darcy plain reference: argmin of recomputed errors];
+- label error measured on the validation inputs instead of the test inputs [darcy plain reference];
+- warm-up queries of the rl arms not on the uniform N-node mesh [darcy plain reference: rl totals];
+- uniform_hi ignoring --hi_factor [darcy plain reference; flag test];
+- Burgers reference batches (sorted by step count) written back to the wrong rows, and Burgers cost counted as
+  nodes x steps instead of cells x steps [burgers plain solver];
+- the monitor's pilot solves charged all up front instead of per query, and uniform_cost matched on the
+  validation inputs instead of the query inputs [burgers uniform_cost / monitor];
+- online RL charging the kept candidate as extra too, or not charging the oracle's per-query reference [online];
+- --ppo_clip, --krr_lambda, --sigma (rollout noise), --cost_weight read nowhere [flag test];
+- rows logged after the checkpoint kept on resume; --resume accepted without a checkpoint [output-dir test].
+Not caught (by design): the surrogate's training seed no longer depending on the checkpoint size (kernel ridge,
+the default surrogate used here, has no seed).
+"""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -358,7 +382,6 @@ def test_smoke_run_all_arms(tmp_path):
     for r in rows:
         assert np.isfinite(r["test_rel_l2"]) and r["total_cost"] >= r["dataset_cost"] > 0
     summ = json.load(open(out / "summary.json"))
-    assert summ["final"]["exact"]["label_rel_l2"] == [0.0]
     assert summ["final"]["uniform"]["label_rel_l2"][0] > summ["final"]["uniform_hi"]["label_rel_l2"][0]
 
 
@@ -369,3 +392,372 @@ def test_bad_flags_raise_user_error_before_writing(tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit):  # argparse: unknown choice
         R.parse_args(["--method", "nope"])
+
+
+# ---- wiring: one arm against a plain reference written here (loops, nothing from rlmesh) ------------
+
+TINY = ["--fine_res", "257", "--density_res", "129", "--eval_res", "17", "--n_nodes", "9", "--budget", "8",
+        "--checkpoints", "4,8", "--n_warmup", "4", "--n_test", "5", "--n_val", "4", "--quad", "4", "--hi_factor", "2",
+        "--policy_iters", "3", "--n_policy_inst", "4", "--instances_per_iter", "2", "--group_size", "3"]
+TINY_B = ["--pde", "burgers", "--fine_res", "129", "--density_res", "65", "--ref_cells", "32", "--n_nodes", "9",
+          "--eval_res", "16", "--t_final", "0.1", "--budget", "8", "--checkpoints", "4,8", "--n_warmup", "4",
+          "--n_test", "4", "--n_val", "3", "--hi_factor", "2", "--policy_iters", "2", "--n_policy_inst", "3",
+          "--instances_per_iter", "1", "--group_size", "2", "--monitor_betas", "0.1,1"]
+
+
+def _arm(argv, tmp_path, name="run"):
+    """run_seed in process: {arm: result} for the arms of argv."""
+    args = R.parse_args(argv + ["--output_dir", str(tmp_path / name)])
+    return R.run_seed(args, str(tmp_path / name), args.seed, torch.device("cpu"))["arms"]
+
+
+def _lin(s, x, periodic=False):  # linear interpolation of fine samples at one point
+    M = len(s)
+    if periodic:
+        pos = (x % 1.0) * M
+        i = int(np.floor(pos))
+        t = pos - i
+        return s[i % M] * (1 - t) + s[(i + 1) % M] * t
+    pos = min(max(x, 0.0), 1.0) * (M - 1)
+    i = min(int(np.floor(pos)), M - 2)
+    t = pos - i
+    return s[i] * (1 - t) + s[i + 1] * t
+
+
+def _darcy_plain(a, nodes, face, quad):  # dense FV matrix, one row at a time
+    N = len(nodes)
+    A, b = np.zeros((N, N)), np.zeros(N)
+    A[0, 0] = A[-1, -1] = 1.0
+    w = []
+    for i in range(N - 1):
+        h = nodes[i + 1] - nodes[i]
+        if face == "midpoint":
+            c = _lin(a, nodes[i] + h / 2)
+        else:
+            c = 1.0 / (sum(1.0 / _lin(a, nodes[i] + h * (q + 0.5) / quad) for q in range(quad)) / quad)
+        w.append(c / h)
+    for i in range(1, N - 1):
+        A[i, i - 1], A[i, i], A[i, i + 1] = -w[i - 1], w[i - 1] + w[i], -w[i]
+        b[i] = (nodes[i + 1] - nodes[i - 1]) / 2
+    return np.linalg.solve(A, b)
+
+
+def _interp(xs, vs, x):  # piecewise linear, xs increasing, x in [xs[0], xs[-1]]
+    for i in range(len(xs) - 1):
+        if xs[i] <= x <= xs[i + 1]:
+            t = (x - xs[i]) / (xs[i + 1] - xs[i])
+            return vs[i] * (1 - t) + vs[i + 1] * t
+    raise ValueError(x)
+
+
+def _krr_plain(X, Y, Xq, lam):
+    n = len(X)
+    dist = sorted(np.sqrt(((X[i] - X[j]) ** 2).sum()) for i in range(n) for j in range(i + 1, n))
+    bw = float(np.median(dist))
+    K = np.array([[np.exp(-((X[i] - X[j]) ** 2).sum() / (2 * bw * bw)) + (lam if i == j else 0) for j in range(n)]
+                  for i in range(n)])
+    alpha = np.linalg.solve(K, Y)
+    return np.array([sum(np.exp(-((q - X[j]) ** 2).sum() / (2 * bw * bw)) * alpha[j] for j in range(n)) for q in Xq])
+
+
+def _rel(p, y):
+    return float(np.mean([np.sqrt(((p[i] - y[i]) ** 2).sum() / (y[i] ** 2).sum()) for i in range(len(y))]))
+
+
+def test_darcy_uniform_exact_and_hi_arms_match_a_plain_reference(tmp_path):
+    """Whole arms (labels, references, kernel ridge, test error, RMSE, costs) against loops written here."""
+    args = R.parse_args(TINY)
+    d = R.prepare_seed(args, 0)  # the inputs only; everything else is recomputed below
+    grid = [i / 16 for i in range(17)]
+    fine = [i / 256 for i in range(257)]
+
+    def labels(fields, nodes, face):
+        out = []
+        for f in fields:
+            u = _darcy_plain(f, nodes, face, 4)
+            out.append([_interp(nodes, u, g) for g in grid])
+        return np.array(out)
+
+    ref = lambda fs: labels(fs, fine, "harmonic")  # noqa: E731  4097 -> here 257 nodes, harmonic faces
+    Y_test = ref(d.test_fields)
+    X = np.log(np.array([[_lin(f, g) for g in grid] for f in d.fields]))
+    Xt = np.log(np.array([[_lin(f, g) for g in grid] for f in d.test_fields]))
+    arms = _arm(TINY + ["--method", "all"], tmp_path)
+    for arm, nodes, cost in (("uniform", [i / 8 for i in range(9)], 9), ("uniform_hi", [i / 16 for i in range(17)], 17),
+                             ("exact", fine, 257)):
+        Y = ref(d.fields) if arm == "exact" else labels(d.fields, nodes, "midpoint")
+        label = 0.0 if arm == "exact" else _rel(labels(d.test_fields, nodes, "midpoint"), Y_test)
+        assert abs(arms[arm]["label_rel_l2"] - label) < 1e-9 * max(label, 1), arm
+        for row, k in zip(arms[arm]["rows"], (4, 8)):
+            pred = _krr_plain(X[:k], Y[:k], Xt, 1e-3)
+            assert row["queries"] == k
+            assert abs(row["test_rel_l2"] - _rel(pred, Y_test)) < 1e-8, (arm, k)
+            assert abs(row["test_rmse"] - np.sqrt(((pred - Y_test) ** 2).mean())) < 1e-10, (arm, k)
+            assert row["dataset_cost"] == row["total_cost"] == k * cost, (arm, k)
+    # hand totals of the arms that spend beyond their data set (Darcy: cost = nodes per solve)
+    val = 4 * 257  # 4 validation references
+    for k, row in zip((4, 8), arms["monitor"]["rows"]):
+        assert row["total_cost"] == k * 9 + 6 * 4 * 9 + val  # 6 betas x 4 val solves, then the val references
+    for k, row in zip((4, 8), arms["rl"]["rows"]):
+        assert row["total_cost"] == k * 9 + val + 3 * 2 * 3 * 9  # policy_iters x instances x G solves
+    for k, row in zip((4, 8), arms["rl_oracle"]["rows"]):
+        assert row["total_cost"] == k * 9 + val + 3 * 2 * 3 * 9 + 4 * 257  # + the pool's fine references
+    assert arms["random"]["rows"][-1]["total_cost"] == 8 * 9
+    # the monitor's beta: the argmin of its validation label errors, recomputed with the plain solver
+    Y_val = ref(d.val_fields)
+    errs = {}
+    for beta in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0):
+        rho, _ = d.world.monitor_density(d.val_fields, beta, "gradient")
+        nodes = R.mesh_from_density(rho, 9, 0.1 / 8)
+        errs[beta] = _rel(np.array([[_interp(n, _darcy_plain(f, n, "midpoint", 4), g) for g in grid]
+                                    for f, n in zip(d.val_fields, nodes)]), Y_val)
+        assert abs(arms["monitor"][f"val_label_beta_{beta:g}"] - errs[beta]) < 1e-9
+    assert arms["monitor"]["beta"] == min(errs, key=errs.get)
+
+
+def _burgers_plain(u0, nodes, nu, T, cfl):  # loops: cell averages, Rusanov explicit, diffusion implicit (dense)
+    N, M = len(nodes) - 1, len(u0)
+    dx = [nodes[i + 1] - nodes[i] for i in range(N)]
+    U = []
+    for i in range(N):  # exact average of the periodic linear interpolant: trapezoid over its breakpoints
+        pts = sorted({nodes[i], nodes[i + 1], *[j / M for j in range(M + 1) if nodes[i] < j / M < nodes[i + 1]]})
+        vals = [_lin(u0, x, periodic=True) for x in pts]
+        U.append(sum((pts[j + 1] - pts[j]) * (vals[j] + vals[j + 1]) / 2 for j in range(len(pts) - 1)) / dx[i])
+    steps = int(np.ceil(T / (cfl * min(dx) / max(abs(u) for u in U)) - 1e-9))
+    dt = T / steps
+    g = [(dx[i] + dx[(i + 1) % N]) / 2 for i in range(N)]
+    A = np.eye(N)
+    for i in range(N):
+        A[i, (i + 1) % N] -= dt * nu / (g[i] * dx[i])
+        A[i, i] += dt * nu / (g[i] * dx[i]) + dt * nu / (g[i - 1] * dx[i])
+        A[i, (i - 1) % N] -= dt * nu / (g[i - 1] * dx[i])
+    for _ in range(steps):
+        F = [0.25 * (U[i] ** 2 + U[(i + 1) % N] ** 2) - 0.5 * max(abs(U[i]), abs(U[(i + 1) % N])) * (U[(i + 1) % N] - U[i])
+             for i in range(N)]
+        U = list(np.linalg.solve(A, [U[i] - dt * (F[i] - F[i - 1]) / dx[i] for i in range(N)]))
+    return U, steps
+
+
+def test_burgers_uniform_arm_and_reference_match_a_plain_solver(tmp_path):
+    args = R.parse_args(TINY_B)
+    d = R.prepare_seed(args, 0)
+    grid = [i / 16 for i in range(16)]
+
+    def labels(fields, cells):
+        nodes = [i / cells for i in range(cells + 1)]
+        out, costs = [], []
+        for f in fields:
+            U, steps = _burgers_plain(f, nodes, 0.01, 0.1, 0.5)
+            xs = [(nodes[i] + nodes[i + 1]) / 2 for i in range(cells)]
+            xs, vs = [xs[-1] - 1] + xs + [xs[0] + 1], [U[-1]] + U + [U[0]]
+            out.append([_interp(xs, vs, g) for g in grid])
+            costs.append(cells * steps)
+        return np.array(out), costs
+
+    Y_test, _ = labels(d.test_fields, 32)  # references: 32 cells here
+    np.testing.assert_allclose(d.Y_test, Y_test, rtol=1e-9, atol=1e-12)
+    _, val_costs = labels(d.val_fields, 32)
+    assert d.val_cost == sum(val_costs)
+    Y, costs = labels(d.fields, 8)
+    arms = _arm(TINY_B + ["--method", "uniform"], tmp_path)
+    Yt, _ = labels(d.test_fields, 8)
+    assert abs(arms["uniform"]["label_rel_l2"] - _rel(Yt, Y_test)) < 1e-9
+    X = np.array([[_lin(f, g, periodic=True) for g in grid] for f in d.fields])
+    Xt = np.array([[_lin(f, g, periodic=True) for g in grid] for f in d.test_fields])
+    for row, k in zip(arms["uniform"]["rows"], (4, 8)):
+        assert row["dataset_cost"] == row["total_cost"] == sum(costs[:k])  # cells x time steps, per input
+        assert abs(row["test_rel_l2"] - _rel(_krr_plain(X[:k], Y[:k], Xt, 1e-3), Y_test)) < 1e-8
+
+
+def test_burgers_uniform_cost_matches_rl_on_the_same_inputs_and_monitor_pilots_count_per_query(tmp_path):
+    arms = _arm(TINY_B + ["--method", "all"], tmp_path)
+    d = R.prepare_seed(R.parse_args(TINY_B), 0)
+    target = arms["rl"]["cost_per_query"]
+    n = arms["uniform_cost"]["n_nodes"]
+
+    def mean_cost(n_nodes):  # plain: cells x ceil(T / (cfl min dx / max |cell average|)) on the query inputs
+        cells = n_nodes - 1
+        tot = 0
+        for f in d.fields:
+            U = [np.mean([_lin(f, (i + (j + 0.5) / 64) / cells, periodic=True) for j in range(64)]) for i in range(cells)]
+            tot += cells * int(np.ceil(0.1 / (0.5 / cells / max(abs(u) for u in U)) - 1e-9))
+        return tot / len(d.fields)
+
+    assert arms["uniform_cost"]["cost_per_query"] <= target < mean_cost(n + 1), (n, target)
+    # monitor (pilot_solve on Burgers): pilot solves are paid per query, so total - dataset grows with k
+    rows = arms["monitor"]["rows"]
+    pilot = [R.World(R.parse_args(TINY_B)).simulate(d.fields[i:i + 1], np.linspace(0, 1, 5)[None])[1][0]
+             for i in range(8)]  # 4-cell uniform pilot of each query
+    assert (rows[1]["total_cost"] - rows[1]["dataset_cost"]) - (rows[0]["total_cost"] - rows[0]["dataset_cost"]) \
+        == sum(pilot[4:8])
+
+
+def test_online_rl_costs_every_candidate_and_keeps_the_best(tmp_path):
+    """--rl_mode online: per query after the warm-up, G candidates are solved; the kept one is the query, the other
+    G - 1 are extra; the oracle reward adds one fine reference per query. Darcy: cost = nodes."""
+    val = 4 * 257
+    arms = _arm(TINY + ["--method", "all", "--rl_mode", "online"], tmp_path)
+    for k, row in zip((4, 8), arms["rl"]["rows"]):
+        assert row["dataset_cost"] == 9 * k
+        assert row["total_cost"] == 9 * k + val + (k - 4) * (3 - 1) * 9  # queries 4..k-1 are online
+    for k, row in zip((4, 8), arms["rl_oracle"]["rows"]):
+        assert row["total_cost"] == 9 * k + val + (k - 4) * ((3 - 1) * 9 + 257)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "policy.jsonl")]
+    assert sorted(r["query"] for r in rows if r["arm"] == "rl") == [4, 5, 6, 7]
+
+
+# ---- every arm- or ablation-defining flag changes that arm's result --------------------------------
+
+
+class _fingerprint:
+    """An arm's rows; two compare equal unless some value differs by more than 1e-6 relative (float noise, e.g.
+    Adam's epsilon under a rescaled gradient, must not count as a flag changing the result)."""
+
+    def __init__(self, res):
+        self.v = np.array([(r["test_rel_l2"], r["total_cost"], r["label_rel_l2"]) for r in res["rows"]], dtype=float)
+
+    def __eq__(self, other):
+        return bool(np.allclose(self.v, other.v, rtol=1e-6, atol=0))
+
+    def __repr__(self):
+        return repr(self.v.tolist())
+
+
+FLAG_CASES = [  # (arm, extra flags): each must change the arm's rows against TINY
+    ("uniform_hi", ["--hi_factor", "3"]), ("uniform", ["--face_coef", "harmonic"]), ("uniform", ["--coef", "smooth"]),
+    ("uniform", ["--contrast", "10"]), ("uniform", ["--length_scale", "0.2"]), ("uniform", ["--n_nodes", "7"]),
+    ("uniform", ["--krr_lambda", "0.1"]), ("uniform", ["--surrogate", "mlp", "--surrogate_epochs", "1"]),
+    ("monitor", ["--monitor_betas", "1"]), ("monitor", ["--monitor", "pilot_solve"]), ("random", ["--min_gap_frac", "0.5"]),
+    ("rl", ["--rl", "ppo"]), ("rl", ["--policy", "mlp"]), ("rl", ["--state", "a+surrogate"]), ("rl", ["--reward", "oracle"]),
+    ("rl", ["--rl_mode", "online"]), ("rl", ["--sigma", "1.0"]), ("rl", ["--policy_lr", "0.5"]),
+    ("rl", ["--group_size", "4"]), ("rl", ["--instances_per_iter", "3"]), ("rl", ["--n_policy_inst", "6"]),
+    ("rl", ["--policy_iters", "4"]), ("rl", ["--n_warmup", "3"]), ("rl", ["--density_res", "65"]),
+]
+
+
+def test_every_arm_flag_changes_the_arm(tmp_path):
+    base = {}
+    for i, (arm, extra) in enumerate(FLAG_CASES):
+        if arm not in base:
+            base[arm] = _fingerprint(_arm(TINY + ["--method", arm, "--policy_lr", "0.3"], tmp_path, f"b{arm}")[arm])
+        argv = TINY + ["--method", arm, "--policy_lr", "0.3"] + extra
+        got = _fingerprint(_arm(argv, tmp_path, f"f{i}")[arm])
+        assert got != base[arm], (arm, extra)
+    # PPO's own knobs, against PPO; the cost weight on Burgers (Darcy meshes all cost N, so c log 1 = 0 there)
+    ppo = TINY + ["--method", "rl", "--rl", "ppo", "--policy_lr", "0.3"]
+    p0 = _fingerprint(_arm(ppo, tmp_path, "p0")["rl"])
+    assert _fingerprint(_arm(ppo + ["--ppo_epochs", "1"], tmp_path, "p1")["rl"]) != p0
+    assert _fingerprint(_arm(ppo + ["--ppo_clip", "0.01"], tmp_path, "p2")["rl"]) != p0
+    cw = TINY_B + ["--method", "rl", "--policy_lr", "1", "--group_size", "4"]
+    b0 = _fingerprint(_arm(cw, tmp_path, "c0")["rl"])
+    assert _fingerprint(_arm(cw + ["--cost_weight", "100"], tmp_path,
+                             "c1")["rl"]) != b0
+    for extra in (["--nu", "0.05"], ["--cfl", "0.25"], ["--ref_cells", "64"]):
+        assert _fingerprint(_arm(TINY_B + ["--method", "uniform"] + extra, tmp_path, "u" + extra[0])["uniform"]) != \
+            _fingerprint(_arm(TINY_B + ["--method", "uniform"], tmp_path, "u0")["uniform"]), extra
+
+
+def test_every_flag_is_read_outside_parse_args():
+    """A flag that nothing reads cannot change a result: each dest must appear as `.dest` in the code."""
+    import inspect
+    import re
+
+    src = inspect.getsource(R).replace(inspect.getsource(R.parse_args), "")
+    dests = re.findall(r'p\.add_argument\("--(\w+)"', inspect.getsource(R.parse_args))
+    assert len(dests) > 40
+    for dest in dests:
+        if dest == "overwrite":  # read by common.start_run only
+            continue
+        assert re.search(rf"\.{dest}\b", src), dest
+
+
+# ---- bad input: one line, exit 2, nothing written; the output-dir policy ----------------------------
+
+BAD = [["--pde", "burgers", "--cfl", "0"], ["--surrogate_epochs", "0"], ["--eval_res", "1"],
+       ["--per_device_batch_size", "0"], ["--hi_factor", "0"], ["--contrast", "0"],
+       ["--pde", "burgers", "--nu", "-0.01"], ["--pde", "burgers", "--t_final", "0"], ["--policy_iters", "0"],
+       ["--sigma", "0"], ["--krr_lambda", "0"], ["--monitor_betas", "0.1,-1"], ["--monitor_betas", "a"],
+       ["--method", "uniform_cost"], ["--n_warmup", "1"], ["--budget", "30", "--checkpoints", "50"],
+       ["--min_gap_frac", "1.0"], ["--group_size", "1"], ["--instances_per_iter", "0"], ["--cost_weight", "-1"],
+       ["--pde", "burgers", "--ref_cells", "128"], ["--full_table", "--seeds", "0,0"], ["--ppo_clip", "0"],
+       ["--device", "cuda:7" if not torch.cuda.is_available() else "nope"], ["--n_nodes", "2"]]
+
+
+@pytest.mark.parametrize("argv", BAD, ids=[" ".join(a) for a in BAD])
+def test_bad_input_is_refused_before_anything_is_written(argv, tmp_path):
+    out = tmp_path / "x"
+    with pytest.raises(R.UserError) as e:
+        R.main(R.parse_args(argv + ["--output_dir", str(out)]))
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+    assert not out.exists()
+
+
+def _cli(argv, timeout=60):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "rlmesh.py"), *argv], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_cli_bad_input_and_unwritable_dir_one_line_exit_2(tmp_path):
+    blocker = tmp_path / "file"  # a file where a parent directory should be: unwritable even for root
+    blocker.write_text("")
+    for argv, out in ((["--pde", "burgers", "--cfl", "0"], tmp_path / "a"), ([], blocker / "run")):
+        p = _cli(argv + ["--output_dir", str(out)])
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: "), p.stderr
+        assert not out.exists()
+
+
+def test_output_dir_policy_and_resume_refusals(tmp_path):
+    out = str(tmp_path / "r")
+    argv = TINY + ["--method", "uniform", "--output_dir", out]
+    with pytest.raises(R.UserError, match="no run"):  # --resume into an empty directory
+        R.main(R.parse_args(argv + ["--resume"]))
+    first = R.main(R.parse_args(argv))
+    with pytest.raises(R.UserError, match="already holds a run"):  # a fresh run into a finished one
+        R.main(R.parse_args(argv))
+    with pytest.raises(R.UserError, match="--contrast 100.0 -> 10.0"):  # resume with a changed result flag
+        R.main(R.parse_args(argv + ["--resume", "--contrast", "10"]))
+    with pytest.raises(R.UserError, match="--budget 8 -> 12"):
+        R.main(R.parse_args(argv + ["--resume", "--budget", "12", "--checkpoints", "4,12"]))
+    # rows logged after the checkpoint (a killed arm's) are cut on resume; the finished arm is not re-run
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 2, "arm": "ghost", "test_rel_l2": 9.0}) + "\n")
+    again = R.main(R.parse_args(argv + ["--resume"]))
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["arm"] for r in rows] == ["uniform", "uniform"]
+    assert again["final"] == first["final"]
+    shutil.rmtree(os.path.join(out, "checkpoint"))
+    with pytest.raises(R.UserError, match="no checkpoint"):  # a run killed before its first checkpoint
+        R.main(R.parse_args(argv + ["--resume"]))
+    assert R.main(R.parse_args(argv + ["--overwrite", "--contrast", "10"]))["final"] != first["final"]
+    assert json.load(open(os.path.join(out, "args.json")))["contrast"] == 10.0
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_the_uninterrupted_summary(tmp_path):
+    cfg = ["--method", "all", "--budget", "40", "--checkpoints", "20,40", "--n_test", "10", "--n_val", "10",
+           "--policy_iters", "30", "--n_policy_inst", "20", "--fine_res", "1025"]
+    assert _cli(cfg + ["--output_dir", str(tmp_path / "full")], timeout=300).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "rlmesh.py"), *cfg, "--output_dir", str(out)], env=env,
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+
+    t0 = time.time()
+    while not (out / "checkpoint" / "COMPLETE").exists() and p.poll() is None and time.time() - t0 < 200:
+        time.sleep(0.02)
+    assert p.poll() is None, "finished before the kill"
+    p.kill()  # SIGKILL
+    p.wait()
+    assert not (out / "summary.json").exists()
+    r = _cli(cfg + ["--output_dir", str(out), "--resume"], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed: arms done" in r.stdout + r.stderr
+    a, b = (json.load(open(d / "summary.json")) for d in (tmp_path / "full", out))
+    a.pop("wall_minutes"), b.pop("wall_minutes")
+    assert a == b
+    strip = lambda path: [json.loads(line) for line in open(path)]  # noqa: E731
+    assert strip(tmp_path / "full" / "metrics.jsonl") == strip(out / "metrics.jsonl")
+    assert strip(tmp_path / "full" / "policy.jsonl") == strip(out / "policy.jsonl")
