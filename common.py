@@ -1384,20 +1384,21 @@ def preflight_model(name_or_path: str | None) -> None:
                         f"(huggingface-cli download {name_or_path}) or pass a local checkpoint directory") from None
 
 
-def preflight_endpoint(llm, route: str = "chat", deadline: float = 30.0) -> None:
+def preflight_endpoint(llm, route: str = "chat", deadline: float = 30.0, extra_body: dict | None = None) -> None:
     """Before any work: one tiny request (1 token) on the route the run will use ("chat" or
-    "completions"), so an unreachable or misconfigured endpoint fails in seconds, not after minutes of
-    other work. A local LLM passes."""
+    "completions"), with the run's `extra_body` (e.g. a JSON-mode response_format), so an unreachable
+    or misconfigured endpoint fails in seconds, not after minutes of other work. A local LLM passes."""
     client = llm.client if isinstance(llm, LLM) else llm
     if client is None:
         return
     require(route in ("chat", "completions"), f"preflight_endpoint: route must be chat or completions, not {route}")
     probe = ChatClient(client.base_url, client.model, client.api_key, timeout=min(client.timeout, deadline),
                        deadline=deadline, max_retries=1, backoff=0.5)
+    kw = {"extra_body": extra_body} if extra_body else {}
     if route == "chat":
-        probe.chat([{"role": "user", "content": "Say OK."}], n=1, temperature=0.0, max_tokens=1)
+        probe.chat([{"role": "user", "content": "Say OK."}], n=1, temperature=0.0, max_tokens=1, **kw)
     else:
-        probe.complete("Say OK.", n=1, temperature=0.0, max_tokens=1)
+        probe.complete("Say OK.", n=1, temperature=0.0, max_tokens=1, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1683,6 +1684,7 @@ class LLM:
     def _remote(self, fn, items, **kw) -> list[list[str]]:
         from concurrent.futures import ThreadPoolExecutor
 
+        before = dict(self.client.usage)
         ex = ThreadPoolExecutor(max_workers=self.max_workers)  # concurrent requests, order kept
         try:
             res = list(ex.map(lambda x: fn(x, return_finish=True, **kw), items))
@@ -1690,8 +1692,8 @@ class LLM:
             ex.shutdown(wait=False, cancel_futures=True)
             raise
         ex.shutdown(wait=True)
-        for k in self.usage:
-            self.usage[k] = self.client.usage.get(k, 0)
+        for k in self.usage:  # add this call's share (a resumed run may have restored earlier counts)
+            self.usage[k] += self.client.usage.get(k, 0) - before.get(k, 0)
         self.last_finish_reasons = [r for _, r in res]
         return [t for t, _ in res]
 

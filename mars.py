@@ -24,7 +24,8 @@ Equations (t counts a user's events; s = polarity * m in [-1, 1]):
         (optional decay m <- gamma^idle m; never forget on time alone)
   (7) resynthesis: profile <- synthesiser(chunks sorted by m)   (rebuilt from chunks, not from the
         old profile)
-  (8) HR@k = mean_u [rank_u < k],  NDCG@k = mean_u [rank_u < k] / log2(rank_u + 2)   (rank 0-indexed)
+  (8) HR@k = mean_u [rank_u < k],  NDCG@k = mean_u [rank_u < k] / log2(rank_u + 2)   (rank 0-indexed;
+        a miss has no rank and scores 0)
 
 LLM roles. Planner, extractor (also the merge judge), synthesiser and ranker sit behind one
 interface, `role(inp: dict) -> dict` (and `role.batch([dict]) -> [dict]`):
@@ -77,8 +78,22 @@ Reconstructed (not in the public abstract / summary; our choices, flags in brack
     window at d = 0 would average pre-drift points); the search ends at d_max = history_len - 30
     (latest drift point t* = 30, so every drifting user is evaluated up to d_max; 15 by default),
     censored -> d_max + 1; the "after drift" HR@1 averages d in [0, d_max].
-  * Real data: item descriptions are cut to --max_desc_chars (300) characters in prompts; an
-    endpoint gets one max_tokens-1 preflight request before anything is written.
+  * Real data: item descriptions are cut to --max_desc_chars (300) characters in prompts.
+  * A ranker miss (the target left out, or a malformed reply) has no rank (None), so it scores 0 in
+    HR@k and NDCG@k at every k; the spec's rank = |C| would count as a hit for k > |C|.
+
+Runs (the project's run contract). `validate_args` checks every flag's range and every combination
+that cannot work; `preflight` then parses the data files (file:line on a bad row), loads the model's
+config and sends the endpoint one 1-token chat request (not counted in usage); only then does
+`common.start_run` write args.json. Any of these failing is one line and exit 2 with nothing written.
+An --output_dir holding a run (args.json) is refused unless --resume (continue it) or --overwrite
+(delete it, start fresh). A checkpoint is written after every (world, seed, arm) cell with the
+finished cells (metrics, curves, role statistics, memories), tagger accuracies and LLM usage; worlds
+are rebuilt from their seeds and every cell starts from fresh memory (a local LLM is reseeded per
+cell), so kill -9 + --resume writes the summary.json of an uninterrupted run (bar the timings).
+--resume refuses a directory without a checkpoint and any changed flag except RESUME_IGNORE's
+(--concurrency, --request_timeout, --api_base, --api_key_env). Each endpoint request ends within
+--request_timeout seconds, retries included; Ctrl-C stops with one line naming the last checkpoint.
 
 Commands:
   toy CPU (drift + noise world, 6 arms, seeds 0,1,2; ~1 min):   python mars.py
@@ -142,8 +157,11 @@ def parse_args(argv=None):
     p.add_argument("--world", default="drift_noise", choices=WORLDS, help="toy world (drift and/or ephemeral noise)")
     p.add_argument("--full_table", action="store_true", help="run every world of " + ",".join(WORLDS) + " (the table)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (world, tagger, candidates)")
-    p.add_argument("--output_dir", default=None, help="default runs/mars/<world|full>")
-    p.add_argument("--resume", action="store_true", help="skip (world, seed, arm) cells already in the checkpoint")
+    p.add_argument("--output_dir", default=None, help="default runs/mars/<world|full|real>")
+    p.add_argument("--resume", action="store_true", help="continue the same run in --output_dir: (world, seed, arm) "
+                   "cells in its checkpoint are not rerun; refused without a checkpoint or with other result flags")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="delete a previous run in --output_dir and start fresh (without it such a dir is refused)")
     # toy world
     p.add_argument("--num_items", type=int, default=400, help="items in the catalogue")
     p.add_argument("--num_users", type=int, default=100, help="users (toy) or users read from --users_file")
@@ -196,6 +214,8 @@ def parse_args(argv=None):
     p.add_argument("--json_mode", action=argparse.BooleanOptionalAction, default=False,
                    help="ask the endpoint for JSON output (response_format json_object; --backend api only)")
     p.add_argument("--concurrency", type=int, default=8, help="parallel endpoint requests")
+    p.add_argument("--request_timeout", type=float, default=300.0, help="seconds one endpoint request may take in all "
+                   "(retries included) before the run stops with one error line")
     p.add_argument("--batch_size", type=int, default=16, help="prompts per local generate batch")
     p.add_argument("--reply_cache", default=None, help="jsonl file caching valid replies by hash(role, input)")
     # real data (InstructRec-style)
@@ -205,38 +225,105 @@ def parse_args(argv=None):
                    "this many characters (0 = no cut)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    args.eval_list = [int(s) for s in str(args.eval_points).split(",") if s.strip()]
-    args.arms = list(ARMS) if args.method == "all" else [m.strip() for m in args.method.split(",") if m.strip()]
     return args
 
 
-def check_args(args) -> None:
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} '{text}' must be comma-separated integers, e.g. {flag} 0,1,2") from None
+
+
+# flags that do not change a run's results: --resume may differ in them (common.start_run)
+# (seed_list, eval_list, arms, llm_role_set are derived from --seeds, --eval_points, --method, --llm_roles)
+RESUME_IGNORE = ("argv", "concurrency", "request_timeout", "api_key_env", "api_base", "seed_list", "eval_list", "arms",
+                 "llm_role_set")
+
+
+def validate_args(args) -> None:
+    """Every flag's range and every combination that cannot work, before anything is loaded or
+    written (a UserError -> one line + exit 2). Also derives seed_list, eval_list, arms,
+    llm_role_set and the default output_dir."""
+    req = common.require
+    args.seed_list = _int_list(args.seeds, "--seeds")
+    args.eval_list = _int_list(args.eval_points, "--eval_points")
+    args.arms = list(ARMS) if args.method == "all" else [m.strip() for m in args.method.split(",") if m.strip()]
     for a in args.arms:
-        if a not in ARMS:
-            raise UserError(f"unknown --method '{a}'; use 'all' or some of {','.join(ARMS)}")
-    if not args.seed_list:
-        raise UserError("--seeds is empty; pass e.g. --seeds 0,1,2")
+        req(a in ARMS, f"unknown --method '{a}'; use 'all' or some of {','.join(ARMS)}")
+    req(args.arms, "--method is empty; use 'all' or some of " + ",".join(ARMS))
+    req(len(set(args.arms)) == len(args.arms), f"--method '{args.method}' names an arm twice; name each once")
+    req(args.seed_list, "--seeds is empty; pass e.g. --seeds 0,1,2")
+    req(len(set(args.seed_list)) == len(args.seed_list), f"--seeds '{args.seeds}' repeats a seed; name each once")
+    req(all(s >= 0 for s in args.seed_list), f"--seeds '{args.seeds}' has a negative seed; use seeds >= 0")
     roles = list(ROLES) if args.llm_roles == "all" else [r.strip() for r in args.llm_roles.split(",") if r.strip()]
     for r in roles:
-        if r not in ROLES:
-            raise UserError(f"unknown role '{r}' in --llm_roles; use 'all' or some of {','.join(ROLES)}")
-    args.llm_role_set = set(roles) if args.backend != "ref" else set()
-    if args.backend == "hf" and not args.model_name_or_path:
-        raise UserError("--backend hf needs --model_name_or_path (a local checkpoint or hub id)")
-    if args.backend == "api" and not args.api_model:
-        raise UserError("--backend api needs --api_model (the model name the endpoint serves)")
-    if (args.items_file is None) != (args.users_file is None):
-        raise UserError("real data needs both --items_file and --users_file")
-    if args.items_file and args.llm_role_set != set(ROLES):
-        raise UserError("real data has no toy tagger, so every role must be an LLM: pass --backend hf|api "
-                        "and --llm_roles all")
-    if not 0 < args.history_len <= args.stream_len:
-        raise UserError(f"--history_len {args.history_len} must be in (0, --stream_len {args.stream_len}]")
-    if args.num_candidates < 2:
-        raise UserError("--num_candidates must be >= 2")
-    if not 0 <= args.curve_start <= args.history_len or any(not 0 <= t <= args.history_len for t in args.eval_list):
-        raise UserError(f"--curve_start and --eval_points must lie in [0, --history_len {args.history_len}]")
+        req(r in ROLES, f"unknown role '{r}' in --llm_roles; use 'all' or some of {','.join(ROLES)}")
+    req(roles, "--llm_roles is empty; use 'all' or some of " + ",".join(ROLES))
+    args.llm_role_set = sorted(set(roles)) if args.backend != "ref" else []
+    # LLM backend
+    req(args.backend != "hf" or args.model_name_or_path,
+        "--backend hf needs --model_name_or_path (a local checkpoint or hub id)")
+    req(args.backend != "api" or args.api_model, "--backend api needs --api_model (the model name the endpoint serves)")
+    if args.backend == "ref":  # flags that would silently do nothing
+        req(args.llm_roles == "all", "--llm_roles needs --backend hf or api (with --backend ref every role is a "
+            "rule-based reference)")
+        req(not args.reply_cache, "--reply_cache needs --backend hf or api (the references make no LLM calls)")
+        req(args.model_name_or_path is None, "--model_name_or_path needs --backend hf")
+    req(not args.json_mode or args.backend == "api", "--json_mode needs --backend api (a local model has no JSON mode)")
+    req(args.temperature >= 0 and math.isfinite(args.temperature), f"--temperature {args.temperature} must be >= 0")
+    req(args.max_new_tokens >= 1, f"--max_new_tokens {args.max_new_tokens} must be >= 1")
+    req(args.max_retries >= 0, f"--max_retries {args.max_retries} must be >= 0")
+    req(args.concurrency >= 1, f"--concurrency {args.concurrency} must be >= 1")
+    req(args.batch_size >= 1, f"--batch_size {args.batch_size} must be >= 1")
+    req(args.request_timeout > 0, f"--request_timeout {args.request_timeout} must be > 0 seconds")
+    # data
+    real = args.items_file is not None or args.users_file is not None
+    req((args.items_file is None) == (args.users_file is None), "real data needs both --items_file and --users_file")
+    if real:
+        req(set(args.llm_role_set) == set(ROLES), "real data has no toy tagger, so every role must be an LLM: pass "
+            "--backend hf|api and --llm_roles all")
+        req(not args.full_table, "--full_table runs the toy worlds; drop it with --items_file/--users_file")
+    req(args.max_desc_chars >= 0, f"--max_desc_chars {args.max_desc_chars} must be >= 0 (0 = no cut)")
+    # toy world
+    req(args.num_users >= 1, f"--num_users {args.num_users} must be >= 1")
+    for flag in ("drift_frac", "p_ephemeral", "p_impression", "instruction_noise"):
+        v = getattr(args, flag)
+        req(0.0 <= v <= 1.0, f"--{flag} {v} must be a probability in [0, 1]")
+    req(args.p_ephemeral < 1 and args.p_impression < 1, "--p_ephemeral 1 or --p_impression 1 leaves no choice "
+        "events, so there is no target to evaluate; use values < 1")
+    req(args.stream_len >= 1, f"--stream_len {args.stream_len} must be >= 1")
+    req(0 < args.history_len < args.stream_len or real, f"--history_len {args.history_len} must be in "
+        f"(0, --stream_len {args.stream_len}): targets after the history need events after it")
+    req(args.choice_pool >= 1, f"--choice_pool {args.choice_pool} must be >= 1")
+    req(args.choice_temp > 0, f"--choice_temp {args.choice_temp} must be > 0 (softmax temperature)")
+    req(args.num_candidates >= 2, f"--num_candidates {args.num_candidates} must be >= 2")
+    req(real or args.num_items >= args.stream_len + args.num_candidates - 1,
+        f"--num_items {args.num_items} is too few: each user sees --stream_len {args.stream_len} distinct items and "
+        f"needs --num_candidates - 1 = {args.num_candidates - 1} negatives outside them")
+    req(args.eval_list, "--eval_points is empty; pass e.g. --eval_points 25,35,45")
+    req(real or (0 <= args.curve_start <= args.history_len and all(0 <= t <= args.history_len for t in args.eval_list)),
+        f"--curve_start and --eval_points must lie in [0, --history_len {args.history_len}]")
+    req(args.tagger_train >= 1 and args.tagger_steps >= 1, "--tagger_train and --tagger_steps must be >= 1 (the toy "
+        "extractor needs a trained tagger)")
+    # memory
+    req(args.event_fifo >= 1, f"--event_fifo {args.event_fifo} must be >= 1")
+    req(args.max_pending >= 1, f"--max_pending {args.max_pending} must be >= 1")
+    req(args.plan_every >= 1, f"--plan_every {args.plan_every} must be >= 1")
+    req(0 < args.s0 <= 1, f"--s0 {args.s0} must be in (0, 1] (strength of a new chunk, Eq. 2)")
+    for flag in ("eta_up", "eta_down", "forget_threshold"):
+        v = getattr(args, flag)
+        req(0.0 <= v <= 1.0, f"--{flag} {v} must be in [0, 1]")
+    req(0 < args.decay_gamma <= 1, f"--decay_gamma {args.decay_gamma} must be in (0, 1] (1 = no decay)")
+    req(args.min_evidence >= 0 and args.stale_events >= 0, "--min_evidence and --stale_events must be >= 0")
+    req(args.synth_every_changes >= 1, f"--synth_every_changes {args.synth_every_changes} must be >= 1")
+    req(args.profile_max_chunks >= 1, f"--profile_max_chunks {args.profile_max_chunks} must be >= 1")
+    req(math.isfinite(args.recent_weight) and math.isfinite(args.instruction_bonus),
+        "--recent_weight and --instruction_bonus must be finite")
+    req(args.mb_time_scale > 0, f"--mb_time_scale {args.mb_time_scale} must be > 0")
+    req(args.mem0_every >= 1, f"--mem0_every {args.mem0_every} must be >= 1")
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", "mars", "real" if real else ("full" if args.full_table else args.world))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,15 +331,22 @@ def check_args(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _rank_array(ranks) -> np.ndarray:
+    """(N,) float ranks; a miss (None: the ranker left the positive out or failed) is +inf, so it
+    scores 0 at every k, whatever the number of candidates (a miss as rank |C| would count as a hit
+    for k > |C|)."""
+    return np.array([np.inf if x is None else x for x in ranks], dtype=float)
+
+
 def hit_rate_at_k(ranks, k: int) -> float:
-    """Eq. (8): mean [rank < k]; ranks (N,) 0-indexed positions of the positive (|C| = a miss)."""
-    r = np.asarray(ranks, dtype=float)
+    """Eq. (8): mean [rank < k]; ranks (N,) 0-indexed positions of the positive (None = a miss)."""
+    r = _rank_array(ranks)
     return float((r < k).mean()) if r.size else float("nan")  # Eq. (8)
 
 
 def ndcg_at_k(ranks, k: int) -> float:
-    """Eq. (8): one relevant item -> DCG = 1 / log2(rank + 2) if rank < k, IDCG = 1."""
-    r = np.asarray(ranks, dtype=float)
+    """Eq. (8): one relevant item -> DCG = 1 / log2(rank + 2) if rank < k, IDCG = 1 (None = a miss)."""
+    r = _rank_array(ranks)
     if not r.size:
         return float("nan")
     return float(np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0).mean())  # Eq. (8)
@@ -673,9 +767,15 @@ def validate_planner(inp, out):
 
 
 def validate_extractor(inp, out):
+    """The schema of the mode, keys required: `{}`, `{"reason": ...}` or an echoed event are not an
+    empty extraction but an invalid reply (re-asked, then counted as malformed)."""
     chunk_ids = {c["id"] for c in inp.get("chunks", [])}
     if inp.get("mode") == "dedup":
-        groups, conflicts = out.get("groups", []), out.get("conflicts", [])
+        missing = [k for k in ("groups", "conflicts") if k not in out]
+        if missing:
+            raise ValueError(f"missing keys {missing}: reply {{\"groups\": [...], \"conflicts\": [...]}} (empty lists "
+                             f"if there are none)")
+        groups, conflicts = out["groups"], out["conflicts"]
         if not isinstance(groups, list) or not isinstance(conflicts, list):
             raise ValueError('"groups" and "conflicts" must be lists')
         g = [_ids(x, chunk_ids, "chunk ids") for x in groups]
@@ -688,8 +788,12 @@ def validate_extractor(inp, out):
         return {"groups": [x for x in g if len(x) >= 2], "conflicts": c}
     ev_ids = {e["id"] for e in inp.get("events", [])}
     res = {"new": [], "support": [], "contradict": []}
+    missing = [k for k in res if k not in out]
+    if missing:
+        raise ValueError(f"missing keys {missing}: reply {{\"new\": [...], \"support\": [...], \"contradict\": [...]}} "
+                         f"(empty lists if there are none)")
     for k in res:
-        v = out.get(k, [])
+        v = out[k]
         if not isinstance(v, list):
             raise ValueError(f'"{k}" must be a list')
         for x in v:
@@ -700,7 +804,7 @@ def validate_extractor(inp, out):
                 cat, text, pol = x.get("category"), x.get("text"), x.get("polarity")
                 if not isinstance(cat, str) or not cat.strip() or not isinstance(text, str) or not text.strip():
                     raise ValueError("a new chunk needs non-empty category and text")
-                if pol not in (1, -1):
+                if isinstance(pol, bool) or pol not in (1, -1):
                     raise ValueError("polarity must be 1 or -1")
                 res[k].append({"category": cat.strip().lower(), "text": text.strip(), "polarity": int(pol),
                                "event_ids": evs})
@@ -732,7 +836,7 @@ FALLBACK = {
     "extractor": lambda inp: {"groups": [], "conflicts": []} if inp.get("mode") == "dedup"
     else {"new": [], "support": [], "contradict": []},
     "synthesiser": lambda inp: {"profile": inp.get("old_profile", "")},
-    "ranker": lambda inp: {"ranking": []},  # the target is missing -> rank |C| (a miss)
+    "ranker": lambda inp: {"ranking": []},  # the target is missing -> no rank (a miss)
 }
 PROMPTS = {"planner": PLANNER_PROMPT, "extractor": EXTRACTOR_PROMPT, "synthesiser": SYNTHESISER_PROMPT,
            "ranker": RANKER_PROMPT}
@@ -843,24 +947,36 @@ def make_roles(args, world, llm=None) -> dict:
     return roles
 
 
-PREFLIGHT = [{"role": "user", "content": 'Reply with the JSON object {}.'}]
-
-
 def make_llm(args):
-    """common.LLM over a local HF model (chat template) or an OpenAI-compatible endpoint. An endpoint
-    gets one tiny preflight request (max_tokens 1, with --json_mode's response_format) here, before
-    main writes anything: an unreachable server or a rejected model name / key / parameter is one
-    clear error (common.EndpointError, exit 2), not a crash at the first role call of a half-written
-    run. The preflight counts as one call in summary.json's usage."""
+    """common.LLM over a local HF model (chat template) or an OpenAI-compatible endpoint (each request
+    ends within --request_timeout seconds, retries included); None for --backend ref."""
     if args.backend == "hf":
         return common.LLM.from_hf(args.model_name_or_path, batch_size=args.batch_size, seed=args.seed_list[0])
     if args.backend == "api":
         key = os.environ.get(args.api_key_env) if args.api_key_env else None
-        llm = common.LLM.from_endpoint(args.api_base, args.api_model, key, max_workers=args.concurrency)
-        kw = {"extra_body": {"response_format": {"type": "json_object"}}} if args.json_mode else {}
-        llm.chat([PREFLIGHT], n=1, temperature=0.0, max_tokens=1, **kw)  # raises EndpointError (a UserError)
-        return llm
+        return common.LLM.from_endpoint(args.api_base, args.api_model, key, max_workers=args.concurrency,
+                                        deadline=args.request_timeout)
     return None
+
+
+def preflight(args) -> None:
+    """Everything the run will use, checked before anything is written: the data files parse
+    (file:line on a bad row), the model path loads its config, the endpoint answers one 1-token
+    request on the chat route (with --json_mode's response_format, so a server that rejects it fails
+    here, not at the first role call of a half-written run)."""
+    if args.items_file:
+        read_real_world(args, args.seed_list[0])
+    if args.backend == "hf":
+        common.preflight_model(args.model_name_or_path)
+    if args.backend == "api":
+        key = os.environ.get(args.api_key_env) if args.api_key_env else None
+        deadline = min(30.0, args.request_timeout)
+        probe = common.ChatClient(args.api_base, args.api_model, key, timeout=deadline, deadline=deadline,
+                                  max_retries=1, backoff=0.5)
+        common.preflight_endpoint(probe, route="chat", deadline=deadline)
+        if args.json_mode:
+            probe.chat([{"role": "user", "content": 'Reply with the JSON object {}.'}], n=1, temperature=0.0,
+                       max_tokens=1, extra_body={"response_format": {"type": "json_object"}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1135,17 +1251,14 @@ def clip_text(text: str, n: int) -> str:
 
 def read_real_world(args, seed: int) -> World:
     """InstructRec-style jsonl: memory from history[:T-2], T-1 a warm-up target, T the test target."""
-    def rows(path):
-        if not os.path.isfile(path):
-            raise UserError(f"data file '{path}' does not exist")
+    def rows(path):  # missing / unreadable / non-UTF-8 file or a bad JSON line -> UserError naming file:line
         out = []
-        with open(path) as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        out.append((i, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove that line") from None
+        for i, line in enumerate(common.read_text_lines(path), 1):
+            if line.strip():
+                try:
+                    out.append((i, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove that line") from None
         return out
 
     items = {}
@@ -1340,16 +1453,33 @@ class MarsArm:
         return st.profile
 
     def ingest(self, batch):
-        """batch: [(state, event)] for the users that have an event at this step (lockstep)."""
+        """batch: [(state, event)] for the users that have an event at this step (lockstep). Users
+        due for a check get a schedule (planner or fixed), then the six operations in order, each
+        batched across users."""
+        due = self._add_events(batch)
+        if not due:
+            return
+        ops = self._schedule(due)
+        self._extract(due, ops)        # 1-3. extraction + this check's links: reinforce, weaken (Eqs. 2-4)
+        self._consolidate(due, ops)    # 4. merge duplicates, weaken the weaker of a conflict (Eq. 5)
+        self._forget(due, ops)         # 5. forgetting (Eq. 6)
+        self._resynthesize(due, ops)   # 6. profile rebuilt from the chunks (Eq. 7)
+
+    def _add_events(self, batch) -> list:
+        """Event tier: FIFO + pending; returns the states due for a check (every --plan_every events,
+        or at once when --max_pending events are pending)."""
         a = self.args
         for st, e in batch:
             st.fifo.append(e)
             st.pending.append(e)
             st.t = e["t"] + 1  # memory now covers events < t
             st.since_check += 1
-        due = [st for st, _ in batch if st.since_check >= a.plan_every or len(st.pending) >= a.max_pending]
-        if not due:
-            return
+        return [st for st, _ in batch if st.since_check >= a.plan_every or len(st.pending) >= a.max_pending]
+
+    def _schedule(self, due) -> list:
+        """One set of operations per due state: the planner's (mars_planner) or all six (mars_fixed);
+        a full pending list is forced through extraction."""
+        a = self.args
         if self.planned:
             plans = self.roles["planner"].batch([planner_input(st, self.world, a.planner_novelty) for st in due])
             ops = [set(p["ops"]) for p in plans]
@@ -1363,28 +1493,38 @@ class MarsArm:
             self.counts["skips"] += not o
             for op in o:
                 self.counts[f"op_{op}"] += 1
-        # 1-3. extraction, with this check's links applied by reinforcement and weakening (Eqs. 2-4)
+        return ops
+
+    def _extract(self, due, ops) -> None:
         ext = [(st, o) for st, o in zip(due, ops) if "extract" in o]
         sig = [(st, o) for st, o in ext if any(e["polarity"] in (1, -1) for e in st.pending)]
         outs = self.roles["extractor"].batch([{"mode": "extract", "events": [event_view(e) for e in st.pending
                                                                              if e["polarity"] in (1, -1)],
                                                "chunks": [chunk_view(c) for c in st.chunks.values()]} for st, _ in sig])
         for (st, o), out in zip(sig, outs):
-            st.changes_since_synth += apply_extraction(st, out, o, a)
+            st.changes_since_synth += apply_extraction(st, out, o, self.args)
         for st, _ in ext:
             st.pending = []
-        # 4. consolidation: the extractor in dedup mode judges duplicates and conflicts (Eq. 5)
+
+    def _consolidate(self, due, ops) -> None:
+        """The extractor in dedup mode judges duplicates and conflicts (Eq. 5)."""
         mrg = [st for st, o in zip(due, ops) if "merge" in o and len(st.chunks) >= 2]
         outs = self.roles["extractor"].batch([{"mode": "dedup", "chunks": [chunk_view(c) for c in st.chunks.values()]}
                                               for st in mrg])
         for st, out in zip(mrg, outs):
-            st.changes_since_synth += consolidate(st.chunks, out["groups"], out["conflicts"], st.t, a.eta_down)
+            st.changes_since_synth += consolidate(st.chunks, out["groups"], out["conflicts"], st.t, self.args.eta_down)
             st.created_since_merge = 0
-        for st, o in zip(due, ops):  # 5. forgetting (Eq. 6)
+
+    def _forget(self, due, ops) -> None:
+        a = self.args
+        for st, o in zip(due, ops):
             if "forget" in o:
                 st.changes_since_synth += len(forget(st.chunks, st.t, a.forget_threshold, a.min_evidence,
                                                      a.stale_events, a.decay_gamma))
-        # 6. resynthesis when scheduled or after --synth_every_changes chunk changes (Eq. 7)
+
+    def _resynthesize(self, due, ops) -> None:
+        """When scheduled or after --synth_every_changes chunk changes; an empty memory has an empty profile."""
+        a = self.args
         syn = [st for st, o in zip(due, ops) if ("synthesize" in o or st.changes_since_synth >= a.synth_every_changes)]
         nonempty = [st for st in syn if st.chunks]
         outs = self.roles["synthesiser"].batch([synth_input(st) for st in nonempty])
@@ -1525,7 +1665,7 @@ def run_arm(arm, world: World, roles: dict) -> dict:
             outs = roles["ranker"].batch(inps)
             for (ui, (tt, pos, cands, in_table)), out in zip(todo, outs):
                 r = out["ranking"]
-                rank = r.index(pos) if pos in r else len(cands)  # missing target = miss (pitfall 3)
+                rank = r.index(pos) if pos in r else None  # missing target = a miss at every k (pitfall 3)
                 u = users[ui]
                 records.append({"user": ui, "t": t, "rank": rank, "in_table": in_table,
                                 "d": None if u.drift_t is None else t - u.drift_t})
@@ -1675,89 +1815,55 @@ def plot(path: str, cells: dict, curves: dict, worlds: list, arms: list, seeds: 
 # ---------------------------------------------------------------------------------------------
 
 
-def main(args):
-    check_args(args)
-    common.set_cpu_threads()
-    real = args.items_file is not None
-    worlds = ["real"] if real else (list(WORLDS) if args.full_table else [args.world])
-    out_dir = args.output_dir or os.path.join("runs", "mars", "real" if real else ("full" if args.full_table else args.world))
-    if real:  # validate the data files before anything is written (bad line -> exit 2 naming it)
-        read_real_world(args, args.seed_list[0])
-    llm = make_llm(args)  # before anything is written: a bad model path or an unreachable endpoint -> exit 2
-    ckpt = os.path.join(out_dir, "checkpoint")
-    done = {}
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "output_dir", "argv", "method", "arms",
-                                                                "seeds", "seed_list", "full_table", "world",
-                                                                "llm_role_set")}
-    if args.resume:
-        state = common.load_checkpoint(ckpt)
-        if state["extra"].get("config") != json.loads(json.dumps(config, default=str)):
-            raise UserError(f"the checkpoint in {ckpt} was made with other settings; rerun with the same flags "
-                            f"or drop --resume")
-        done = {tuple(json.loads(k)): v for k, v in state["extra"].get("cells", {}).items()}
-    os.makedirs(out_dir, exist_ok=True)
-    common.write_json(os.path.join(out_dir, "args.json"), vars(args))
+def run_cell(args, world: World, llm, w: str, s: int, a: str, keep_memories: bool) -> dict:
+    """One (world, seed, arm) cell: fresh roles and memory, the lockstep rollout, its metrics, the
+    HR@1 curve, per-role statistics and (optionally) the first users' final memories. A local LLM is
+    reseeded per cell, so a cell's result does not depend on the cells run before it (resume)."""
+    if hasattr(llm, "reseed"):  # common.LLM (a stub with .chat and .usage needs none)
+        llm.reseed(1_000 * s + 10 * (WORLDS + ("real",)).index(w) + ARMS.index(a))
+    roles = make_roles(args, world, llm)
+    arm = make_arm(a, args, world, roles, s)
+    res = run_arm(arm, world, roles)
+    m = cell_metrics(res["records"], len(world.users), roles, res["states"], arm, drift_window(args))
+    m["tagger_acc"] = world.tagger_acc
+    m["warmup_hr1"] = hit_rate_at_k([r["rank"] for r in res["records"] if not r["in_table"]], 1)
+    cell = {"metrics": m, "curve": curve(res["records"], "d" if w.startswith("drift") else "t"),
+            "roles": {r: dict(roles[r].stats) for r in ROLES}}
+    if keep_memories:
+        cell["memories"] = {world.users[i].uid: res["states"][i].to_json() for i in range(min(3, len(world.users)))}
+    return cell
+
+
+def run_command(args) -> str:
+    """The command line of this run as a user reruns it (without --resume / --overwrite)."""
+    argv = [x for x in args.argv if x not in ("--resume", "--overwrite", "--no-overwrite")]
+    return " ".join(["python mars.py"] + [shlex.quote(x) for x in argv])
+
+
+def write_outputs(args, worlds, state: dict, llm, minutes: float) -> dict:
+    """table.md, mars.png, memories.json and summary.json from the finished cells."""
+    out_dir, cells = args.output_dir, {k: c["metrics"] for k, c in state["cells"].items()}
+    curves = {k: c["curve"] for k, c in state["cells"].items()}
     model_name = "rule-based references" if llm is None else \
-        f"{getattr(llm, 'name', type(llm).__name__)} ({','.join(sorted(args.llm_role_set))})"
-    t0 = time.time()
-    cells, curves, role_stats, tagger_acc, memories = {}, {}, {}, {}, {}
-    grid = [(w, s, a) for w in worlds for s in args.seed_list for a in args.arms]
-    bar = tqdm(total=len(grid), desc="mars cells", dynamic_ncols=True)
-    log = common.MetricLogger(out_dir, pbar=None, resume_step=len(done) - 1 if args.resume else None)
-    step = len(done)
-    for w in worlds:
-        for s in args.seed_list:
-            todo = [a for a in args.arms if (w, s, a) not in done]
-            for a in args.arms:
-                if (w, s, a) in done:
-                    cells[(w, s, a)], curves[(w, s, a)] = done[(w, s, a)]["metrics"], \
-                        {int(k): v for k, v in done[(w, s, a)]["curve"].items()}
-                    bar.update(1)
-            if not todo:
-                continue
-            common.seed_everything(s)
-            world = read_real_world(args, s) if real else toy_world(args, w, s)
-            tagger_acc[(w, s)] = world.tagger_acc
-            for a in todo:
-                roles = make_roles(args, world, llm)
-                arm = make_arm(a, args, world, roles, s)
-                res = run_arm(arm, world, roles)
-                m = cell_metrics(res["records"], len(world.users), roles, res["states"], arm, drift_window(args))
-                m["tagger_acc"] = world.tagger_acc
-                m["warmup_hr1"] = hit_rate_at_k([r["rank"] for r in res["records"] if not r["in_table"]], 1)
-                cells[(w, s, a)] = m
-                curves[(w, s, a)] = curve(res["records"], "d" if w.startswith("drift") else "t")
-                role_stats[f"{w}/{s}/{a}"] = {r: dict(roles[r].stats) for r in ROLES}
-                if s == args.seed_list[0] and w == worlds[0] and a.startswith("mars"):
-                    memories[a] = {world.users[i].uid: res["states"][i].to_json() for i in range(min(3, len(world.users)))}
-                log.log(step, world=w, seed=s, arm=a, **{k: v for k, v in m.items() if isinstance(v, (int, float))
-                                                         and not (isinstance(v, float) and math.isnan(v))})
-                step += 1
-                done[(w, s, a)] = {"metrics": m, "curve": curves[(w, s, a)]}
-                common.save_checkpoint(ckpt, step=step, extra={"config": json.loads(json.dumps(config, default=str)),
-                                                               "cells": {json.dumps(list(k)): v for k, v in done.items()}})
-                bar.update(1)
-                bar.set_postfix(world=w, seed=s, arm=a, hr1=f"{m['hr1']:.3f}")
-        tqdm.write(f"[{w}] " + "  ".join(f"{a}: HR@1 {fmt(mean_std([cells[(w, s, a)]['hr1'] for s in args.seed_list]))}"
-                                         for a in args.arms))
-    bar.close()
-    minutes = (time.time() - t0) / 60
-    command = " ".join(["python mars.py"] + [shlex.quote(a) for a in args.argv])
+        f"{getattr(llm, 'name', type(llm).__name__)} ({','.join(args.llm_role_set)})"
+    command = run_command(args)
     table = write_table(os.path.join(out_dir, "table.md"), cells, worlds, args.arms, args.seed_list, minutes, command,
                         drift_window(args))
     print(table)
     plot(os.path.join(out_dir, "mars.png"), cells, curves, worlds, args.arms, args.seed_list, model_name)
+    memories = {k[2]: c["memories"] for k, c in state["cells"].items() if "memories" in c}
     common.write_json(os.path.join(out_dir, "memories.json"), memories)
+    role_stats = {f"{w}/{s}/{a}": c["roles"] for (w, s, a), c in state["cells"].items()}
     summary = {"table": {w: {a: {k: mean_std([cells[(w, s, a)].get(k, float("nan")) for s in args.seed_list if (w, s, a) in cells])
                                  for k in ("hr1", "hr3", "ndcg10", "recovery", "mem_calls", "ranker_calls", "malformed",
                                            "tokens", "n_chunks", "warmup_hr1", "skip_rate",
                                            "pre_drift_hr1", "post_drift_hr1")}
                              for a in args.arms} for w in worlds},
                "cells": {f"{w}/{s}/{a}": m for (w, s, a), m in cells.items()},
-               "llm": {"backend": args.backend, "model": model_name, "roles_on_llm": sorted(args.llm_role_set),
+               "llm": {"backend": args.backend, "model": model_name, "roles_on_llm": list(args.llm_role_set),
                        "usage": dict(llm.usage) if llm is not None else None, "per_cell_roles": role_stats},
-               "tagger_acc": {f"{w}/{s}": v for (w, s), v in tagger_acc.items()},
-               "wall_time_s": time.time() - t0, "minutes": minutes, "device": str(next(llm._model.parameters()).device)
+               "tagger_acc": {f"{w}/{s}": v for (w, s), v in state["tagger_acc"].items()},
+               "wall_time_s": minutes * 60, "minutes": minutes, "device": str(next(llm._model.parameters()).device)
                if getattr(llm, "is_local", False) else "cpu", "seed": args.seed_list, "command": command}
     totals = {r: {} for r in ROLES}
     for st in role_stats.values():
@@ -1766,7 +1872,75 @@ def main(args):
                 totals[r][k] = totals[r].get(k, 0) + v
     summary["llm"]["roles_total"] = totals
     common.write_json(os.path.join(out_dir, "summary.json"), _finite(summary))
-    tqdm.write(f"wrote {out_dir}/summary.json, table.md, mars.png ({minutes:.1f} min)")
+    return summary
+
+
+def _usage_counters(llm) -> dict:
+    """The LLM's usage counters as they persist: an endpoint LLM copies its ChatClient's after each call."""
+    return llm.client.usage if getattr(llm, "client", None) is not None else llm.usage
+
+
+def _checkpoint(ckpt: str, state: dict, llm) -> None:
+    """Everything the remaining cells and the outputs depend on: the finished cells (metrics, curve,
+    role statistics, memories), the tagger accuracies, the LLM usage counters and the elapsed time.
+    The worlds are rebuilt from their seeds, and each cell starts from fresh memory and roles."""
+    extra = {"cells": {json.dumps(list(k)): v for k, v in state["cells"].items()},
+             "tagger_acc": {json.dumps(list(k)): v for k, v in state["tagger_acc"].items()},
+             "usage": dict(_usage_counters(llm)) if llm is not None else None, "seconds": state["seconds"]}
+    common.save_checkpoint(ckpt, step=len(state["cells"]), extra=extra)
+
+
+def _restore(ckpt: str, llm) -> dict:
+    st = common.load_checkpoint(ckpt)
+    extra = st["extra"]
+    state = {"cells": {tuple(json.loads(k)): v for k, v in extra["cells"].items()},
+             "tagger_acc": {tuple(json.loads(k)): v for k, v in extra["tagger_acc"].items()},
+             "seconds": extra["seconds"]}
+    if llm is not None and extra.get("usage"):  # usage counts every process of the run
+        _usage_counters(llm).update(extra["usage"])
+        llm.usage.update({k: v for k, v in extra["usage"].items() if k in llm.usage})
+    return state
+
+
+def main(args):
+    validate_args(args)  # 1. every flag, nothing loaded or written
+    common.set_cpu_threads()
+    preflight(args)  # 2. data files, model config, endpoint: still nothing written
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    common.start_run(args, has_checkpoint=common.find_checkpoint(ckpt) is not None, ignore=RESUME_IGNORE)  # 3. args.json
+    real = args.items_file is not None
+    worlds = ["real"] if real else (list(WORLDS) if args.full_table else [args.world])
+    llm = make_llm(args)
+    state = _restore(ckpt, llm) if args.resume else {"cells": {}, "tagger_acc": {}, "seconds": 0.0}
+    t0 = time.time() - state["seconds"]
+    grid = [(w, s, a) for w in worlds for s in args.seed_list for a in args.arms]
+    bar = tqdm(total=len(grid), initial=len(state["cells"]), desc="mars cells", dynamic_ncols=True)
+    # rows logged after the checkpoint (a killed run's last cell) are cut
+    log = common.MetricLogger(args.output_dir, pbar=None, resume_step=len(state["cells"]) - 1 if args.resume else None)
+    for w in worlds:
+        for s in args.seed_list:
+            todo = [a for a in args.arms if (w, s, a) not in state["cells"]]
+            if not todo:
+                continue
+            common.seed_everything(s)
+            world = read_real_world(args, s) if real else toy_world(args, w, s)
+            state["tagger_acc"][(w, s)] = world.tagger_acc
+            for a in todo:
+                cell = run_cell(args, world, llm, w, s, a, s == args.seed_list[0] and w == worlds[0] and a.startswith("mars"))
+                m = cell["metrics"]
+                log.log(grid.index((w, s, a)), world=w, seed=s, arm=a,
+                        **{k: v for k, v in m.items() if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))})
+                state["cells"][(w, s, a)] = cell
+                state["seconds"] = time.time() - t0
+                _checkpoint(ckpt, state, llm)
+                bar.update(1)
+                bar.set_postfix(world=w, seed=s, arm=a, hr1=f"{m['hr1']:.3f}")
+        tqdm.write(f"[{w}] " + "  ".join(f"{a}: HR@1 {fmt(mean_std([state['cells'][(w, s, a)]['metrics']['hr1'] for s in args.seed_list]))}"
+                                         for a in args.arms))
+    bar.close()
+    minutes = (time.time() - t0) / 60
+    summary = write_outputs(args, worlds, state, llm, minutes)
+    tqdm.write(f"wrote {args.output_dir}/summary.json, table.md, mars.png ({minutes:.1f} min)")
     return summary
 
 

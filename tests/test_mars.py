@@ -1,10 +1,43 @@
 """Tests of mars.py: ranking metrics on hand cases, every memory operation's update rule, the planner
 reference, no target / future leakage, the LLM-role interface (stub replies: retried, then counted,
 never crashing), the real LLM path with a tiny HF model and through a local OpenAI-compatible HTTP
-server, the real-data reader, and a subprocess smoke run."""
+server, the real-data reader, the wiring of whole arms against plain references written here, the
+flags, the run contract (bad input, output-dir policy, resume, faults) and a subprocess smoke run.
+
+One-line breaks of mars.py that these tests were seen to catch (each was applied to a copy and the
+named test failed):
+  - candidates no longer shuffled                               -> test_candidates_shuffled_and_negatives_outside_stream
+  - forgetting on staleness alone (n_for >= n_min ignored)      -> test_forgetting_needs_weak_and_thin_or_contradicted
+  - contradicting links not applied (weaken skipped)            -> test_mars_fixed_arm_matches_plain_reference
+  - the weaker chunk of a judged conflict not weakened          -> test_mars_fixed_arm_matches_plain_reference
+  - the ranker's recent-event term or instruction bonus dropped -> test_mars_fixed_arm_matches_plain_reference
+  - support links reinforced with eta_down instead of eta_up    -> test_mars_fixed_arm_matches_plain_reference
+  - the synthesiser's chunks sorted by recency, not strength    -> test_mars_fixed_arm_matches_plain_reference
+  - warm-up evaluations counted in the table (in_table ignored) -> test_mars_fixed_arm_matches_plain_reference
+  - memory calls per user without the synthesiser's calls       -> test_mars_fixed_arm_matches_plain_reference
+  - merged chunk keeps the first member, not the best evidenced -> test_conflict_naming_a_merged_away_chunk_...
+  - a full pending list no longer forced through extraction, or
+    no automatic resynthesis after --synth_every_changes        -> test_planner_skip_counts_by_hand
+  - --event_fifo, --mem0_every, --planner_novelty or
+    --mb_time_scale read nowhere                                -> test_every_arm_flag_changes_the_result
+  - --eta_up's range check dropped                              -> test_validate_args_refuses
+  - the ranker shown event t (the target's own step)            -> test_future_events_do_not_change_what_the_ranker_sees,
+                                                                   test_no_target_or_future_leakage
+  - negatives drawn from the user's own stream                  -> test_candidates_shuffled_and_negatives_outside_stream
+  - a miss recorded as rank |C| (a hit for k > |C|), or scored
+    as a finite rank                                           -> test_missing_target_is_a_miss_in_the_rollout,
+                                                                   test_a_miss_scores_zero_at_every_k
+  - extractor replies without the schema's keys accepted as an
+    empty extraction ({}, {"reason": ..}, an echoed event)     -> test_extractor_replies_must_follow_the_schema
+  - LLM usage of the first process lost on --resume             -> test_resumed_endpoint_run_counts_usage_of_both_processes
+  - tagger accuracies, memories or role statistics of finished cells left out of the checkpoint, or
+    metrics.jsonl rows after the checkpoint not cut            -> test_resume_restores_everything_and_cuts_rows_...
+"""
 import json
+import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -26,7 +59,7 @@ SMALL = ["--num_users", "4", "--seeds", "0", "--stream_len", "14", "--history_le
 
 def small_args(*extra):
     a = M.parse_args(SMALL + list(extra))
-    M.check_args(a)
+    M.validate_args(a)
     return a
 
 
@@ -42,7 +75,15 @@ def test_metrics_hand_cases():
     assert M.hit_rate_at_k(all10, 1) == pytest.approx(0.1)
     assert M.hit_rate_at_k(all10, 3) == pytest.approx(0.3)
     assert M.ndcg_at_k(all10, 10) == pytest.approx(0.4543559, abs=1e-7)
-    assert M.ndcg_at_k([10, 10], 10) == 0.0  # |C| = a miss
+    assert M.ndcg_at_k([10, 10], 10) == 0.0  # rank 10 is outside the top 10
+
+
+def test_a_miss_scores_zero_at_every_k():
+    """issue 12: a miss is no rank (None), not rank |C|: with 4 candidates a miss at |C| = 4 would be
+    a hit for HR@5 and earn 1 / log2(6) = 0.387 of NDCG@10."""
+    assert M.hit_rate_at_k([None, None], 5) == 0.0 and M.ndcg_at_k([None, None], 10) == 0.0
+    assert M.hit_rate_at_k([0, None], 1) == 0.5 and M.ndcg_at_k([1, None], 10) == pytest.approx(0.6309298 / 2)
+    assert M.hit_rate_at_k([None] * 3 + [2], 100) == 0.25
 
 
 def test_random_ranker_hit_rate():
@@ -256,16 +297,40 @@ def test_validators_reject_unknown_ops_and_ids():
     with pytest.raises(ValueError):
         M.validate_planner({}, {"ops": ["extract", "dance"]})
     inp = {"mode": "extract", "events": [{"id": "e1"}], "chunks": [{"id": "c1"}]}
-    with pytest.raises(ValueError):
-        M.validate_extractor(inp, {"new": [], "support": [{"chunk_id": "c9", "event_ids": ["e1"]}]})
-    with pytest.raises(ValueError):
-        M.validate_extractor(inp, {"new": [{"category": "g", "text": "likes x", "polarity": 1, "event_ids": ["e7"]}]})
+    with pytest.raises(ValueError, match="unknown chunk_id"):
+        M.validate_extractor(inp, {"new": [], "support": [{"chunk_id": "c9", "event_ids": ["e1"]}], "contradict": []})
+    with pytest.raises(ValueError, match="unknown event ids"):
+        M.validate_extractor(inp, {"new": [{"category": "g", "text": "likes x", "polarity": 1, "event_ids": ["e7"]}],
+                                   "support": [], "contradict": []})
     rk = {"candidates": [{"id": "i1"}, {"id": "i2"}]}
     with pytest.raises(ValueError):
         M.validate_ranker(rk, {"ranking": ["i1", "i1"]})
     with pytest.raises(ValueError):
         M.validate_ranker(rk, {"ranking": ["i3"]})
     assert M.validate_ranker(rk, {"ranking": ["i2"]}) == {"ranking": ["i2"]}
+
+
+def test_extractor_replies_must_follow_the_schema():
+    """issue 12: `{}`, `{"reason": ...}`, an echoed event or a boolean polarity are invalid replies
+    (re-asked, then malformed), not an empty extraction; an explicit empty one is valid."""
+    inp = {"mode": "extract", "events": [{"id": "e1", "item_id": "i1", "title": "T", "text": "x", "polarity": 1}],
+           "chunks": [{"id": "c1"}]}
+    for bad in ({}, {"reason": "nothing to extract"}, dict(inp["events"][0]), {"new": [], "support": []},
+                {"new": [{"category": "g", "text": "likes x", "polarity": True, "event_ids": ["e1"]}], "support": [],
+                 "contradict": []}):
+        with pytest.raises(ValueError):
+            M.validate_extractor(inp, bad)
+    empty = {"new": [], "support": [], "contradict": []}
+    assert M.validate_extractor(inp, empty) == empty
+    for bad in ({}, {"groups": []}):
+        with pytest.raises(ValueError, match="missing keys"):
+            M.validate_extractor({"mode": "dedup", "chunks": [{"id": "c1"}]}, bad)
+    role = M.LLMRole("extractor", ScriptedLLM(["{}", json.dumps(empty)]), M.EXTRACTOR_PROMPT, M.validate_extractor,
+                     M.FALLBACK["extractor"], max_retries=2)
+    assert role(inp) == empty and role.stats["retries"] == 1 and role.stats["malformed"] == 0
+    role = M.LLMRole("extractor", ScriptedLLM(['{"reason": "no"}']), M.EXTRACTOR_PROMPT, M.validate_extractor,
+                     M.FALLBACK["extractor"], max_retries=1)
+    assert role(inp) == empty and role.stats["malformed"] == 1  # counted, then the fallback (no change)
 
 
 def test_first_json_object():
@@ -358,7 +423,9 @@ def test_missing_target_is_a_miss_in_the_rollout():
     llm = ScriptedLLM(['{"ranking": []}'])  # valid JSON, but ranks nothing -> invalid (empty), then a miss
     roles = M.make_roles(args, world, llm)
     res = M.run_arm(M.make_arm("recency", args, world, roles), world, roles)
-    assert all(r["rank"] == args.num_candidates for r in res["records"])
+    assert all(r["rank"] is None for r in res["records"])
+    m = M.cell_metrics(res["records"], len(world.users), roles, res["states"])
+    assert m["hr1"] == m["hr3"] == m["ndcg10"] == 0.0
     assert roles["ranker"].stats["malformed"] == len(res["records"])
 
 
@@ -381,7 +448,6 @@ def test_no_target_or_future_leakage(arm):
         stream = {e["item_id"] for e in u.events}
         assert all(int(e["id"].split("-e")[1]) < t for e in inp["recent"])  # only events before t
         assert target not in {e["item_id"] for e in inp["recent"]}
-        assert target not in inp["profile"]
         negs = [c["id"] for c in inp["candidates"] if c["id"] != target]
         assert len(negs) == args.num_candidates - 1 and not set(negs) & stream  # negatives outside the stream
         assert target == next(e["item_id"] for e in u.events[t:] if e["kind"] == "choice")
@@ -396,6 +462,413 @@ def test_no_target_or_future_leakage(arm):
         assert all(int(e["id"].split("-e")[1]) < args.history_len for e in st.fifo)
         for c in getattr(st, "chunks", {}).values():
             assert all(int(e.split("-e")[1]) < args.history_len for e in c.source_event_ids)
+
+
+# ---- wiring: one arm on a tiny fixed world against a plain reference written here ----------------
+
+# item -> [(tagger key, category, surface word)]; the words are the toy lexicon's (synonyms share a key)
+TINY_TAGS = {
+    "i0": [("genre=mystery", "genre", "whodunit"), ("tone=dark", "tone", "grim")],
+    "i1": [("genre=mystery", "genre", "mystery"), ("tone=dark", "tone", "grim")],
+    "i2": [("genre=mystery", "genre", "whodunit"), ("length=short", "length", "short")],
+    "i3": [("genre=romance", "genre", "romance"), ("tone=dark", "tone", "dark")],
+    "i4": [("genre=mystery", "genre", "whodunit")],
+    "i5": [("tone=light", "tone", "cheerful"), ("length=short", "length", "brief")],
+    "n0": [("genre=mystery", "genre", "mystery")],
+    "n1": [("genre=romance", "genre", "love-story"), ("tone=light", "tone", "cheerful")],
+    "n2": [("tone=dark", "tone", "dark"), ("length=short", "length", "short")],
+    "n3": [("genre=horror", "genre", "scary")],
+    "n4": [("genre=mystery", "genre", "whodunit"), ("tone=light", "tone", "cheerful")],
+    "n5": [("length=short", "length", "brief")],
+}
+TINY_LEX = {"whodunit": "genre=mystery", "mystery": "genre=mystery", "grim": "tone=dark", "dark": "tone=dark",
+            "romance": "genre=romance", "love-story": "genre=romance", "short": "length=short", "brief": "length=short",
+            "cheerful": "tone=light", "scary": "genre=horror"}
+# (item, rating) per event; memory takes events 0..8, evaluations before events 3, 6 and 9
+TINY_STREAMS = {"u0": [("i0", 5), ("i1", 4), ("i3", 1), ("i2", 5), ("i4", 2), ("i5", 3), ("i1", 5), ("i0", 1),
+                       ("i2", 4), ("i3", 5)],
+                "u1": [("i5", 5), ("i3", 2), ("i4", 4), ("i5", 1), ("i2", 5), ("i0", 4), ("i3", 1), ("i1", 2),
+                       ("i4", 5), ("i0", 5)]}
+TINY_EVALS = {"u0": [(3, "i2", ["n1", "i2", "n3", "n0"], False), (6, "i1", ["n2", "n4", "i1", "n5"], True),
+                     (9, "i3", ["i3", "n0", "n1", "n3"], True)],
+              "u1": [(3, "i2", ["n4", "n2", "i2", "n5"], False), (6, "i3", ["n0", "n3", "i3", "n1"], True),
+                     (9, "i0", ["n5", "n1", "n2", "i0"], True)]}
+TINY_INSTRUCTION = "Looking for something cheerful."
+
+
+def tiny_world():
+    items = {i: {"id": i, "title": f"T{i}", "text": ""} for i in TINY_TAGS}
+    users = []
+    for uid, stream in TINY_STREAMS.items():
+        events = [{"id": f"{uid}-e{t}", "user": uid, "item_id": it, "title": f"T{it}", "text": "", "action": "rate",
+                   "rating": r, "polarity": 1 if r >= 4 else (-1 if r <= 2 else None), "t": t, "kind": "choice"}
+                  for t, (it, r) in enumerate(stream)]
+        users.append(M.User(uid, TINY_INSTRUCTION, events, 9, list(TINY_EVALS[uid]), None))
+    return M.World(items, users, item_tags=dict(TINY_TAGS))
+
+
+def _pol(r):
+    return 1 if r >= 4 else (-1 if r <= 2 else 0)
+
+
+def plain_rank(weights, recent, cands, target, rw, bonus):
+    """score = sum of profile weights of the candidate's keys + rw * mean_recent(polarity * |shared keys|)
+    + bonus if the instruction's key is among them; rank = candidates scoring higher + earlier ties."""
+    scores = []
+    for c in cands:
+        keys = sorted({k for k, _, _ in TINY_TAGS[c]})
+        sc = 0.0
+        for k in keys:
+            sc += weights.get(k, 0.0)
+        if recent:
+            tot = 0
+            for it, r in recent:
+                tot += _pol(r) * len(set(keys) & {k for k, _, _ in TINY_TAGS[it]})
+            sc += rw * tot / len(recent)
+        if "tone=light" in keys:  # the instruction says "cheerful"
+            sc += bonus
+        scores.append(sc)
+    i = cands.index(target)
+    return sum(1 for j in range(len(cands)) if scores[j] > scores[i] or (scores[j] == scores[i] and j < i))
+
+
+def plain_mars_fixed(s0=0.3, up=0.25, down=0.35, tau=0.35, n_min=2, stale=9, every=3, top=12, rw=0.5, bonus=0.5):
+    """MARS with all six operations every `every` events, written out with loops from the spec."""
+    ranks, calls, final = {}, {"extractor": 0, "synthesiser": 0}, {}
+    for uid, stream in TINY_STREAMS.items():
+        chunks = []  # in creation order; a merged chunk moves to the end
+        recent, pending, profile_w, profile, nid, since = [], [], {}, "", 0, 0
+        for t in range(10):
+            for te, target, cands, _ in TINY_EVALS[uid]:
+                if te == t:
+                    ranks[(uid, t)] = plain_rank(profile_w, recent[-15:], cands, target, rw, bonus)
+                    final[(uid, t)] = profile  # what the ranker reads at t
+            if t >= 9:
+                break
+            recent.append(stream[t])
+            pending.append((f"{uid}-e{t}",) + stream[t])
+            since += 1
+            now = t + 1
+            if since < every:
+                continue
+            since = 0
+            sig = [p for p in pending if _pol(p[2]) != 0]
+            pending = []
+            if sig:  # extraction against the chunks as they were before this check
+                calls["extractor"] += 1
+                new, sup, con = [], [], []
+                for eid, it, r in sig:
+                    pol = _pol(r)
+                    for key, cat, word in TINY_TAGS[it]:
+                        text = ("likes " if pol > 0 else "dislikes ") + word + " (" + cat + ")"
+                        opp = [c for c in chunks if c["key"] == key and c["pol"] == -pol]
+                        same = [c for c in chunks if c["text"] == text]
+                        if opp:
+                            for c in opp:
+                                con.append((c, eid))
+                        elif same:
+                            sup.append((same[0], eid))
+                        elif any(n["text"] == text for n in new):
+                            next(n for n in new if n["text"] == text)["ev"].append(eid)
+                        else:
+                            new.append({"text": text, "key": key, "cat": cat, "word": word, "pol": pol, "ev": [eid]})
+                for n in new:
+                    c = {"id": f"c{nid}", "text": n["text"], "key": n["key"], "cat": n["cat"], "word": n["word"],
+                         "pol": n["pol"], "m": s0, "nf": 1, "na": 0, "upd": now}
+                    nid += 1
+                    for _ in n["ev"][1:]:
+                        c["m"] += up * (1 - c["m"])
+                        c["nf"] += 1
+                    chunks.append(c)
+                for c, _ in sup:
+                    c["m"] += up * (1 - c["m"])
+                    c["nf"] += 1
+                    c["upd"] = now
+                for c, _ in con:
+                    c["m"] *= 1 - down
+                    c["na"] += 1
+                    c["upd"] = now
+            if len(chunks) >= 2:  # merge judge: same key and polarity; conflict: first of each polarity
+                calls["extractor"] += 1
+                groups = {}
+                for c in chunks:
+                    groups.setdefault((c["key"], c["pol"]), []).append(c)
+                pairs = []
+                for (k, p), g in groups.items():
+                    for (k2, p2), g2 in groups.items():
+                        if k == k2 and p > p2:
+                            pairs.append((g[0]["id"], g2[0]["id"]))
+                alias = {}
+                for g in groups.values():
+                    if len(g) < 2:
+                        continue
+                    head = g[0]
+                    for c in g[1:]:
+                        if (c["nf"], c["m"]) > (head["nf"], head["m"]):
+                            head = c
+                    w = sum(c["nf"] + c["na"] for c in g)
+                    merged = dict(head, m=min(1.0, sum((c["nf"] + c["na"]) * c["m"] for c in g) / w),
+                                  nf=sum(c["nf"] for c in g), na=sum(c["na"] for c in g), upd=max(c["upd"] for c in g))
+                    for c in g:
+                        alias[c["id"]] = head["id"]
+                    chunks = [c for c in chunks if c not in g] + [merged]
+                done = []
+                for a, b in pairs:
+                    a, b = alias.get(a, a), alias.get(b, b)
+                    ca = next((c for c in chunks if c["id"] == a), None)
+                    cb = next((c for c in chunks if c["id"] == b), None)
+                    if ca and cb and {a, b} not in done:
+                        done.append({a, b})
+                        weak = cb if cb["m"] < ca["m"] else ca
+                        weak["m"] *= 1 - down
+                        weak["na"] += 1
+                        weak["upd"] = now
+            chunks = [c for c in chunks if not (c["m"] < tau and (c["na"] > 0 or (c["nf"] < n_min and now - c["upd"] >= stale)))]
+            profile_w, lines = {}, []
+            if chunks:
+                calls["synthesiser"] += 1
+                ordered = sorted(chunks, key=lambda c: (-c["m"], -c["upd"], c["id"]))[:top]
+                for c in ordered:
+                    strength = f"{c['pol'] * c['m']:+.2f}"
+                    lines.append(f"{'Likes' if c['pol'] > 0 else 'Dislikes'} {c['word']} ({c['cat']}; strength "
+                                 f"{strength}; {c['nf']} for, {c['na']} against).")
+                    profile_w[TINY_LEX[c["word"]]] = profile_w.get(TINY_LEX[c["word"]], 0.0) + c["pol"] * abs(float(strength))
+            profile = "\n".join(lines)
+            if uid == "u0" and t == 2:
+                final["u0@3"] = profile
+        final[uid] = sorted((c["id"], round(c["m"], 10), c["nf"], c["na"]) for c in chunks), profile
+    return ranks, calls, final
+
+
+def plain_flat(top=12, rw=0.5, bonus=0.5):
+    """flat: after every event with a signal, one statement per tag key, the latest polarity wins,
+    at most `top` (the oldest dropped); profile lines newest first, weight +/-1."""
+    ranks, calls = {}, 0
+    for uid, stream in TINY_STREAMS.items():
+        facts, order, recent = {}, 0, []
+        for t in range(10):
+            w = {}
+            for key, f in sorted(facts.items(), key=lambda kv: -kv[1][1])[:top]:
+                w[key] = w.get(key, 0.0) + f[0]
+            for te, target, cands, _ in TINY_EVALS[uid]:
+                if te == t:
+                    ranks[(uid, t)] = plain_rank(w, recent[-15:], cands, target, rw, bonus)
+            if t >= 9:
+                break
+            it, r = stream[t]
+            recent.append((it, r))
+            if _pol(r) == 0:
+                continue
+            calls += 1
+            for key, _, _ in TINY_TAGS[it]:
+                order += 1
+                facts[key] = (_pol(r), order)
+                if len(facts) > top:
+                    del facts[min(facts, key=lambda k: facts[k][1])]
+    return ranks, calls
+
+
+def _arm_run(arm_name, *flags, profiles=None, planner=None):
+    args = small_args(*flags)
+    world = tiny_world()
+    roles = M.make_roles(args, world)
+    inner = roles["ranker"].fn
+    if profiles is not None:  # record the profile the ranker reads at each evaluation
+        roles["ranker"] = M.RefRole("ranker", lambda x: (profiles.__setitem__((x["user"], x["now"]), x["profile"]),
+                                                         inner(x))[1])
+    if planner is not None:
+        roles["planner"] = M.RefRole("planner", planner)
+    arm = M.make_arm(arm_name, args, world, roles)
+    res = M.run_arm(arm, world, roles)
+    ranks = {(world.users[r["user"]].uid, r["t"]): r["rank"] for r in res["records"]}
+    return args, world, roles, arm, res, ranks
+
+
+def test_plain_reference_hand_values():
+    """The plain reference itself, by hand: u0's first check sees +whodunit/grim, +mystery/grim and
+    -romance/dark. grim twice -> 0.3 + 0.25 * 0.7 = 0.475; whodunit and mystery merge (0.3, 2 for);
+    the new 'dislikes dark' conflicts with 'likes grim' and, weaker, is weakened to 0.195 and forgotten."""
+    _, _, final = plain_mars_fixed()
+    assert final["u0@3"].splitlines() == ["Likes grim (tone; strength +0.47; 2 for, 0 against).",
+                                          "Likes whodunit (genre; strength +0.30; 2 for, 0 against).",
+                                          "Dislikes romance (genre; strength -0.30; 1 for, 0 against)."]
+
+
+@pytest.mark.parametrize("flags", [(), ("--eta_up", "0.5", "--eta_down", "0.6", "--s0", "0.4"),
+                                   ("--forget_threshold", "0.5", "--min_evidence", "3", "--stale_events", "2"),
+                                   ("--recent_weight", "2.0", "--instruction_bonus", "0.0", "--profile_max_chunks", "2")])
+def test_mars_fixed_arm_matches_plain_reference(flags):
+    """One full mars_fixed arm (both users, lockstep, all six operations, ranker) on the tiny fixed
+    world: every rank, the role-call counts, the final chunks and profiles, and the table metrics."""
+    f = dict(zip(flags[::2], flags[1::2]))
+    g = lambda k, d, cast=float: cast(f.get(k, d))  # noqa: E731
+    ref_ranks, ref_calls, ref_final = plain_mars_fixed(
+        s0=g("--s0", 0.3), up=g("--eta_up", 0.25), down=g("--eta_down", 0.35), tau=g("--forget_threshold", 0.35),
+        n_min=g("--min_evidence", 2, int), stale=g("--stale_events", 9, int), top=g("--profile_max_chunks", 12, int),
+        rw=g("--recent_weight", 0.5), bonus=g("--instruction_bonus", 0.5))
+    profiles = {}
+    args, world, roles, arm, res, ranks = _arm_run("mars_fixed", *flags, profiles=profiles)
+    assert ranks == ref_ranks
+    assert profiles == {k: ref_final[k] for k in ranks}  # the profile read at every evaluation
+    for u, st in zip(world.users, res["states"]):
+        chunks = sorted((c.id, round(c.m, 10), c.n_for, c.n_against) for c in st.chunks.values())
+        assert (chunks, st.profile) == ref_final[u.uid], u.uid
+    assert roles["extractor"].stats["calls"] == ref_calls["extractor"]
+    assert roles["synthesiser"].stats["calls"] == ref_calls["synthesiser"]
+    m = M.cell_metrics(res["records"], 2, roles, res["states"], arm, 15)
+    table = [ref_ranks[(u, t)] for u in TINY_EVALS for t, _, _, in_table in TINY_EVALS[u] if in_table]
+    hr1 = sum(1 for r in table if r == 0) / 4
+    hr3 = sum(1 for r in table if r < 3) / 4
+    ndcg = sum(1 / math.log2(r + 2) for r in table if r < 10) / 4
+    assert (m["hr1"], m["hr3"]) == (hr1, hr3) and m["ndcg10"] == pytest.approx(ndcg)
+    assert m["mem_calls"] == (ref_calls["extractor"] + ref_calls["synthesiser"]) / 2
+    assert m["ranker_calls"] == 3 and m["calls_planner"] == 0 and m["skip_rate"] == 0.0
+    assert m["op_extract"] == m["op_synthesize"] == 3  # 9 events / --plan_every 3 checks per user
+    assert m["n_chunks"] == np.mean([len(ref_final[u][0]) for u in TINY_STREAMS])
+
+
+def test_flat_and_recency_arms_match_plain_reference():
+    ref_ranks, ref_calls = plain_flat()
+    _, _, roles, arm, res, ranks = _arm_run("flat")
+    assert ranks == ref_ranks and roles["extractor"].stats["calls"] == ref_calls == 17  # 18 events, 1 neutral
+    assert M.cell_metrics(res["records"], 2, roles, res["states"], arm)["mem_calls"] == 8.5
+    _, _, roles, arm, res, ranks = _arm_run("recency")
+    assert ranks == {k: plain_rank({}, [TINY_STREAMS[k[0]][t] for t in range(k[1])][-15:],
+                                   next(e[2] for e in TINY_EVALS[k[0]] if e[0] == k[1]),
+                                   next(e[1] for e in TINY_EVALS[k[0]] if e[0] == k[1]), 0.5, 0.5) for k in ranks}
+    assert sum(r.stats["calls"] for n, r in roles.items() if n != "ranker") == 0
+
+
+def test_planner_skip_counts_by_hand():
+    """mars_planner with --planner_novelty key and a huge --plan_every: the only checks are forced by
+    --max_pending 4 (at events 4 and 8), and a full pending list is never skipped: 2 checks per user,
+    each extract + reinforce + weaken, skip rate 0, planner calls 2 per user."""
+    _, _, roles, arm, res, _ = _arm_run("mars_planner", "--plan_every", "50", "--max_pending", "4",
+                                        "--planner_novelty", "key")
+    m = M.cell_metrics(res["records"], 2, roles, res["states"], arm)
+    assert arm.counts["checks"] == 4 and arm.counts["skips"] == 0 and m["calls_planner"] == 2.0
+    assert m["op_extract"] == m["op_reinforce"] == m["op_weaken"] == 2.0
+    # the default cadence: a check every 3 events, 3 per user; the reference never skips here
+    _, _, roles, arm, res, _ = _arm_run("mars_planner")
+    assert arm.counts["checks"] == 6 and roles["planner"].stats["calls"] == 6
+    assert arm.counts["op_extract"] == arm.counts["checks"] - arm.counts["skips"]
+    # a planner that always skips: events stay pending until --max_pending 4 forces extraction (t = 4, 8)
+    _, _, roles, arm, res, _ = _arm_run("mars_planner", "--max_pending", "4",
+                                        planner=lambda x: {"ops": [], "reason": "never"})
+    assert arm.counts["checks"] == 2 * 4 and arm.counts["skips"] == 2 * 2  # checks at t = 3, 4, 6, 8 per user
+    assert arm.counts["op_extract"] == arm.counts["op_weaken"] == 4 and arm.counts["op_merge"] == 0
+    assert [len(st.pending) for st in res["states"]] == [1, 1] and all(st.chunks for st in res["states"])  # event 8 waits
+    # never asked to synthesize, the profile is still rebuilt after --synth_every_changes chunk changes
+    assert all(st.profile.startswith(("Likes", "Dislikes")) for st in res["states"])
+    _, _, roles, arm, res, _ = _arm_run("mars_planner", "--max_pending", "4", "--synth_every_changes", "1000",
+                                        planner=lambda x: {"ops": [], "reason": "never"})
+    assert all(st.chunks and st.profile == "" for st in res["states"]) and roles["synthesiser"].stats["calls"] == 0
+
+
+# ---- every arm- and ablation-defining flag changes that arm's result ------------------------------
+
+FLAG_WORLD = ["--num_users", "6", "--seeds", "0", "--stream_len", "34", "--history_len", "30", "--eval_points",
+              "20,30", "--curve_start", "15", "--tagger_train", "400", "--tagger_steps", "40"]
+
+
+MEMORY_FLAGS = {"--s0", "--eta_up", "--eta_down", "--forget_threshold", "--min_evidence", "--stale_events",
+                "--decay_gamma", "--plan_every", "--max_pending", "--profile_max_chunks", "--recent_weight",
+                "--instruction_bonus", "--event_fifo", "--planner_novelty", "--synth_every_changes", "--mem0_every",
+                "--mb_time_scale"}
+_WORLDS: dict = {}
+
+
+def _fingerprint(arm_name, *flags, world_name="drift_noise"):
+    """An arm's result on a small toy world: every (user, t, rank), the final memories and the
+    per-role call counts. Worlds are cached (memory flags do not change them; arms never mutate them)."""
+    args = M.parse_args(FLAG_WORLD + list(flags))
+    M.validate_args(args)
+    wkey = (world_name,) + tuple(x for i, x in enumerate(flags) if flags[i - (i % 2)] not in MEMORY_FLAGS)
+    if wkey not in _WORLDS:
+        _WORLDS[wkey] = M.toy_world(args, world_name, 0)
+    world = _WORLDS[wkey]
+    roles = M.make_roles(args, world)
+    arm = M.make_arm(arm_name, args, world, roles, 0)
+    res = M.run_arm(arm, world, roles)
+    return ([(r["user"], r["t"], r["rank"]) for r in res["records"]],
+            json.dumps([s.to_json() for s in res["states"]], sort_keys=True),
+            {r: roles[r].stats["calls"] for r in M.ROLES})
+
+
+@pytest.mark.parametrize("arm_name, flag, value", [
+    ("mars_fixed", "--s0", "0.5"), ("mars_fixed", "--eta_up", "0.5"), ("mars_fixed", "--eta_down", "0.7"),
+    ("mars_fixed", "--forget_threshold", "0.6"), ("mars_fixed", "--min_evidence", "5"),
+    ("mars_fixed", "--stale_events", "1"), ("mars_fixed", "--decay_gamma", "0.8"), ("mars_fixed", "--plan_every", "5"),
+    ("mars_fixed", "--max_pending", "2"), ("mars_fixed", "--profile_max_chunks", "2"),
+    ("mars_fixed", "--recent_weight", "0"), ("mars_fixed", "--instruction_bonus", "3"),
+    ("mars_fixed", "--event_fifo", "2"), ("mars_planner", "--planner_novelty", "key"),
+    ("mars_planner", "--synth_every_changes", "20"), ("mem0", "--mem0_every", "1"),
+    ("memorybank", "--mb_time_scale", "0.5"), ("recency", "--drift_frac", "1.0"), ("recency", "--p_ephemeral", "0.6"),
+    ("recency", "--p_impression", "0.6"), ("recency", "--instruction_noise", "1.0"), ("recency", "--choice_temp", "3"),
+    ("recency", "--choice_pool", "3"), ("recency", "--num_candidates", "5"), ("recency", "--num_items", "200"),
+    ("mars_fixed", "--tagger_steps", "3"),
+])
+def test_every_arm_flag_changes_the_result(arm_name, flag, value):
+    assert _fingerprint(arm_name, flag, value) != _fingerprint(arm_name), f"{flag} {value} changed nothing"
+
+
+def test_arms_and_worlds_differ():
+    prints = {a: _fingerprint(a) for a in M.ARMS}
+    assert len({json.dumps(p, sort_keys=True) for p in prints.values()}) == len(M.ARMS)  # each --method arm is its own
+    assert prints["mars_planner"][2]["planner"] > 0 == prints["mars_fixed"][2]["planner"]
+    worlds = {w: _fingerprint("recency", world_name=w)[0] for w in M.WORLDS}
+    assert len({json.dumps(v) for v in worlds.values()}) == len(M.WORLDS)
+
+
+def test_candidates_shuffled_and_negatives_outside_stream():
+    """The positive is not at a fixed position (LLM position bias, pitfall 2): over the toy's
+    evaluations it sits at every index about 1/|C| of the time."""
+    args = small_args("--num_users", "30", "--num_candidates", "5")
+    world = M.toy_world(args, "drift_noise", 0)
+    pos = [cands.index(target) for u in world.users for _, target, cands, _ in u.evals]
+    counts = np.bincount(pos, minlength=5)
+    assert len(pos) > 100 and counts.min() > 0.1 * len(pos) and counts.max() < 0.3 * len(pos)
+    for u in world.users:
+        stream = {e["item_id"] for e in u.events}
+        for _, target, cands, _ in u.evals:
+            assert len(set(cands)) == 5 and not (set(cands) - {target}) & stream
+
+
+def test_forgetting_needs_weak_and_thin_or_contradicted():
+    """Eq. (6), each clause alone is not enough: weak but with evidence (n_for >= n_min) and never
+    contradicted is kept however stale; strong and stale is kept; weak and contradicted goes at once."""
+    assert not M.should_forget(chunk(0.3, n_for=2, t=0), 500)  # weak, stale, enough evidence: kept
+    assert not M.should_forget(chunk(0.4, n_for=1, t=0), 500)  # thin and stale but m >= tau: kept
+    assert M.should_forget(chunk(0.3, n_for=5, n_against=1, t=0), 0)  # weak + contradicted: gone now
+    assert not M.should_forget(chunk(0.36, n_for=5, n_against=3, t=0), 0)  # contradicted but m >= tau
+    chunks = {"a": chunk(0.3, n_for=2, cid="a"), "b": chunk(0.3, n_for=1, cid="b")}
+    assert M.forget(chunks, t=9) == ["b"] and list(chunks) == ["a"]
+
+
+@pytest.mark.parametrize("arm", M.ARMS)
+def test_future_events_do_not_change_what_the_ranker_sees(arm):
+    """Leakage, by intervention: rewriting every event from index t0 on (other items, flipped ratings)
+    leaves every ranker input at t <= t0 unchanged, for every arm."""
+    args = small_args()
+    t0 = 8
+
+    def inputs(world):
+        seen = []
+        roles = M.make_roles(args, world)
+        inner = roles["ranker"]
+        roles["ranker"] = M.RefRole("ranker", lambda x: (seen.append(json.dumps(x, sort_keys=True)), inner.fn(x))[1])
+        M.run_arm(M.make_arm(arm, args, world, roles, 0), world, roles)
+        return [s for s in seen if json.loads(s)["now"] <= t0]
+
+    world = M.toy_world(args, "drift_noise", 0)
+    before = inputs(world)
+    items = sorted(world.items)
+    for u in world.users:
+        for e in u.events[t0:]:
+            e.update(item_id=items[(items.index(e["item_id"]) + 7) % len(items)], rating=6 - e["rating"],
+                     polarity=M.polarity_of(6 - e["rating"]))
+    assert before and inputs(world) == before
+    assert len(before) == sum(1 for u in world.users for ev in u.evals if ev[0] <= t0)
 
 
 # ---- real LLM paths -----------------------------------------------------------------------------
@@ -416,7 +889,7 @@ class RefOracleLLM:
         self.last_finish_reasons = [["stop"] * n for _ in convs]
         for conv in convs:
             fn = self.by_prompt.get(conv[0]["content"])
-            if fn is None:  # mars.make_llm's preflight request (no role prompt)
+            if fn is None:  # mars.preflight's 1-token request (no role prompt)
                 out.append(["{}"] * n)
                 continue
             out.append([json.dumps(fn(json.loads(conv[1]["content"])))] * n)
@@ -456,27 +929,33 @@ def test_unreachable_endpoint_fails_before_anything_is_written(tmp_path, monkeyp
     out = tmp_path / "o"
     args = M.parse_args(SMALL + ["--method", "recency", "--backend", "api", "--api_base", _closed_port_url(),
                                  "--api_model", "m", "--output_dir", str(out)])
-    with pytest.raises(C.UserError, match="failed after .* tries.*start the server"):  # one line + exit 2
+    with pytest.raises(C.UserError, match="nothing answers at .*start the server"):  # one line + exit 2
         M.main(args)
     assert not out.exists()  # no args.json, metrics.jsonl or checkpoint of a run that cannot start
 
 
-def test_preflight_is_one_tiny_request():
+def test_preflight_is_one_tiny_request(monkeypatch):
+    """The endpoint preflight: 1-token chat requests under a deadline <= --request_timeout, one more
+    with response_format under --json_mode; nothing is counted in the run's usage (a separate probe)."""
     seen = []
 
-    class Stub:
-        usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    class Probe:
+        def __init__(self, base_url, model, api_key=None, **kw):
+            self.base_url, self.model, self.api_key, self.kw = base_url, model, api_key, kw
+            self.timeout = kw.get("timeout", 120.0)
 
-        def chat(self, convs, n=1, **kw):
-            seen.append((convs, kw))
-            return [["{}"]] * len(convs)
+        def chat(self, messages, n=1, **kw):
+            seen.append((self.kw, kw))
+            return ["{}"] * n
 
-    import unittest.mock as mock
-    args = small_args("--backend", "api", "--api_model", "m", "--json_mode")
-    with mock.patch.object(C.LLM, "from_endpoint", lambda *a, **k: Stub()):
-        M.make_llm(args)
-    (convs, kw), = seen
-    assert len(convs) == 1 and kw["max_tokens"] == 1 and kw["extra_body"]["response_format"]["type"] == "json_object"
+    monkeypatch.setattr(C, "ChatClient", Probe)
+    M.preflight(small_args("--backend", "api", "--api_model", "m", "--json_mode", "--request_timeout", "7"))
+    assert len(seen) == 2 and all(kw["max_tokens"] == 1 for _, kw in seen)
+    assert all(0 < ckw["deadline"] <= 7 for ckw, _ in seen)
+    assert seen[1][1]["extra_body"]["response_format"]["type"] == "json_object"
+    seen.clear()
+    M.preflight(small_args("--backend", "api", "--api_model", "m"))
+    assert len(seen) == 1 and "extra_body" not in seen[0][1]
 
 
 def test_tiny_hf_model_end_to_end(tmp_path):
@@ -491,6 +970,7 @@ def test_tiny_hf_model_end_to_end(tmp_path):
     s = M.main(M.parse_args(flags))
     cell = s["cells"]["drift_noise/0/mars_planner"]
     assert cell["malformed"] > 0 and cell["hr1"] == 0.0  # random weights: garbage, retried, counted, ranker misses
+    assert cell["hr3"] == 0.0 and cell["ndcg10"] == 0.0  # 4 candidates: a miss earns nothing at k = 10 either
     stats = s["llm"]["per_cell_roles"]["drift_noise/0/mars_planner"]
     assert stats["ranker"]["malformed"] == stats["ranker"]["calls"] == 2
     assert stats["planner"]["retries"] == stats["planner"]["calls"] > 0
@@ -556,6 +1036,7 @@ def write_real(tmp_path, bad_line=False):
 def test_real_data_path_with_canned_llm(tmp_path, monkeypatch):
     items, users = write_real(tmp_path)
     monkeypatch.setattr(M, "make_llm", lambda args: CannedLLM())
+    monkeypatch.setattr(C, "preflight_endpoint", lambda *a, **k: None)  # no server: the canned LLM answers
     s = M.main(M.parse_args(["--items_file", items, "--users_file", users, "--backend", "api", "--api_model", "x",
                              "--seeds", "0", "--method", "recency,mars_planner", "--output_dir", str(tmp_path / "o")]))
     cell = s["cells"]["real/0/mars_planner"]
@@ -633,7 +1114,220 @@ def test_bad_flags_raise_user_error():
                                                                "--api_model", "x"], "unknown role"),
                        (["--items_file", "x.jsonl"], "both --items_file")]:
         with pytest.raises(C.UserError, match=msg):
-            M.check_args(M.parse_args(flags))
+            M.validate_args(M.parse_args(flags))
+
+
+# ---- bad input: one line, exit 2, nothing written; the output-dir and resume policy -------------
+
+BAD_FLAGS = [
+    (["--p_ephemeral", "1.5"], "--p_ephemeral 1.5 must be a probability"),
+    (["--p_ephemeral", "1"], "no choice events"),
+    (["--drift_frac", "-0.1"], "--drift_frac"),
+    (["--seeds", "0,a"], "--seeds '0,a' must be comma-separated integers"),
+    (["--seeds", "0,0"], "repeats a seed"),
+    (["--seeds", ""], "--seeds is empty"),
+    (["--method", "flat,flat"], "names an arm twice"),
+    (["--eval_points", "x"], "--eval_points"),
+    (["--eval_points", "50"], "must lie in"),
+    (["--history_len", "55"], "--history_len 55 must be in"),
+    (["--num_candidates", "1"], "--num_candidates 1"),
+    (["--num_items", "60"], "--num_items 60 is too few"),
+    (["--num_users", "0"], "--num_users 0"),
+    (["--choice_temp", "0"], "--choice_temp"),
+    (["--choice_pool", "0"], "--choice_pool"),
+    (["--tagger_steps", "0"], "--tagger_train and --tagger_steps"),
+    (["--event_fifo", "0"], "--event_fifo"),
+    (["--max_pending", "0"], "--max_pending"),
+    (["--plan_every", "0"], "--plan_every"),
+    (["--s0", "0"], "--s0"),
+    (["--eta_up", "1.5"], "--eta_up"),
+    (["--eta_down", "-0.1"], "--eta_down"),
+    (["--forget_threshold", "2"], "--forget_threshold"),
+    (["--decay_gamma", "0"], "--decay_gamma"),
+    (["--min_evidence", "-1"], "--min_evidence"),
+    (["--synth_every_changes", "0"], "--synth_every_changes"),
+    (["--profile_max_chunks", "0"], "--profile_max_chunks"),
+    (["--recent_weight", "nan"], "--recent_weight"),
+    (["--mb_time_scale", "0"], "--mb_time_scale"),
+    (["--mem0_every", "0"], "--mem0_every"),
+    (["--temperature", "-1", "--backend", "api", "--api_model", "x"], "--temperature"),
+    (["--max_retries", "-1"], "--max_retries"),
+    (["--request_timeout", "0"], "--request_timeout"),
+    (["--concurrency", "0"], "--concurrency"),
+    (["--max_desc_chars", "-1"], "--max_desc_chars"),
+    (["--llm_roles", "ranker"], "--llm_roles needs --backend"),
+    (["--reply_cache", "r.jsonl"], "--reply_cache needs"),
+    (["--json_mode"], "--json_mode needs --backend api"),
+    (["--backend", "hf", "--model_name_or_path", "m", "--json_mode"], "--json_mode needs --backend api"),
+    (["--items_file", "a", "--users_file", "b", "--backend", "api", "--api_model", "x", "--full_table"], "--full_table"),
+]
+
+
+@pytest.mark.parametrize("flags, msg", BAD_FLAGS)
+def test_validate_args_refuses(flags, msg):
+    with pytest.raises(C.UserError, match=re.escape(msg)):
+        M.validate_args(M.parse_args(flags))
+
+
+def test_default_flags_are_valid():
+    a = M.parse_args([])
+    M.validate_args(a)
+    assert a.output_dir == os.path.join("runs", "mars", "drift_noise") and a.arms == list(M.ARMS)
+
+
+def _run_cli(*flags, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "mars.py"), *flags], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_cli_bad_flag_is_one_line_exit_2_nothing_written(tmp_path):
+    """Through the real entry point (exit_on_user_error); the other refusals are the same UserError."""
+    out = tmp_path / "o"
+    r = _run_cli("--seeds", "0,a", "--output_dir", str(out))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
+
+
+TINY_RUN = SMALL + ["--num_users", "2", "--method", "recency,flat"]
+
+
+def test_output_dir_policy_refuse_overwrite_resume(tmp_path):
+    out = str(tmp_path / "run")
+    first = M.main(M.parse_args(TINY_RUN + ["--output_dir", out]))
+    with pytest.raises(C.UserError, match="already holds a run"):  # a finished run is never silently replaced
+        M.main(M.parse_args(TINY_RUN + ["--output_dir", out]))
+    with pytest.raises(C.UserError, match=r"--eta_up 0.25 -> 0.5"):  # resume only the same run, naming the change
+        M.main(M.parse_args(TINY_RUN + ["--output_dir", out, "--resume", "--eta_up", "0.5"]))
+    with pytest.raises(C.UserError, match=r"--method recency,flat -> recency"):
+        M.main(M.parse_args(SMALL + ["--num_users", "2", "--method", "recency", "--output_dir", out, "--resume"]))
+    again = M.main(M.parse_args(TINY_RUN + ["--output_dir", out, "--resume", "--concurrency", "3"]))  # ignored flag
+    assert json.dumps(again["table"]) == json.dumps(first["table"])
+    assert len(C.read_jsonl(os.path.join(out, "metrics.jsonl"))) == 2
+    open(os.path.join(out, "marker"), "w").close()
+    M.main(M.parse_args(TINY_RUN + ["--output_dir", out, "--overwrite", "--method", "recency"]))
+    assert not os.path.exists(os.path.join(out, "marker"))  # --overwrite deleted the old run first
+    assert [r["arm"] for r in C.read_jsonl(os.path.join(out, "metrics.jsonl"))] == ["recency"]
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(C.UserError, match="holds no run"):
+        M.main(M.parse_args(TINY_RUN + ["--output_dir", str(tmp_path / "none"), "--resume"]))
+    out = tmp_path / "nockpt"
+    out.mkdir()
+    args = M.parse_args(TINY_RUN + ["--output_dir", str(out)])
+    M.validate_args(args)
+    C.write_json(str(out / "args.json"), vars(args))  # a run killed before its first checkpoint
+    with pytest.raises(C.UserError, match="no checkpoint"):
+        M.main(M.parse_args(TINY_RUN + ["--output_dir", str(out), "--resume"]))
+
+
+def test_resume_restores_everything_and_cuts_rows_after_the_checkpoint(tmp_path):
+    """A run stopped after seed 0's two cells (checkpoint of step 2, plus a row of a third cell that was
+    logged but never checkpointed) resumes to the uninterrupted summary (role stats, tagger accuracy,
+    memories included) with one row per cell; a corrupt checkpoint file is one line naming it."""
+    grid = ["--method", "recency,mars_fixed", "--seeds", "0,1"]
+    full = M.main(M.parse_args(TINY_RUN + ["--output_dir", str(tmp_path / "full")] + grid))
+    out = str(tmp_path / "cut")
+    flags = TINY_RUN + ["--output_dir", out] + grid
+    real_run_cell = M.run_cell
+    calls = []
+
+    def stop_after_first(*a, **k):  # seed 0's two cells, then "killed" in seed 1's first
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_run_cell(*a, **k)
+
+    M.run_cell = stop_after_first
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            M.main(M.parse_args(flags))
+    finally:
+        M.run_cell = real_run_cell
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:  # a row logged after the checkpoint (then killed)
+        f.write(json.dumps({"step": 2, "arm": "stale"}) + "\n")
+    resumed = M.main(M.parse_args(flags + ["--resume"]))
+    strip = lambda s: json.loads(json.dumps({k: v for k, v in s.items() if k not in ("wall_time_s", "minutes", "command")}),  # noqa: E731
+                                 object_hook=lambda d: {k: v for k, v in d.items() if k != "seconds"})  # timings differ
+    assert resumed["command"] == full["command"].replace("/full", "/cut")  # --resume is not part of the command
+    assert strip(resumed) == strip(full)
+    assert [r["arm"] for r in C.read_jsonl(os.path.join(out, "metrics.jsonl"))] == ["recency", "mars_fixed"] * 2
+    mem = json.load(open(os.path.join(out, "memories.json")))
+    assert mem == json.load(open(tmp_path / "full" / "memories.json")) and mem["mars_fixed"]["u0"]["chunks"]
+    state = os.path.join(out, "checkpoint", "state.pt")
+    open(state, "wb").write(open(state, "rb").read()[:100])  # truncated
+    with pytest.raises(C.UserError, match="state.pt' is corrupt"):
+        M.main(M.parse_args(flags + ["--resume"]))
+
+
+def test_resumed_endpoint_run_counts_usage_of_both_processes(tmp_path):
+    """--backend api, stopped after the first cell and resumed: the LLM usage in summary.json covers
+    both processes and equals the uninterrupted run's (the preflight probe is not counted)."""
+    args = small_args("--num_users", "2")
+    server = C.serve_openai(RefOracleLLM(args, M.toy_world(args, "drift_noise", 0)))
+    flags = SMALL + ["--num_users", "2", "--method", "flat,mars_fixed", "--backend", "api", "--api_base", server.url,
+                     "--api_model", "local"]
+    real_run_cell, calls = M.run_cell, []
+
+    def stop_after_first(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_run_cell(*a, **k)
+
+    try:
+        full = M.main(M.parse_args(flags + ["--output_dir", str(tmp_path / "full")]))
+        M.run_cell = stop_after_first
+        with pytest.raises(KeyboardInterrupt):
+            M.main(M.parse_args(flags + ["--output_dir", str(tmp_path / "cut")]))
+        M.run_cell = real_run_cell
+        resumed = M.main(M.parse_args(flags + ["--output_dir", str(tmp_path / "cut"), "--resume"]))
+    finally:
+        M.run_cell = real_run_cell
+        server.shutdown()
+    assert resumed["llm"]["usage"] == full["llm"]["usage"] and full["llm"]["usage"]["calls"] > 0
+    calls_by_role = sum(r["calls"] for n, r in full["llm"]["roles_total"].items())
+    assert full["llm"]["usage"]["calls"] == full["llm"]["roles_total"]["ranker"]["requests"] + sum(
+        full["llm"]["roles_total"][r]["requests"] for r in ("planner", "extractor", "synthesiser"))
+    assert calls_by_role == resumed["llm"]["usage"]["calls"]  # no retries: one request per role call
+
+
+def test_hung_endpoint_ends_in_seconds_with_one_line(tmp_path):
+    """A server that accepts the connection and never answers: --request_timeout bounds the
+    preflight, and nothing is written."""
+    import socket
+    import time as _time
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    try:
+        out = tmp_path / "o"
+        t0 = _time.time()
+        with pytest.raises(C.UserError, match="127.0.0.1"):
+            M.main(M.parse_args(SMALL + ["--method", "recency", "--backend", "api", "--api_model", "m", "--api_base",
+                                         f"http://127.0.0.1:{srv.getsockname()[1]}/v1", "--request_timeout", "1.5",
+                                         "--output_dir", str(out)]))
+        assert _time.time() - t0 < 15 and not out.exists()
+    finally:
+        srv.close()
+
+
+def test_missing_model_path_fails_before_anything_is_written(tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(C.UserError, match="does not exist"):
+        M.main(M.parse_args(SMALL + ["--backend", "hf", "--model_name_or_path", str(tmp_path / "no_model"),
+                                     "--output_dir", str(out)]))
+    assert not out.exists()
+
+
+def test_non_utf8_data_file_is_one_line(tmp_path):
+    items, users = write_real(tmp_path)
+    raw = open(items, "rb").read().split(b"\n")
+    raw[3] = raw[3].replace(b"a novel", b"a nov\xffel")
+    open(items, "wb").write(b"\n".join(raw))
+    with pytest.raises(C.UserError, match=r"items.jsonl:4: not valid UTF-8"):
+        M.main(_real_args(items, users, "--output_dir", str(tmp_path / "o")))
+    assert not os.path.exists(tmp_path / "o")
 
 
 # ---- smoke --------------------------------------------------------------------------------------
@@ -654,12 +1348,32 @@ def test_smoke_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_skips_done_cells(tmp_path):
-    flags = SMALL + ["--method", "recency,flat", "--output_dir", str(tmp_path)]
-    a = M.main(M.parse_args(flags))
-    b = M.main(M.parse_args(flags + ["--resume"]))
-    assert json.dumps(M._finite(a["table"])) == json.dumps(M._finite(b["table"]))  # NaN != NaN: compare as JSON
-    assert len(C.read_jsonl(str(tmp_path / "metrics.jsonl"))) == 2
+def test_kill_9_and_resume_reach_the_uninterrupted_summary(tmp_path):
+    """kill -9 right after the first checkpoint, then --resume: summary.json, metrics.jsonl and
+    memories.json equal an uninterrupted run's (timings aside)."""
+    import signal
+    import time as _time
+    flags = ["--num_users", "30", "--seeds", "0,1", "--method", "recency,mem0,memorybank,mars_planner",
+             "--tagger_train", "500", "--tagger_steps", "40"]
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "mars.py"), *flags, "--output_dir", str(out)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    t0 = _time.time()
+    while C.find_checkpoint(str(out / "checkpoint")) is None and _time.time() - t0 < 120 and p.poll() is None:
+        _time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "summary.json").exists(), "the run finished before the kill: make it longer"
+    r = _run_cli(*flags, "--output_dir", str(out), "--resume", timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    full = tmp_path / "full"
+    r = _run_cli(*flags, "--output_dir", str(full), timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    drop = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "wall_time_s", "minutes", "command")}  # noqa: E731
+    a, b = (json.load(open(d / "summary.json"), object_hook=drop) for d in (out, full))
+    assert a == b
+    assert C.read_jsonl(str(out / "metrics.jsonl")) == C.read_jsonl(str(full / "metrics.jsonl"))
+    assert json.load(open(out / "memories.json")) == json.load(open(full / "memories.json"))
 
 
 @pytest.mark.slow
