@@ -1319,13 +1319,30 @@ def start_run(args, has_checkpoint: bool, ignore: Sequence[str] = ()) -> None:
     - `--resume`: refused without a previous run (args.json) or without `has_checkpoint` (the caller's
       word: its checkpoint or finished parts exist), and refused when a flag that changes results
       differs from the stored args.json (every flag except ALWAYS_IGNORED and `ignore`), naming each.
-    Then writes args.json (rank 0, fresh runs; a resumed run keeps the original).
+    Then writes args.json (rank 0, fresh runs; a resumed run keeps the original). Under torchrun every
+    rank calls it: rank 0 decides, and the other ranks raise its refusal too.
     """
+    err = None
+    if is_main():
+        try:
+            _start_run_main(args, has_checkpoint, ignore)
+        except UserError as e:
+            err = e
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # rank 0 decides; under torchrun the other ranks stop with its refusal instead of waiting for it
+        # at the first collective until the timeout
+        flag = torch.tensor([float(err is not None)])
+        torch.distributed.all_reduce(flag)
+        if err is None and flag.item() > 0:
+            raise UserError(f"rank 0 refused --output_dir '{args.output_dir}' (its message is above)")
+    if err is not None:
+        raise err
+
+
+def _start_run_main(args, has_checkpoint: bool, ignore: Sequence[str]) -> None:
     out = args.output_dir
     resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
     require(not (resume and overwrite), "--resume and --overwrite exclude each other; pass one")
-    if not is_main():
-        return
     _writable_dir(out)
     args_path = os.path.join(out, "args.json")
     now = json.loads(json.dumps(vars(args), default=str))

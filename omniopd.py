@@ -84,14 +84,32 @@ Commands:
                         evals sharded over ranks)
 
 Logged (metrics.jsonl): loss (of the global batch under torchrun, as are chunk_term and kl_term),
-train_acc (rollout correctness), kl_ref (mean per response token of KL(pi_ref || pi)), entropy,
-resp_len, chunks (per response), k_mean, k_mid (share of k_c inside
-(0.05N, 0.95N): near 0 means the teacher samples are identical or the prefix leaked), phat_mean,
-teacher_tokens / student_tokens (cumulative, all ranks), acc_greedy / acc_sample / acc_ood at evals.
+train_acc (rollout correctness), kl_ref (mean per response token of KL(pi_ref || pi); for opd, sft and
+beta 0, whose loss does not use pi_ref, only every --ref_kl_every steps and at the last one), entropy,
+resp_len, chunks (per response), k_mean, k_mid (share of k_c inside (0.05N, 0.95N): near 0 means the
+teacher samples are identical or the prefix leaked; only meaningful where phi is near-binary, as on
+the toy's digit chunks: unrelated real texts score ned ~0.35, rouge1 ~0.5, so it reads ~1.0 there),
+phi_null (phi of a chunk against another chunk's continuation: the level of unrelated text, to read
+k_mean / N against), distinct (share of distinct texts among a chunk's N continuations), copy (share
+of continuations equal to the chunk: a leaked prefix), phat_mean, sft_cut (share of sft teacher
+replies cut at max_tokens: they get no EOS), teacher_tokens / student_tokens (cumulative, all
+ranks), acc_greedy / acc_sample / acc_ood at evals, and where each step's time goes: time_generate
+(student rollouts), time_teacher (teacher calls and their scoring; opd's teacher forward),
+time_forward (entropy pass and the loss's forward, pi_ref's included), time_backward,
+time_optimizer (all-reduce, clip, AdamW), time_step (all of it). summary.json has their means
+(time_per_step_s) and the run's wall time over all its processes.
+
+Runs. Bad flags, a missing model, an unreachable endpoint or a bad data line stop the run with one
+line (exit 2) before anything is loaded or written. An --output_dir that holds a run is refused
+unless --resume (continues it: refused without a checkpoint or when a result-changing flag differs;
+--max_steps may grow) or --overwrite (replaces it). kill -9 + --resume gives the uninterrupted run's
+summary.json; Ctrl-C ends with one line naming the last checkpoint. --request_timeout bounds each
+teacher request (retries included), so a hung or trickling endpoint ends the run in that time.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -136,8 +154,12 @@ def parse_args(argv=None):
     p.add_argument("--teacher_api_base", default=None, help="OpenAI-compatible endpoint of a black-box teacher (text only)")
     p.add_argument("--teacher_api_model", default=None, help="model name at --teacher_api_base")
     p.add_argument("--teacher_api_key_env", default=None, help="environment variable holding the endpoint's API key")
+    p.add_argument("--request_timeout", type=float, default=600.0,
+                   help="seconds one teacher request may take at most, retries included (a hung or trickling "
+                        "endpoint ends the run with one line after this)")
     p.add_argument("--teacher_access", default="logits", choices=("logits", "text"),
-                   help="what the teacher exposes: logits (white-box, opd possible) or text (API-like)")
+                   help="what the teacher exposes: logits (white-box, opd possible) or text (API-like: opd refuses). "
+                        "Only opd reads it: omniopd and sft never read teacher logits, so text is refused for them")
     p.add_argument("--teacher_logit_noise", type=float, default=0.0, help="sigma: N(0, sigma^2) noise on the logits opd sees")
     p.add_argument("--teacher_batch_size", type=int, default=1024,
                    help="local text teacher: rows (prefix x N copies) per generate call; each row holds a KV cache of "
@@ -179,12 +201,19 @@ def parse_args(argv=None):
     p.add_argument("--per_device_batch_size", type=int, default=32, help="B per rank: rollouts per update")
     p.add_argument("--max_steps", type=int, default=80, help="optimizer updates")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clip")
+    p.add_argument("--adamw_impl", default=None, choices=("fused", "foreach", "for_loop"),
+                   help="AdamW kernel (default: fused for real models, foreach for the toy: bit-identical to for_loop, "
+                        "so the toy's results stay what the README reports; fused differs by float rounding)")
     p.add_argument("--micro_batch_size", type=int, default=None,
                    help="rows per forward + backward of the loss (exact: every loss is a sum over rows / B); "
                         "default: all at once")
     p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing of the student's training forward "
                         "(default: on for real models, off for the toy)")
+    p.add_argument("--ref_kl_every", type=int, default=None,
+                   help="diagnostic KL(pi_ref || pi) every n steps for objectives that do not use pi_ref (opd, sft, "
+                        "beta 0): a pi_ref forward only then, and at the last step (0: never; default 1 for the toy, "
+                        "10 for real models). Objectives with the KL anchor compute it every step")
     p.add_argument("--seed", type=int, default=0, help="seed of random, numpy, torch, samplers")
     # ---- data ----
     p.add_argument("--train_file", default=None, help="jsonl with 'prompt', 'answer' (default: toy add problems)")
@@ -202,7 +231,11 @@ def parse_args(argv=None):
     # ---- output ----
     p.add_argument("--output_dir", default=None, help="run dir (default runs/omniopd/<method>-<toy_teacher>-s<seed>)")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every n steps (0: at the end only)")
-    p.add_argument("--resume", action="store_true", help="resume from <output_dir>/checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output_dir from its checkpoint (refused when a result-changing flag "
+                        "differs; --max_steps may grow)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="delete the run already in --output_dir and start again (without it such a dir is refused)")
     # ---- table ----
     p.add_argument("--table", action="store_true", help="run the multi-seed toy table instead of one run")
     p.add_argument("--table_grid", default="main", help="comma list of: main, mechanism, other_tokenizer, ablations, noise, anchor_long, all")
@@ -217,15 +250,72 @@ def parse_args(argv=None):
         args.eval_max_new_tokens = 40 if toy and args.eval_file is None else args.max_new_tokens
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = not toy
-    for k in ("chunk_tokens", "num_chunks", "teacher_samples", "per_device_batch_size", "max_new_tokens",
-              "teacher_batch_size", "eval_max_new_tokens", "eval_batch_size"):
-        if getattr(args, k) < 1:
-            p.error(f"--{k} must be >= 1")
-    if args.micro_batch_size is not None and args.micro_batch_size < 1:
-        p.error("--micro_batch_size must be >= 1")
-    if args.max_steps < 0:
-        p.error("--max_steps must be >= 0")
+    if args.ref_kl_every is None:
+        args.ref_kl_every = 1 if toy else 10
+    if args.adamw_impl is None:
+        args.adamw_impl = "foreach" if toy else "fused"
     return args
+
+
+def validate_args(args) -> None:
+    """Every flag's range and every combination that cannot work, before anything is loaded or
+    written: one UserError (one line, exit 2) naming the flag and the fix."""
+    req = C.require
+    for k in ("chunk_tokens", "num_chunks", "teacher_samples", "per_device_batch_size", "max_new_tokens",
+              "teacher_batch_size", "eval_max_new_tokens", "eval_batch_size", "eval_size", "group_size"):
+        req(getattr(args, k) >= 1, f"--{k} {getattr(args, k)} must be >= 1")
+    req(args.micro_batch_size is None or args.micro_batch_size >= 1, f"--micro_batch_size {args.micro_batch_size} must be >= 1")
+    for k in ("max_steps", "eval_every", "save_every", "ref_kl_every"):
+        req(getattr(args, k) >= 0, f"--{k} {getattr(args, k)} must be >= 0")
+    for k, lo, strict in (("alpha", 0, False), ("beta", 0, False), ("learning_rate", 0, True), ("max_grad_norm", 0, True),
+                          ("temperature", 0, True), ("teacher_temperature", 0, False), ("teacher_logit_noise", 0, False),
+                          ("request_timeout", 0, True)):
+        v = getattr(args, k)
+        ok = math.isfinite(v) and (v > lo if strict else v >= lo)
+        req(ok, f"--{k} {v} must be {'>' if strict else '>='} {lo} and finite"
+                + (" (the rollouts are on-policy samples; use 1.0)" if k == "temperature" else ""))
+    m = args.method
+    if m == "grpo":
+        req(args.group_size >= 2, f"--group_size {args.group_size}: grpo needs >= 2 samples per prompt (its advantage "
+                                  f"divides by the group's std)")
+        req(args.per_device_batch_size % args.group_size == 0,
+            f"--per_device_batch_size {args.per_device_batch_size} must be a multiple of --group_size {args.group_size} for grpo")
+    if m == "omniopd":  # a chunk needs t + C <= T: with C > T max no chunk is ever audited (it would run as kl_only)
+        req(args.chunk_tokens <= args.max_new_tokens, f"--chunk_tokens {args.chunk_tokens} > --max_new_tokens "
+                                                      f"{args.max_new_tokens}: no response could hold a chunk; lower it")
+    if m == "kl_only":
+        req(args.beta > 0, "--method kl_only with --beta 0 has no loss at all; pass --beta > 0")
+    api = args.teacher_api_base is not None
+    if m == "opd":
+        req(not api and args.teacher_access == "logits",
+            "--method opd needs the teacher's log-probs, but the teacher is text-only "
+            f"({'--teacher_api_base' if api else '--teacher_access text'}); use --method omniopd or sft")
+        req(not (args.teacher == "toy" and args.toy_teacher == "other_tokenizer"),
+            "--method opd compares token log-probs, but --toy_teacher other_tokenizer has another tokenizer than the "
+            "student; use --method omniopd or sft")
+    else:
+        req(args.teacher_access == "logits", f"--teacher_access text changes nothing for --method {m}: it never reads "
+                                             "teacher logits (it only matters to opd, which then refuses); drop it")
+        req(args.teacher_logit_noise == 0, f"--teacher_logit_noise applies to --method opd only, not {m}; drop it")
+    if api:
+        req(bool(args.teacher_api_model), "--teacher_api_base needs --teacher_api_model (the model name the endpoint serves)")
+        req(m in ("omniopd", "sft"), f"--teacher_api_base: --method {m} uses no text teacher; drop it")
+    if args.teacher_api_key_env:
+        req(api, "--teacher_api_key_env needs --teacher_api_base")
+        req(bool(os.environ.get(args.teacher_api_key_env)),
+            f"environment variable {args.teacher_api_key_env} (from --teacher_api_key_env) is not set")
+    req(args.sim_model is None or (m == "omniopd" and args.similarity == "embed"),
+        "--sim_model is the encoder of --similarity embed (--method omniopd); drop it or pass --similarity embed")
+    req(args.match_teacher_tokens is None or (m == "sft" and args.teacher_token_budget == "match"),
+        "--match_teacher_tokens applies to --method sft with --teacher_token_budget match")
+    req(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other; pass one")
+    if args.table:
+        grids = [g.strip() for g in args.table_grid.split(",") if g.strip()]
+        bad = set(grids) - set(TABLE_GRIDS) - {"all"}
+        req(grids and not bad, f"unknown --table_grid {sorted(bad)}; use {', '.join(TABLE_GRIDS)} or all")
+        for k in ("table_seeds", "table_ablation_seeds"):
+            req(bool(re.fullmatch(r"\d+(,\d+)*", getattr(args, k))), f"--{k} '{getattr(args, k)}' must be a comma list "
+                                                                       f"of seeds, e.g. 0,1,2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,16 +420,19 @@ def similarity(a: str, b: str, kind: str = "ned", embedder: Callable | None = No
 
 
 def make_embedder(model, tok, batch_size: int = 256) -> Callable[[list[str]], torch.Tensor]:
-    """texts -> (n, d) mean-pooled last hidden states of a frozen LM (phi = embed)."""
+    """texts -> (n, d) mean-pooled last hidden states of a frozen LM (phi = embed). Only the backbone
+    runs (`base_model`: a causal LM's LM head would add a (n, L, V) logits tensor, 1.5 GiB for 128
+    short texts at V = 151,936, that the embedding never reads)."""
     device = next(model.parameters()).device
+    backbone = getattr(model, "base_model", model)  # LlamaForCausalLM -> LlamaModel; an encoder -> itself
 
     @torch.no_grad()
     def embed(texts: list[str]) -> torch.Tensor:
         outs = []
         for i in range(0, len(texts), batch_size):
             ids, mask = C.encode_prompts(tok, texts[i:i + batch_size], device)
-            h = model(input_ids=ids, attention_mask=mask, position_ids=C.position_ids(mask),
-                      output_hidden_states=True).hidden_states[-1].float()  # (n, L, d)
+            h = backbone(input_ids=ids, attention_mask=mask,
+                         position_ids=C.position_ids(mask)).last_hidden_state.float()  # (n, L, d)
             m = mask[..., None].float()
             outs.append((h * m).sum(1) / m.sum(1).clamp(min=1.0))
         return torch.cat(outs).cpu()
@@ -454,12 +547,17 @@ class Problem:
 
 
 def load_problems(path: str) -> list[Problem]:
-    if not os.path.isfile(path):
-        raise UserError(f"data file '{path}' does not exist; pass a jsonl with one {{'prompt', 'answer'}} object per line")
+    """jsonl with one {"prompt", "answer"} object per line; any bad line -> one UserError with file:line."""
     out = []
-    for i, row in enumerate(C.read_jsonl(path), 1):
+    for i, line in enumerate(C.read_text_lines(path), 1):  # missing / unreadable / not UTF-8: one line naming it
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove that line") from None
         if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
-            raise UserError(f"{path}: record {i} lacks 'prompt' or 'answer'; every line needs both")
+            raise UserError(f"{path}:{i}: the record lacks 'prompt' or 'answer'; every line needs both")
         out.append(Problem(str(row["prompt"]), str(row["answer"])))
     if not out:
         raise UserError(f"{path} is empty; it needs jsonl lines with 'prompt' and 'answer'")
@@ -513,29 +611,31 @@ def drop_empty_chunks(starts: Sequence[Sequence[int]], prefixes: list[str], chun
     return starts, [p for p, k in zip(prefixes, keep) if k], [c for c, k in zip(chunks, keep) if k]
 
 
-def teacher_complete(teacher, prompts: list[str], n: int, **kw) -> list[list[str]]:
+def teacher_complete(teacher, prompts: list[str], n: int, finish: bool = False, **kw):
     """teacher.complete(prompts, n, ...) with two real-model concerns. A local teacher that needs
     several generate calls (len(prompts) * n > its batch_size) gets the prompts sorted by length, so
     each call pads to similar lengths; the answers come back in the caller's order. (One call, as in
     the toy, is left as is: sorting inside one call saves nothing and would reorder the sampler's
     draws.) An endpoint that rejects /v1/completions raises one line saying that it must serve raw
-    completions."""
+    completions. finish=True also returns the finish reasons ("length": cut at max_tokens), same
+    shape and order (None where the teacher reports none)."""
     bs = getattr(teacher, "batch_size", None)
+    order = list(range(len(prompts)))
     if getattr(teacher, "is_local", False) and bs and len(prompts) * n > bs:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        outs = teacher.complete([prompts[i] for i in order], n=n, **kw)
-        res: list = [None] * len(prompts)
-        for j, i in enumerate(order):
-            res[i] = outs[j]
-        return res
+        order = sorted(order, key=lambda i: len(prompts[i]))
     try:
-        return teacher.complete(prompts, n=n, **kw)
+        outs = teacher.complete([prompts[i] for i in order], n=n, **kw)
     except C.EndpointError as e:  # DEVIATION(5): raw-text continuation needs /v1/completions
         msg = str(e)
         if "rejected" in msg or "HTTP 4" in msg:
             raise C.EndpointError(f"{msg}. The teacher must continue raw text through /v1/completions (vLLM, SGLang, "
                                   f"llama.cpp server, Ollama serve it); chat-only APIs cannot continue a prefix") from None
         raise
+    reasons = getattr(teacher, "last_finish_reasons", None) or [[None] * n for _ in order]
+    res, why = [None] * len(prompts), [None] * len(prompts)
+    for j, i in enumerate(order):
+        res[i], why[i] = outs[j], reasons[j]
+    return (res, why) if finish else res
 
 
 def teacher_continuations(teacher: C.LLM, prefixes: list[str], chunks: list[str], n: int, temperature: float,
@@ -600,35 +700,63 @@ def run_evals(model, tok, evals: dict, chat: bool, args, seed: int, full: bool, 
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- training ----
+# ---- setup: preflight, models, optimizer ----
 # ---------------------------------------------------------------------------------------------
 
+# flags that do not change a run's results: --resume may differ in these (--max_steps may grow: the
+# learning rate is constant and every step's batch and samplers are a function of seed and step)
+RESUME_IGNORES = ("save_every", "max_steps", "request_timeout", "teacher_api_key_env", "table", "table_grid",
+                  "table_seeds", "table_ablation_seeds")
 
-def build(args, device, rank):
-    """Student, frozen reference, teacher (text LLM and/or white-box model), data."""
-    frozen_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-                    "fp32": torch.float32}[args.dtype]
-    toy = args.model_name_or_path == "toy"
-    student_path = C.toy_checkpoint("student") if toy else args.model_name_or_path
-    api = args.teacher_api_base is not None
-    teacher_path = None
-    if not api:
-        teacher_path = toy_teacher_path(args.toy_teacher) if args.teacher == "toy" else args.teacher
-    if args.method == "opd":  # refuse before loading anything heavy
-        if api or args.teacher_access == "text":
-            raise UserError("--method opd needs the teacher's log-probs, but the teacher is text-only "
-                            f"({'--teacher_api_base' if api else '--teacher_access text'}); use --method omniopd or sft")
+
+def model_paths(args) -> tuple[str, str | None]:
+    """(student path, local teacher path or None for an endpoint). Toy roles are built on first use."""
+    student = C.toy_checkpoint("student") if args.model_name_or_path == "toy" else args.model_name_or_path
+    if args.teacher_api_base is not None or args.method in ("grpo", "kl_only"):
+        return student, None
+    return student, toy_teacher_path(args.toy_teacher) if args.teacher == "toy" else args.teacher
+
+
+def endpoint_teacher(args) -> C.LLM:
+    """The black-box teacher: --request_timeout is each request's overall deadline (retries included)."""
+    key = os.environ.get(args.teacher_api_key_env) if args.teacher_api_key_env else None
+    return C.LLM.from_endpoint(args.teacher_api_base, args.teacher_api_model, key, max_workers=16,
+                               timeout=min(300.0, args.request_timeout), deadline=args.request_timeout)
+
+
+def preflight(args, device) -> dict:
+    """Everything the run will use, checked before anything is written: the device, each model path
+    (config loads), the endpoint (one 1-token request on /v1/completions, the route the run uses),
+    opd's shared tokenizer, the data files (file:line on a bad row), sft's token target.
+    Returns the parsed data files."""
+    if device.type == "cuda":
+        C.require(torch.cuda.is_available(), "--device cuda, but no CUDA GPU is visible; pass --device cpu")
+    for flag in ("model_name_or_path", "teacher", "sim_model"):
+        v = getattr(args, flag)
+        if v and v != "toy" and not (flag == "teacher" and (args.teacher_api_base or args.method in ("grpo", "kl_only"))):
+            C.preflight_model(v)
+    if args.teacher_api_base is not None:
+        C.preflight_endpoint(endpoint_teacher(args), route="completions", deadline=min(30.0, args.request_timeout))
+    if args.method == "opd" and (args.model_name_or_path != "toy" or args.teacher != "toy"):
         from transformers import AutoTokenizer
 
-        try:
-            s_tok, t_tok = AutoTokenizer.from_pretrained(student_path), AutoTokenizer.from_pretrained(teacher_path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load the tokenizers of '{student_path}' / '{teacher_path}' ({str(e)[:150]})") from None
+        student_path, teacher_path = model_paths(args)
+        s_tok, t_tok = AutoTokenizer.from_pretrained(student_path), AutoTokenizer.from_pretrained(teacher_path)
         if not same_tokenizer(s_tok, t_tok):
             what = (f"{len(t_tok)} vs {len(s_tok)} ids" if len(t_tok) != len(s_tok)
                     else f"{len(s_tok)} ids each, but other tokens or another segmentation")
             raise UserError(f"--method opd compares token log-probs, but teacher '{teacher_path}' has another tokenizer "
                             f"than the student ({what}); use --method omniopd or sft")
+    if args.method == "sft":
+        sft_token_target(args, 1)  # a bad --match_teacher_tokens fails here
+    return {k: load_problems(getattr(args, k)) for k in ("train_file", "eval_file") if getattr(args, k)}
+
+
+def build(args, device, rank, data: dict | None = None):
+    """Student, frozen reference, teacher (text LLM and/or white-box model), data."""
+    frozen_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+                    "fp32": torch.float32}[args.dtype]
+    student_path, teacher_path = model_paths(args)
     model, tok = C.load_lm(student_path, device=device)  # trainable weights stay fp32 (autocast on CUDA)
     if args.gradient_checkpointing:  # the training forward of B x (P + T) tokens through every layer
         enable_activation_checkpointing(model)
@@ -640,19 +768,13 @@ def build(args, device, rank):
         p_.requires_grad_(False)
     chat = args.chat_template == "auto" and bool(getattr(tok, "chat_template", None))
 
-    # teacher: text interface (all methods but opd), white-box model (opd only)
+    # teacher: text interface (omniopd, sft), white-box model (opd only)
     llm = teacher_model = teacher_tok = None
-    needs_teacher = args.method in ("omniopd", "opd", "sft")
     if args.method == "opd":
         teacher_model, _ = C.load_lm(teacher_path, dtype=frozen_dtype, device=device)
-    elif needs_teacher:
-        if api:
-            if not args.teacher_api_model:
-                raise UserError("--teacher_api_base needs --teacher_api_model (the model name the endpoint serves)")
-            key = os.environ.get(args.teacher_api_key_env) if args.teacher_api_key_env else None
-            if args.teacher_api_key_env and not key:
-                raise UserError(f"environment variable {args.teacher_api_key_env} (from --teacher_api_key_env) is not set")
-            llm = C.LLM.from_endpoint(args.teacher_api_base, args.teacher_api_model, key, max_workers=16, timeout=300)
+    elif args.method in ("omniopd", "sft"):
+        if args.teacher_api_base is not None:
+            llm = endpoint_teacher(args)
         else:
             tmodel, teacher_tok = C.load_lm(teacher_path, dtype=frozen_dtype, device=device)
             llm = C.LLM(model=tmodel, tokenizer=teacher_tok, batch_size=args.teacher_batch_size,
@@ -667,18 +789,30 @@ def build(args, device, rank):
         emb_model, emb_tok = (ref, tok) if args.sim_model is None else load_encoder(args.sim_model, frozen_dtype, device)
         embedder = make_embedder(emb_model, emb_tok)
 
-    if args.train_file:
-        train = load_problems(args.train_file)
-    else:
-        train = C.toy_dataset("train", 4096, seed=args.seed, domains=("add",))
-    if args.eval_file:
-        evals = {"id": load_problems(args.eval_file)[:args.eval_size]}
+    data = data if data is not None else preflight(args, device)
+    train = data.get("train_file") or C.toy_dataset("train", 4096, seed=args.seed, domains=("add",))
+    if "eval_file" in data:
+        evals = {"id": data["eval_file"][:args.eval_size]}
     else:
         evals = {"id": C.toy_dataset("id", args.eval_size, seed=1, domains=("add",)),
                  "ood": C.toy_dataset("ood", args.eval_size, seed=1, domains=("add",))}
     return dict(model=model, tok=tok, ref=ref, chat=chat, llm=llm, teacher_model=teacher_model, embedder=embedder,
                 teacher_tok=teacher_tok, teacher_chat=teacher_chat, train=train, evals=evals, student_path=student_path,
-                teacher_path=teacher_path or args.teacher_api_model)
+                teacher_path=teacher_path or args.teacher_api_model, device=device, teacher_tokens=0, student_tokens=0,
+                anchor_rng=random.Random(args.seed + 99), noise_gen=torch.Generator().manual_seed(args.seed + 5),
+                timer=PhaseTimer(device))
+
+
+def make_optimizer(model, args):
+    """AdamW (DEVIATION(1): one step per rollout batch) with --adamw_impl's kernel; fused falls back
+    to foreach where the device has no fused kernel."""
+    kw = dict(lr=args.learning_rate, weight_decay=0.0)
+    if args.adamw_impl == "fused":
+        try:
+            return torch.optim.AdamW(model.parameters(), fused=True, **kw)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.AdamW(model.parameters(), foreach=args.adamw_impl != "for_loop", **kw)
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -711,28 +845,47 @@ def teacher_prompts(w: dict, problems) -> list[str]:
     return render_prompts(w["tok"], [p.prompt for p in problems], w["chat"])
 
 
-def gather_rng_states(w: dict, world: int) -> list:
-    """Every rank's state of the samplers that run across steps (random anchors, opd's logit noise),
-    so --resume continues them instead of restarting them from the seed."""
-    st = (w["anchor_rng"].getstate(), w["noise_gen"].get_state())
-    if world == 1:
-        return [st]
-    import torch.distributed as dist
+# ---------------------------------------------------------------------------------------------
+# ---- one update: rollout, teacher, loss (one function per method) ----
+# ---------------------------------------------------------------------------------------------
 
-    out: list = [None] * world
-    dist.all_gather_object(out, st)
-    return out
+PHASES = ("generate", "teacher", "forward", "backward", "optimizer")
 
 
-def _ckpt_step(ckpt_dir: str) -> int | None:
-    """The step of the checkpoint in ckpt_dir, or None when there is none."""
-    path = os.path.join(ckpt_dir, "state.pt")
-    if not os.path.isfile(path):
-        return None
-    try:
-        return int(torch.load(path, weights_only=False)["step"])
-    except Exception:  # noqa: BLE001 - a checkpoint that cannot be read is no good checkpoint
-        return None
+class PhaseTimer:
+    """Seconds a training step spends per phase: generate (student rollouts), teacher (teacher calls,
+    their scoring and similarity; opd's teacher forward), forward (entropy pass and the loss's
+    forward, pi_ref's included), backward, optimizer (gradient all-reduce, clip, AdamW). On CUDA each
+    phase ends with a synchronize, so kernels are charged to the phase that launched them.
+
+        timer = PhaseTimer(device); with timer("forward"): ...; timer.take() -> {phase: s}, reset
+    """
+
+    def __init__(self, device):
+        self.sync = torch.device(device).type == "cuda"
+        self.t = dict.fromkeys(PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.t[phase] += time.perf_counter() - t0
+
+    def take(self) -> dict:
+        out, self.t = self.t, dict.fromkeys(PHASES, 0.0)
+        return out
+
+
+def _timer(w: dict) -> PhaseTimer:
+    if "timer" not in w:
+        w["timer"] = PhaseTimer(w["device"])
+    return w["timer"]
 
 
 def batch_problems(train, step: int, n: int, seed: int, group: int = 1):
@@ -748,16 +901,20 @@ def micro_batches(n: int, size: int | None) -> list[slice]:
     return [slice(i, min(n, i + size)) for i in range(0, max(1, n), size)]
 
 
-def backward_in_micro_batches(n: int, size: int | None, loss_fn: Callable) -> tuple[torch.Tensor, list[dict]]:
+def backward_in_micro_batches(n: int, size: int | None, loss_fn: Callable,
+                              timer: PhaseTimer | None = None) -> tuple[torch.Tensor, list[dict]]:
     """loss_fn(rows) -> (loss of those rows, already divided by the *global* batch, and its metrics),
     backpropagated at once for each micro-batch of `size` rows, so only their activations are held.
     Exact: every loss here is a sum over rows / B, so the parts add up to the full batch's loss and
     gradient. Returns (the total loss, detached; the metrics of every micro-batch)."""
+    timer = timer or PhaseTimer("cpu")
     total, parts = None, []
     for rows in micro_batches(n, size):
-        loss, aux = loss_fn(rows)
+        with timer("forward"):
+            loss, aux = loss_fn(rows)
         if loss.requires_grad:  # kl_only at step 0 with no chunks still has a (zero) graph
-            loss.backward()
+            with timer("backward"):
+                loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
         parts.append(aux)
     return total, parts
@@ -773,6 +930,217 @@ def _sum(parts: list[dict], key: str) -> torch.Tensor:
     for p in parts[1:]:
         tot = tot + p[key]
     return tot
+
+
+def reference_for(args, w: dict, step: int, in_loss: bool):
+    """pi_ref when this step needs its forward: always when the objective has the KL anchor (beta > 0),
+    else only as the diagnostic KL every --ref_kl_every steps and at the last step (issue 21: no
+    forward that does not enter the loss on the hot path)."""
+    if in_loss:
+        return w["ref"]
+    n = args.ref_kl_every
+    return w["ref"] if n and (step % n == 0 or step == args.max_steps - 1) else None
+
+
+def policy_logprobs(model, ids, mask, ref, device):
+    """(logp (B, L) with grad, KL(pi_ref || pi) (B, L) or None when ref is None)."""
+    with C.autocast(device):
+        if ref is None:
+            return C.token_logprobs(model, ids, mask), None
+        logp, _, kl = C.token_logprobs(model, ids, mask, ref_model=ref)
+    return logp, kl
+
+
+def _kl_sum(kl, mask):
+    return (kl.detach() * mask).sum() if kl is not None else None
+
+
+def _log_kl(m: dict, parts: list[dict], mask) -> None:
+    if parts[0]["kl"] is not None:
+        m["kl_ref"] = _sum(parts, "kl") / mask.sum()
+
+
+def rollout(args, w, probs, prompts, gen, m: dict):
+    """Eq. (1): y ~ pi(. | x) at --temperature; rewards 1[correct] (GRPO's reward, train_acc for all)."""
+    with _timer(w)("generate"):
+        g = C.generate(w["model"], w["tok"], prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       generator=gen)
+    w["student_tokens"] += int(g.response_mask.sum())
+    rewards = torch.tensor([float(C.is_correct(t, p.answer)) for t, p in zip(g.texts, probs)])
+    m.update(train_acc=rewards.mean(), resp_len=g.response_mask.sum(1).float().mean())
+    return g, rewards
+
+
+def step_omniopd(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tensor, dict]:
+    """Eq. (1)-(7) (and kl_only: no chunks, the KL anchor alone)."""
+    model, device, timer, Bg = w["model"], w["device"], _timer(w), args.per_device_batch_size * world
+    m: dict = {}
+    g, _ = rollout(args, w, probs, prompts, gen, m)
+    P, rmask = g.prompt_len, g.response_mask
+    with timer("forward"), torch.no_grad():  # Eq. (2): exact full-vocabulary entropy on the finished (x, y), fp32
+        _, ent, _ = C.token_logprobs(model, g.sequences, g.attention_mask, return_entropy=True)
+    entropy = ent[:, P:]  # (B, T): column t = entropy of logits index P + t - 1
+    m["entropy"] = (entropy * rmask).sum() / rmask.sum()
+    if args.method == "kl_only":
+        starts = [[] for _ in probs]
+    else:
+        starts = peak_entropy_chunks(entropy, rmask, args.chunk_tokens, args.num_chunks)  # Eq. (3)
+        if args.anchor == "random":
+            starts = random_chunks(rmask, args.chunk_tokens, [len(s) for s in starts], w["anchor_rng"])
+    with timer("teacher"):
+        starts, chunks, conts = verify_chunks(args, w, probs, g.response_ids, starts)  # Eq. (4)
+        k = chunk_agreement(chunks, conts, args.similarity, w["embedder"]) if chunks else torch.zeros(0)  # Eq. (5)
+        if len(k):
+            m.update(verification_diagnostics(chunks, conts, k, args.teacher_samples, args.similarity, w["embedder"]))
+    first = np.cumsum([0] + [len(s) for s in starts]).tolist()  # index of each row's first chunk in k
+    ref = reference_for(args, w, step, in_loss=args.beta > 0)
+
+    def loss_rows(rows):
+        logp, kl = policy_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref, device)
+        logp = logp[:, P:]
+        kl = kl[:, P:] if kl is not None else torch.zeros_like(logp)  # beta = 0: the anchor term is 0
+        st = starts[rows]
+        pbar = chunk_mean_logp(logp.detach(), st, args.chunk_tokens).exp()  # Eq. (6)
+        phat = dm_posterior(k[first[rows.start]:first[rows.stop]], pbar.cpu(), args.teacher_samples, args.alpha)
+        loss, parts = omniopd_loss(logp, kl, rmask[rows], st, phat, args.chunk_tokens, args.beta, Bg)  # Eq. (7)
+        return loss * world, dict(kl=_kl_sum(kl, rmask[rows]) if ref is not None else None, pbar=pbar, phat=phat,
+                                  **parts)
+
+    loss, parts = backward_in_micro_batches(len(probs), args.micro_batch_size, loss_rows, timer)
+    m.update(chunks=sum(len(s) for s in starts) / len(starts), chunk_term=_sum(parts, "chunk_term"),
+             kl_term=_sum(parts, "kl_term"))
+    _log_kl(m, parts, rmask)
+    if len(k):
+        m.update(phat_mean=_cat(parts, "phat").mean(), pbar_mean=_cat(parts, "pbar").mean())
+    return loss, m
+
+
+def verify_chunks(args, w, probs, response_ids, starts):
+    """Eq. (4): the teacher continues x + y[:t0] N times for every chunk (empty decoded chunks are
+    dropped first). Counts the teacher's tokens. -> (starts, chunk texts, continuations)."""
+    prefixes, chunks = verification_requests(teacher_prompts(w, probs), response_ids, starts, args.chunk_tokens, w["tok"])
+    if not all(chunks):
+        starts, prefixes, chunks = drop_empty_chunks(starts, prefixes, chunks)
+    if not prefixes:
+        return starts, chunks, []
+    before = w["llm"].usage["completion_tokens"]
+    conts = teacher_continuations(w["llm"], prefixes, chunks, args.teacher_samples, args.teacher_temperature,
+                                  args.teacher_chunk_unit, args.chunk_tokens)
+    w["teacher_tokens"] += w["llm"].usage["completion_tokens"] - before
+    return starts, chunks, conts
+
+
+def verification_diagnostics(chunks, conts, k, N: int, kind: str, embedder=None) -> dict:
+    """What the agreement k says (pitfalls 2, 3). k_mean; k_mid = share of k inside (0.05N, 0.95N)
+    (meaningful where phi is near-binary, as on the toy's digit chunks; on real text phi of unrelated
+    200-character texts is ~0.35 (ned) / ~0.5 (rouge1), so k_mid reads 1.0 there); phi_null = phi of
+    each chunk against the first continuation of *another* chunk (the score of unrelated text: k / N
+    near phi_null means the similarity does not tell the teacher's agreement apart); distinct = share
+    of distinct texts among each chunk's N continuations (1/N: identical samples, a greedy teacher);
+    copy = share of continuations equal to the chunk itself (near 1: the prefix leaked the chunk)."""
+    out = dict(k_mean=k.mean(), k_mid=((k > 0.05 * N) & (k < 0.95 * N)).float().mean(),
+               distinct=float(np.mean([len(set(zs)) / max(1, len(zs)) for zs in conts])),
+               copy=float(np.mean([np.mean([z == s for z in zs]) if zs else 0.0 for s, zs in zip(chunks, conts)])))
+    if len(chunks) > 1:
+        others = [[conts[(i + 1) % len(chunks)][0]] if conts[(i + 1) % len(chunks)] else [""] for i in range(len(chunks))]
+        out["phi_null"] = chunk_agreement(chunks, others, kind, embedder).mean()
+    return out
+
+
+def step_opd(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tensor, dict]:
+    """Eq. (8): the teacher scores the student's tokens (no grad, whole batch); per-token reverse KL."""
+    model, device, timer, Bg = w["model"], w["device"], _timer(w), args.per_device_batch_size * world
+    m: dict = {}
+    g, _ = rollout(args, w, probs, prompts, gen, m)
+    P, rmask = g.prompt_len, g.response_mask
+    with timer("teacher"):
+        tlp = teacher_token_logprobs(w["teacher_model"], g.sequences, g.attention_mask, args.teacher_logit_noise,
+                                     w["noise_gen"])[:, P:]
+    w["teacher_tokens"] += int(rmask.sum())  # tokens the teacher scored (prefill), not generated
+    ref = reference_for(args, w, step, in_loss=False)  # pi_ref never enters opd's loss: the diagnostic KL only
+
+    def loss_rows(rows):
+        logp, kl = policy_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref, device)
+        logp = logp[:, P:]
+        loss, adv = opd_loss(logp, tlp[rows].to(logp), rmask[rows], Bg)
+        return loss * world, dict(kl=_kl_sum(kl[:, P:], rmask[rows]) if kl is not None else None, adv=adv.sum())
+
+    loss, parts = backward_in_micro_batches(len(probs), args.micro_batch_size, loss_rows, timer)
+    _log_kl(m, parts, rmask)
+    m["adv_mean"] = _sum(parts, "adv") / rmask.sum()
+    return loss, m
+
+
+def step_grpo(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tensor, dict]:
+    """Eq. (9): group-normalised correctness advantages plus the beta KL anchor on every response token."""
+    model, device, timer, Bg = w["model"], w["device"], _timer(w), args.per_device_batch_size * world
+    m: dict = {}
+    g, rewards = rollout(args, w, probs, prompts, gen, m)
+    P, rmask = g.prompt_len, g.response_mask
+    adv = grpo_advantages(rewards, args.group_size).to(device)  # Eq. (9)
+    ref = reference_for(args, w, step, in_loss=args.beta > 0)
+
+    def loss_rows(rows):
+        logp, kl = policy_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref, device)
+        logp = logp[:, P:]
+        kl = kl[:, P:] if kl is not None else torch.zeros_like(logp)
+        loss = grpo_loss(logp, kl, rmask[rows], adv[rows], args.beta, Bg)
+        return loss * world, dict(kl=_kl_sum(kl, rmask[rows]) if ref is not None else None)
+
+    loss, parts = backward_in_micro_batches(len(probs), args.micro_batch_size, loss_rows, timer)
+    _log_kl(m, parts, rmask)
+    return loss, m
+
+
+def step_sft(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tensor, dict]:
+    """Eq. (10): teacher text, teacher-forced NLL. DEVIATION(4): n responses per prompt (one batched
+    call each round) until the token budget is met. A response cut at max_tokens gets no EOS: the
+    student must not learn to stop where the teacher was cut off."""
+    model, device, timer, tok, llm = w["model"], w["device"], _timer(w), w["tok"], w["llm"]
+    m: dict = {}
+    target = sft_token_target(args, world)
+    t_prompts = teacher_prompts(w, probs)  # the teacher reads its own template, the student trains on its own
+    before = llm.usage["completion_tokens"]
+    ps, rs, ends = [], [], []
+    with timer("teacher"):
+        while True:
+            per_resp = w.get("sft_tokens_per_response", args.max_new_tokens / 2)
+            n = max(1, math.ceil((target - (llm.usage["completion_tokens"] - before)) / (len(probs) * per_resp)))
+            outs, why = teacher_complete(llm, t_prompts, n, finish=True, temperature=1.0, max_tokens=args.max_new_tokens)
+            ps += [p for p in prompts for _ in range(n)]
+            rs += [z for o in outs for z in o]
+            ends += [r != "length" for rr in why for r in rr]
+            used = llm.usage["completion_tokens"] - before
+            w["sft_tokens_per_response"] = max(1.0, used / len(rs))
+            if used >= target:
+                break
+    w["teacher_tokens"] += llm.usage["completion_tokens"] - before
+    ids, mask, resp = C.encode_pairs(tok, ps, rs, add_eos=ends, device=device, max_response_tokens=args.max_new_tokens)
+    n_global = len(rs) * world
+    ref = reference_for(args, w, step, in_loss=False)
+
+    def loss_rows(rows):
+        logp, kl = policy_logprobs(model, ids[rows], mask[rows], ref, device)
+        return sft_loss(logp, resp[rows], n_global) * world, dict(kl=_kl_sum(kl, resp[rows]))
+
+    loss, parts = backward_in_micro_batches(len(rs), args.micro_batch_size, loss_rows, timer)
+    _log_kl(m, parts, resp)
+    m.update(sft_responses=len(rs), sft_cut=1.0 - float(np.mean(ends)))
+    return loss, m
+
+
+METHOD_STEPS = {"omniopd": step_omniopd, "kl_only": step_omniopd, "opd": step_opd, "grpo": step_grpo, "sft": step_sft}
+
+
+def train_step(args, w, step, rank, world, gen) -> tuple[torch.Tensor, dict]:
+    """One update's rollouts, teacher calls, and the loss's forward + backward (in --micro_batch_size
+    rows at a time), by --method. Returns (this rank's loss x world, detached; metrics); the caller
+    all-reduces the gradients and steps."""
+    Bl, Bg = args.per_device_batch_size, args.per_device_batch_size * world
+    group = args.group_size if args.method == "grpo" else 1
+    probs = batch_problems(w["train"], step, Bg, args.seed, group)[rank * Bl:(rank + 1) * Bl]  # this rank's shard
+    prompts = render_prompts(w["tok"], [p.prompt for p in probs], w["chat"])
+    return METHOD_STEPS[args.method](args, w, step, world, gen, probs, prompts)
 
 
 def sft_token_target(args, world: int) -> float:
@@ -798,120 +1166,105 @@ def sft_token_target(args, world: int) -> float:
             per_update = float(src)
         except ValueError:
             raise UserError(f"--match_teacher_tokens '{src}' is neither a number nor an omniopd run dir") from None
+        if not (per_update > 0 and math.isfinite(per_update)):
+            raise UserError(f"--match_teacher_tokens {src} must be > 0")
     return per_update / world
 
 
-def train_step(args, w, step, rank, world, gen) -> tuple[torch.Tensor, dict]:
-    """One update: rollouts, teacher calls, and the loss's forward + backward (in --micro_batch_size
-    rows at a time). Returns (this rank's loss x world, detached; metrics); the caller all-reduces the
-    gradients and steps."""
-    model, tok, ref, device = w["model"], w["tok"], w["ref"], w["device"]
-    Bl, Bg = args.per_device_batch_size, args.per_device_batch_size * world
-    group = args.group_size if args.method == "grpo" else 1
-    probs = batch_problems(w["train"], step, Bg, args.seed, group)[rank * Bl:(rank + 1) * Bl]  # this rank's shard
-    prompts = render_prompts(tok, [p.prompt for p in probs], w["chat"])
-    m: dict = {}
-    mb = args.micro_batch_size
+# ---------------------------------------------------------------------------------------------
+# ---- the run: setup, resume, update, checkpoint, finish ----
+# ---------------------------------------------------------------------------------------------
 
-    if args.method == "sft":  # Eq. (10): teacher text, teacher-forced NLL
-        target = sft_token_target(args, world)
-        t_prompts = teacher_prompts(w, probs)  # the teacher reads its own template, the student trains on its own
-        before = w["llm"].usage["completion_tokens"]
-        ps, rs = [], []
-        while True:  # DEVIATION(4): n responses per prompt (one batched call) until the token budget is met
-            per_resp = w.get("sft_tokens_per_response", args.max_new_tokens / 2)
-            n = max(1, math.ceil((target - (w["llm"].usage["completion_tokens"] - before)) / (Bl * per_resp)))
-            outs = teacher_complete(w["llm"], t_prompts, n, temperature=1.0, max_tokens=args.max_new_tokens)
-            ps += [p for p in prompts for _ in range(n)]
-            rs += [z for o in outs for z in o]
-            used = w["llm"].usage["completion_tokens"] - before
-            w["sft_tokens_per_response"] = max(1.0, used / len(rs))
-            if used >= target:
-                break
-        w["teacher_tokens"] += w["llm"].usage["completion_tokens"] - before
-        ids, mask, resp = C.encode_pairs(tok, ps, rs, device=device, max_response_tokens=args.max_new_tokens)
-        n_global = len(rs) * world
 
-        def sft_mb(rows):
-            with C.autocast(device):
-                logp, _, kl = C.token_logprobs(model, ids[rows], mask[rows], ref_model=ref)
-            return sft_loss(logp, resp[rows], n_global) * world, dict(kl=(kl.detach() * resp[rows]).sum())
+def gather_rng_states(w: dict, world: int) -> list:
+    """Every rank's state of the samplers that run across steps (random anchors, opd's logit noise),
+    so --resume continues them instead of restarting them from the seed."""
+    st = (w["anchor_rng"].getstate(), w["noise_gen"].get_state())
+    if world == 1:
+        return [st]
+    import torch.distributed as dist
 
-        loss, parts = backward_in_micro_batches(len(rs), mb, sft_mb)
-        m.update(kl_ref=_sum(parts, "kl") / resp.sum(), sft_responses=len(rs))
-        return loss, m
+    out: list = [None] * world
+    dist.all_gather_object(out, st)
+    return out
 
-    g = C.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, generator=gen)
-    P, resp_ids, rmask = g.prompt_len, g.response_ids, g.response_mask
-    w["student_tokens"] += int(rmask.sum())
-    rewards = torch.tensor([float(C.is_correct(t, p.answer)) for t, p in zip(g.texts, probs)])
-    m.update(train_acc=rewards.mean(), resp_len=rmask.sum(1).float().mean())
 
-    if args.method in ("omniopd", "kl_only"):
-        with torch.no_grad():  # Eq. (2): exact full-vocabulary entropy on the finished (x, y), fp32
-            _, ent, _ = C.token_logprobs(model, g.sequences, g.attention_mask, return_entropy=True)
-        entropy = ent[:, P:]  # (B, T): column t = entropy of logits index P + t - 1
-        m["entropy"] = (entropy * rmask).sum() / rmask.sum()
-        if args.method == "kl_only":
-            starts = [[] for _ in range(len(probs))]
-        else:
-            starts = peak_entropy_chunks(entropy, rmask, args.chunk_tokens, args.num_chunks)  # Eq. (3)
-            if args.anchor == "random":
-                starts = random_chunks(rmask, args.chunk_tokens, [len(s) for s in starts], w["anchor_rng"])
-        prefixes, chunks = verification_requests(teacher_prompts(w, probs), resp_ids, starts, args.chunk_tokens, tok)
-        if not all(chunks):
-            starts, prefixes, chunks = drop_empty_chunks(starts, prefixes, chunks)
-        before = w["llm"].usage["completion_tokens"] if w["llm"] is not None else 0
-        conts = teacher_continuations(w["llm"], prefixes, chunks, args.teacher_samples, args.teacher_temperature,
-                                      args.teacher_chunk_unit, args.chunk_tokens) if prefixes else []
-        if w["llm"] is not None:
-            w["teacher_tokens"] += w["llm"].usage["completion_tokens"] - before
-        k = chunk_agreement(chunks, conts, args.similarity, w["embedder"]) if chunks else torch.zeros(0)  # Eq. (5)
-        first = np.cumsum([0] + [len(s) for s in starts]).tolist()  # index of each row's first chunk in k
+def save_run(ckpt_dir, w, opt, done: int, before: dict, world: int, elapsed: float) -> None:
+    """Everything the next step depends on: weights, AdamW, the global RNGs (common), the samplers that
+    live across steps, the token counters, the teacher's usage counters, sft's response-length
+    estimate, the before-training eval, the wall time so far. Every rank calls it; rank 0 writes."""
+    llm = w["llm"]
+    C.save_checkpoint(ckpt_dir, w["model"], w["tok"], opt, done, extra=dict(
+        teacher_tokens=w["teacher_tokens"], student_tokens=w["student_tokens"], before=before,
+        rng=gather_rng_states(w, world), sft_tokens_per_response=w.get("sft_tokens_per_response"),
+        teacher_usage=dict(llm.usage) if llm is not None else None,
+        client_usage=dict(llm.client.usage) if llm is not None and llm.client is not None else None, wall_time_s=elapsed))
 
-        def omni_mb(rows):
-            with C.autocast(device):
-                logp, _, kl = C.token_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref_model=ref)
-            logp, kl = logp[:, P:], kl[:, P:]  # Eq. (7) terms
-            st = starts[rows]
-            pbar = chunk_mean_logp(logp.detach(), st, args.chunk_tokens).exp()  # Eq. (6)
-            phat = dm_posterior(k[first[rows.start]:first[rows.stop]], pbar.cpu(), args.teacher_samples, args.alpha)
-            loss, parts = omniopd_loss(logp, kl, rmask[rows], st, phat, args.chunk_tokens, args.beta, Bg)
-            return loss * world, dict(kl=(kl.detach() * rmask[rows]).sum(), pbar=pbar, phat=phat, **parts)
 
-        loss, parts = backward_in_micro_batches(len(probs), mb, omni_mb)
-        N = args.teacher_samples
-        m.update(chunks=sum(len(s) for s in starts) / len(starts), kl_ref=_sum(parts, "kl") / rmask.sum(),
-                 chunk_term=_sum(parts, "chunk_term"), kl_term=_sum(parts, "kl_term"))
-        if len(k):
-            m.update(k_mean=k.mean(), k_mid=((k > 0.05 * N) & (k < 0.95 * N)).float().mean(),
-                     phat_mean=_cat(parts, "phat").mean(), pbar_mean=_cat(parts, "pbar").mean())
-        return loss, m
+def restore_run(ckpt_dir, w, opt, args, world: int, rank: int) -> tuple[int, dict, float]:
+    """Load the newest complete checkpoint into w / opt. -> (its step, the before-training eval, wall s so far)."""
+    st = C.load_checkpoint(ckpt_dir, w["model"], opt)
+    start, ex = st["step"], st["extra"]
+    C.require(args.max_steps >= start, f"--resume: the checkpoint is at step {start}, past --max_steps {args.max_steps}; "
+                                       f"pass --max_steps >= {start}")
+    w["teacher_tokens"], w["student_tokens"] = ex["teacher_tokens"], ex["student_tokens"]
+    rng = ex.get("rng")
+    if rng and len(rng) == world:  # the samplers that live across steps continue where they stopped
+        w["anchor_rng"].setstate(rng[rank][0])
+        w["noise_gen"].set_state(rng[rank][1])
+    if ex.get("sft_tokens_per_response"):  # and so does sft's estimate of a response's length
+        w["sft_tokens_per_response"] = ex["sft_tokens_per_response"]
+    if w["llm"] is not None and ex.get("teacher_usage"):  # usage counts cover every process of the run
+        w["llm"].usage.update(ex["teacher_usage"])
+        if w["llm"].client is not None and ex.get("client_usage"):
+            w["llm"].client.usage.update(ex["client_usage"])
+    return start, ex["before"], float(ex.get("wall_time_s") or 0.0)
 
-    if args.method == "opd":  # Eq. (8): the teacher scores the student's tokens (no grad, whole batch)
-        tlp = teacher_token_logprobs(w["teacher_model"], g.sequences, g.attention_mask, args.teacher_logit_noise,
-                                     w["noise_gen"])[:, P:]
-        w["teacher_tokens"] += int(rmask.sum())  # tokens the teacher scored (prefill), not generated
-    else:
-        adv = grpo_advantages(rewards, args.group_size if Bl % args.group_size == 0 else Bl).to(device)  # Eq. (9)
 
-    def base_mb(rows):
-        with C.autocast(device):
-            logp, _, kl = C.token_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref_model=ref)
-        logp, kl = logp[:, P:], kl[:, P:]
-        aux = dict(kl=(kl.detach() * rmask[rows]).sum())
-        if args.method == "opd":
-            loss, a = opd_loss(logp, tlp[rows].to(logp), rmask[rows], Bg)
-            aux["adv"] = a.sum()
-        else:
-            loss = grpo_loss(logp, kl, rmask[rows], adv[rows], args.beta, Bg)
-        return loss * world, aux
+def update(args, w, opt, step: int, rank: int, world: int, gen, last_ckpt: int | None) -> dict:
+    """One optimizer step: rollouts + teacher + loss (train_step), all-reduce, clip, AdamW. -> the row to log."""
+    model, timer = w["model"], _timer(w)
+    t0 = time.perf_counter()
+    gen.manual_seed(args.seed * 100003 + step * 101 + rank)  # rollouts replay exactly on --resume
+    if hasattr(w.get("llm"), "reseed") and w["llm"].is_local:  # and so do a local teacher's samples
+        w["llm"].reseed(args.seed * 100003 + step * 101 + rank + 50021)
+    opt.zero_grad(set_to_none=True)
+    loss, m = train_step(args, w, step, rank, world, gen)  # forward + backward
+    loss = loss / world  # this rank's share of the global batch's loss
+    if world > 1:  # log the global loss (and its two terms); every rank then sees a NaN and stops
+        import torch.distributed as dist
 
-    loss, parts = backward_in_micro_batches(len(probs), mb, base_mb)
-    m["kl_ref"] = _sum(parts, "kl") / rmask.sum()
-    if args.method == "opd":
-        m["adv_mean"] = _sum(parts, "adv") / rmask.sum()
-    return loss, m
+        keys = [k for k in ("chunk_term", "kl_term") if k in m]
+        v = torch.stack([loss.float().cpu()] + [m[k].float().cpu() for k in keys])
+        dist.all_reduce(v)
+        loss = v[0]
+        m.update(zip(keys, v[1:]))
+    if not torch.isfinite(loss):
+        kept = (f"the last good checkpoint (step {last_ckpt}) stays in {os.path.join(args.output_dir, 'checkpoint')}"
+                if last_ckpt is not None else "no checkpoint was written (--save_every n keeps one)")
+        raise UserError(f"loss is {loss.item()} at step {step}; {kept}; lower --learning_rate or raise --beta")
+    with timer("optimizer"):
+        C.all_reduce_grads(model, world)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()  # DEVIATION(1): one AdamW step per rollout batch
+    tt = torch.tensor([w["teacher_tokens"], w["student_tokens"]], dtype=torch.float64)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tt)
+    split = {f"time_{k}": round(v, 4) for k, v in timer.take().items()}
+    return dict(loss=loss, grad_norm=gnorm, teacher_tokens=int(tt[0]), student_tokens=int(tt[1]), **m, **split,
+                time_step=round(time.perf_counter() - t0, 4))
+
+
+def time_split(rows: list[dict]) -> dict:
+    """Mean seconds per training step of each phase over the logged steps, and the step total."""
+    steps = [r for r in rows if "time_step" in r]
+    if not steps:
+        return {}
+    out = {k: round(float(np.mean([r.get(f"time_{k}", 0.0) for r in steps])), 4) for k in (*PHASES, "step")}
+    out["other"] = round(out["step"] - sum(out[k] for k in PHASES), 4)
+    return out
 
 
 def main(args):
@@ -919,11 +1272,9 @@ def main(args):
 
     hf_logging.disable_progress_bar()  # no per-model "Loading weights" bars
     C.set_cpu_threads()
+    validate_args(args)  # ranges and combinations: nothing loaded, nothing written
     if args.table:
         return run_table(args)
-    if args.method == "grpo" and args.per_device_batch_size % args.group_size:
-        raise UserError(f"--per_device_batch_size {args.per_device_batch_size} must be a multiple of --group_size "
-                        f"{args.group_size} for grpo")
     rank, world, device = C.ddp_setup()
     if args.device:
         device = C.pick_device(args.device)
@@ -931,75 +1282,28 @@ def main(args):
     t0 = time.time()
     gen = C.seed_everything(args.seed)
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
-    if args.resume and not os.path.isfile(os.path.join(ckpt_dir, "state.pt")):
-        raise UserError(f"--resume: no checkpoint at '{ckpt_dir}'; run without --resume to start fresh")
-    if args.method == "sft":
-        sft_token_target(args, world)  # a bad --match_teacher_tokens fails before anything is loaded
-    w = build(args, device, rank)
-    w.update(device=device, teacher_tokens=0, student_tokens=0, anchor_rng=random.Random(args.seed + 99),
-             noise_gen=torch.Generator().manual_seed(args.seed + 5))
+    data = preflight(args, device)  # models, endpoint, data files: still nothing written
+    C.start_run(args, has_checkpoint=C.find_checkpoint(ckpt_dir) is not None, ignore=RESUME_IGNORES)  # args.json
+    w = build(args, device, rank, data)
     model, tok = w["model"], w["tok"]
-    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    start = 0
+    opt = make_optimizer(model, args)
+    start, before, elapsed0, last_ckpt = 0, None, 0.0, None
     if args.resume:
-        st = C.load_checkpoint(ckpt_dir, model, opt)
-        start = st["step"]
-        w["teacher_tokens"], w["student_tokens"] = st["extra"]["teacher_tokens"], st["extra"]["student_tokens"]
-        before = st["extra"]["before"]
-        rng = st["extra"].get("rng")
-        if rng and len(rng) == world:  # the samplers that live across steps continue where they stopped
-            w["anchor_rng"].setstate(rng[rank][0])
-            w["noise_gen"].set_state(rng[rank][1])
-        if st["extra"].get("sft_tokens_per_response"):  # and so does sft's estimate of a response's length
-            w["sft_tokens_per_response"] = st["extra"]["sft_tokens_per_response"]
-    if main_rank:
-        os.makedirs(args.output_dir, exist_ok=True)
-        C.write_json(os.path.join(args.output_dir, "args.json"), vars(args))
+        start, before, elapsed0 = restore_run(ckpt_dir, w, opt, args, world, rank)
+        last_ckpt = start
+    log = C.MetricLogger(args.output_dir, resume_step=start if args.resume else None)
     if not args.resume:
         before = run_evals(model, tok, w["evals"], w["chat"], args, args.seed, True, rank, world)
         if main_rank:
             tqdm.write("before: " + "  ".join(f"{k} {v:.3f}" for k, v in before.items()))
+        log.log(0, **before, teacher_tokens=0, student_tokens=0)
+    elapsed = lambda: elapsed0 + time.time() - t0  # noqa: E731 - wall time of the run over all its processes
+
     bar = tqdm(range(start, args.max_steps), desc=f"omniopd[{args.method}]", disable=not main_rank, initial=start,
                total=args.max_steps)
-    log = C.MetricLogger(args.output_dir, resume_step=start if args.resume else None)
-    if not args.resume:
-        log.log(0, **before, teacher_tokens=0, student_tokens=0)
-
-    def save(done: int) -> None:  # every rank calls it (the samplers' states are gathered); rank 0 writes
-        C.save_checkpoint(ckpt_dir, model, tok, opt, done, extra=dict(
-            teacher_tokens=w["teacher_tokens"], student_tokens=w["student_tokens"], before=before,
-            rng=gather_rng_states(w, world), sft_tokens_per_response=w.get("sft_tokens_per_response")))
-
     model.train()
     for step in bar:
-        gen.manual_seed(args.seed * 100003 + step * 101 + rank)  # rollouts replay exactly on --resume
-        if hasattr(w.get("llm"), "reseed") and w["llm"].is_local:  # and so do a local teacher's samples
-            w["llm"].reseed(args.seed * 100003 + step * 101 + rank + 50021)
-        opt.zero_grad(set_to_none=True)
-        loss, m = train_step(args, w, step, rank, world, gen)  # forward + backward
-        loss = loss / world  # this rank's share of the global batch's loss
-        if world > 1:  # log the global loss (and its two terms); every rank then sees a NaN and stops
-            import torch.distributed as dist
-
-            keys = [k for k in ("chunk_term", "kl_term") if k in m]
-            v = torch.stack([loss.float().cpu()] + [m[k].float().cpu() for k in keys])
-            dist.all_reduce(v)
-            loss = v[0]
-            m.update(zip(keys, v[1:]))
-        if not torch.isfinite(loss):
-            ck = _ckpt_step(ckpt_dir)
-            kept = (f"the last good checkpoint (step {ck}) stays in {ckpt_dir}" if ck is not None
-                    else "no checkpoint was written (--save_every n keeps one)")
-            raise UserError(f"loss is {loss.item()} at step {step}; {kept}; lower --learning_rate or raise --beta")
-        C.all_reduce_grads(model, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        opt.step()  # DEVIATION(1): one AdamW step per rollout batch
-        tt = torch.tensor([w["teacher_tokens"], w["student_tokens"]], dtype=torch.float64)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(tt)
-        row = dict(loss=loss, grad_norm=gnorm, teacher_tokens=int(tt[0]), student_tokens=int(tt[1]), **m)
+        row = update(args, w, opt, step, rank, world, gen, last_ckpt)
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 and done < args.max_steps:
             row.update(run_evals(model, tok, w["evals"], w["chat"], args, args.seed, False, rank, world))
@@ -1010,32 +1314,42 @@ def main(args):
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "train_acc", "kl_ref", "k_mean", "teacher_tokens")
                              if k in row}, refresh=False)
         if args.save_every and done % args.save_every == 0 and done < args.max_steps:
-            save(done)
+            save_run(ckpt_dir, w, opt, done, before, world, elapsed())
+            last_ckpt = done
     bar.close()
     model.eval()
-    save(args.max_steps)  # before the final eval: a crash there keeps the trained weights
+    save_run(ckpt_dir, w, opt, args.max_steps, before, world, elapsed())  # before the final eval: a crash there keeps the weights
     after = run_evals(model, tok, w["evals"], w["chat"], args, args.seed, True, rank, world)
     if main_rank:
-        log.log(args.max_steps, **after)
-        rows = C.read_jsonl(log.path)
-        last = {k: v for r in rows for k, v in r.items()}  # latest value of every metric
-        summary = dict(method=args.method, toy_teacher=args.toy_teacher, similarity=args.similarity, anchor=args.anchor,
-                       alpha=args.alpha, beta=args.beta, seed=args.seed, student=w["student_path"], teacher=w["teacher_path"],
-                       before=before, after=after, teacher_tokens=last.get("teacher_tokens", 0),
-                       student_tokens=last.get("student_tokens", 0), steps=args.max_steps,
-                       wall_time_s=round(time.time() - t0, 1), device=str(device), world_size=world,
-                       teacher_usage=dict(w["llm"].usage) if w["llm"] is not None else None)
-        C.write_json(os.path.join(args.output_dir, "summary.json"), summary)
-        name = os.path.basename(w["student_path"].rstrip("/"))
-        C.plot_metrics(log.path, os.path.join(args.output_dir, "omniopd.png"),
-                       keys=[k for k in ("loss", "train_acc", "acc_greedy", "kl_ref", "k_mean", "k_mid", "entropy",
-                                         "teacher_tokens", "resp_len") if any(k in r for r in rows)],
-                       title=f"omniopd | {name} | seed {args.seed}")
-        print(f"done in {(time.time() - t0) / 60:.1f} min: acc_greedy {before['acc_greedy']:.3f} -> {after['acc_greedy']:.3f}"
-              f"  acc_sample {before['acc_sample']:.3f} -> {after['acc_sample']:.3f}"
-              + (f"  acc_ood {before['acc_ood']:.3f} -> {after['acc_ood']:.3f}" if "acc_ood" in after else "")
-              + f"  teacher_tokens {summary['teacher_tokens']}  ({args.output_dir})", flush=True)
+        finish(args, w, log, before, after, elapsed(), device, world)
     C.ddp_cleanup()
+
+
+def finish(args, w, log, before: dict, after: dict, wall: float, device, world: int) -> dict:
+    """The final row, summary.json (with the per-phase time split), omniopd.png and the last line."""
+    log.log(args.max_steps, **after)
+    rows = C.read_jsonl(log.path)
+    last = {k: v for r in rows for k, v in r.items()}  # latest value of every metric
+    summary = dict(method=args.method, toy_teacher=args.toy_teacher, similarity=args.similarity, anchor=args.anchor,
+                   alpha=args.alpha, beta=args.beta, seed=args.seed, student=w["student_path"], teacher=w["teacher_path"],
+                   before=before, after=after, teacher_tokens=last.get("teacher_tokens", 0),
+                   student_tokens=last.get("student_tokens", 0), steps=args.max_steps,
+                   wall_time_s=round(wall, 1), time_per_step_s=time_split(rows), device=str(device), world_size=world,
+                   teacher_usage=dict(w["llm"].usage) if w["llm"] is not None else None)
+    C.write_json(os.path.join(args.output_dir, "summary.json"), summary)
+    name = os.path.basename(w["student_path"].rstrip("/"))
+    C.plot_metrics(log.path, os.path.join(args.output_dir, "omniopd.png"),
+                   keys=[k for k in ("loss", "train_acc", "acc_greedy", "kl_ref", "k_mean", "k_mid", "entropy",
+                                     "teacher_tokens", "resp_len", "time_step") if any(k in r for r in rows)],
+                   title=f"omniopd | {name} | seed {args.seed}")
+    ts = summary["time_per_step_s"]
+    if ts:  # where a step's time goes (issue 21), before the last line (the table reads that one)
+        print(f"s/step {ts['step']:.3f}: " + "  ".join(f"{k} {ts[k]:.3f}" for k in (*PHASES, "other")), flush=True)
+    print(f"done in {wall / 60:.1f} min: acc_greedy {before['acc_greedy']:.3f} -> {after['acc_greedy']:.3f}"
+          f"  acc_sample {before['acc_sample']:.3f} -> {after['acc_sample']:.3f}"
+          + (f"  acc_ood {before['acc_ood']:.3f} -> {after['acc_ood']:.3f}" if "acc_ood" in after else "")
+          + f"  teacher_tokens {summary['teacher_tokens']}  ({args.output_dir})", flush=True)
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1086,9 +1400,6 @@ def run_table(args):
     grids = [g.strip() for g in args.table_grid.split(",") if g.strip()]
     if "all" in grids:
         grids = list(TABLE_GRIDS)
-    bad = set(grids) - set(TABLE_GRIDS)
-    if bad:
-        raise UserError(f"unknown --table_grid {sorted(bad)}; use {', '.join(TABLE_GRIDS)} or all")
     seeds = [int(s) for s in args.table_seeds.split(",")]
     abl = [int(s) for s in args.table_ablation_seeds.split(",")]
     common_flags = ["--max_steps", str(args.max_steps), "--per_device_batch_size", str(args.per_device_batch_size),
@@ -1101,13 +1412,19 @@ def run_table(args):
         out = os.path.join(args.output_dir, "runs", f"{slug}-s{s}")
         summ = os.path.join(out, "summary.json")
         if not os.path.isfile(summ):
-            cmd = [sys.executable, os.path.abspath(__file__), *common_flags, *fl, "--seed", str(s), "--output_dir", out]
+            again = []  # an arm killed earlier: continue it from its checkpoint, or start it over
+            if os.path.isfile(os.path.join(out, "args.json")):
+                again = ["--resume"] if C.find_checkpoint(os.path.join(out, "checkpoint")) else ["--overwrite"]
+            cmd = [sys.executable, os.path.abspath(__file__), *common_flags, *fl, "--seed", str(s), "--output_dir", out,
+                   *again]
             print(f"[table {i + 1}/{len(todo)}] {' '.join(cmd[1:])}", flush=True)
             r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             if r.returncode != 0:
                 print(f"  failed (exit {r.returncode}): {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''}", flush=True)
                 continue
             print("  " + r.stdout.strip().splitlines()[-1], flush=True)
+        if not os.path.isfile(summ):
+            continue
         with open(summ) as f:
             results.append({**json.load(f), "group": g, "label": lab, "seed": s, "kl_ref_end": final_kl_ref(out),
                             "run_dir": out})

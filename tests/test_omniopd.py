@@ -1,17 +1,41 @@
 """Tests of omniopd.py: chunk scheduler, similarities, posterior, losses against hand-computed and
-independent values; teacher prefixes; entropy alignment; the CLI (smoke run, errors, a real local
-OpenAI-compatible teacher endpoint, torchrun with 2 CPU processes)."""
+independent values; teacher prefixes; entropy alignment; one full update of every method against a plain
+reference written here (loops over rows and tokens: anchors, teacher prefixes, agreement, posterior, loss,
+gradient, every logged metric, token counts); every arm-defining flag changes the update; the pi_ref forward
+only where the loss needs it; the per-phase time split; bad input (one line, exit 2, nothing written); the
+output-dir / resume policy; endpoint faults against tests/fault_server.py; the CLI (smoke run, a real local
+OpenAI-compatible teacher endpoint, torchrun with 2 CPU processes, kill -9 + --resume, Ctrl-C, the real
+SmolLM2 checkpoint).
+
+Breakages these tests catch (each made by editing one line of omniopd.py and watching a test fail):
+  entropy taken one position off in the training step; log-probs one position off; KL(pi_ref || pi) one
+  position off; pbar taken as -mean log pi instead of exp(mean log pi); the entropy metric averaged over pads;
+  sft training an EOS after a teacher reply cut at max_tokens; opd's teacher tokens not counted; opd's
+  advantage sign flipped; grpo groups spanning the whole batch; --alpha, --similarity, --anchor random,
+  --teacher_chunk_unit, --teacher_logit_noise or --teacher_token_budget read nowhere; pi_ref run on every step
+  for opd / sft; the last step's diagnostic KL missing; --chunk_tokens > --max_new_tokens accepted; grpo with
+  --group_size 1 accepted; a --beta change accepted on --resume; the optimizer phase not timed; the distinct
+  diagnostic miscounted; phi = embed through the LM head; --request_timeout not passed as the endpoint's
+  deadline; a killed table arm rerun without --overwrite; omniopd's or the student's token counters not
+  counted; a data line without 'answer' accepted.
+"""
 import json
+import math
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 import common as C  # noqa: E402
 import omniopd as O  # noqa: E402
 
@@ -320,18 +344,6 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert s["world_size"] == 2 and s["student_tokens"] > 0
 
 
-@pytest.mark.slow
-def test_resume_continues_from_checkpoint(tmp_path):
-    r = _run(["--max_steps", "2", "--save_every", "1", "--per_device_batch_size", "4", "--eval_size", "8",
-              "--output_dir", str(tmp_path)])
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = _run(["--max_steps", "4", "--resume", "--per_device_batch_size", "4", "--eval_size", "8",
-              "--output_dir", str(tmp_path)])
-    assert r.returncode == 0, r.stderr[-2000:]
-    steps = [row["step"] for row in C.read_jsonl(str(tmp_path / "metrics.jsonl"))]
-    assert steps[0] == 0 and max(steps) == 4 and 3 in steps
-
-
 # ---- the toy table ---------------------------------------------------------------------------------
 
 
@@ -581,3 +593,705 @@ def test_resume_replays_an_uninterrupted_run(tmp_path, flags):
     a, b = (C.read_jsonl(str(tmp_path / d / "metrics.jsonl")) for d in ("a", "b"))
     pick = lambda rows: [(r["step"], r["loss"], r["teacher_tokens"]) for r in rows if "loss" in r]
     assert pick(a) == pick(b) and len(pick(a)) == 4
+
+
+# ---- one full update against a plain reference (loops over rows and tokens) ---------------------
+
+
+def _plain_row_logsoftmax(model, seq_row, mask_row):
+    """One row, its padding stripped, positions 0.. : (real ids, (L, V) log-softmax) by a plain forward."""
+    n_pad = 0
+    while mask_row[n_pad] == 0:  # left padding only (a row that ended early has mask 0 after its EOS too)
+        n_pad += 1
+    ids = seq_row[n_pad:]
+    with torch.enable_grad():
+        logits = model(input_ids=ids[None], position_ids=torch.arange(len(ids))[None]).logits[0].float()
+    return n_pad, ids, torch.log_softmax(logits, -1)
+
+
+def _plain_ned(a, b):
+    if not a and not b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    d = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, d[0] = d[0], i
+        for j, cb in enumerate(b, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (ca != cb))
+    return 1.0 - d[-1] / max(len(a), len(b))
+
+
+class TableTeacher:
+    """Text-only stub teacher: continuation i of prefix p is a fixed function of (len(p), i);
+    1 character = 1 token of usage; records what it was asked."""
+    is_local = False
+
+    def __init__(self):
+        self.usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.asked = []
+
+    def complete(self, prompts, n=1, max_tokens=8, **kw):
+        outs = [[("0123;456=789;" * 3)[(len(p) * 3 + 5 * i) % 11:][:max_tokens] for i in range(n)] for p in prompts]
+        self.asked.append((list(prompts), n, max_tokens))
+        self.usage["completion_tokens"] += sum(len(z) for o in outs for z in o)
+        return outs
+
+
+class EchoTeacher(TableTeacher):
+    """Text-only stub whose continuations are variants of the student's *own* next text after the
+    prefix (read from the recorded rollout: a test stub may look behind the prompt), so the agreement
+    k falls inside (0, N) instead of being 0 for a random student."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.tok, self.seen, self.returned = tok, None, []
+
+    def complete(self, prompts, n=1, max_tokens=8, **kw):
+        g = self.seen[-1]
+        nxt = {}
+        for b in range(g.response_ids.shape[0]):
+            ids = g.response_ids[b].tolist()
+            for t in range(len(ids)):
+                for p in self.prompts_seen:
+                    nxt.setdefault(p + self.tok.decode(ids[:t], skip_special_tokens=True),
+                                   self.tok.decode(ids[t:t + max_tokens], skip_special_tokens=True))
+        outs = []
+        for p in prompts:
+            s = nxt.get(p, "")
+            outs.append([[s + "1;", s[::-1], "9" + s[1:], "", s[:1]][i % 5] for i in range(n)])  # may run past s
+        self.asked.append((list(prompts), n, max_tokens))
+        self.returned += outs
+        self.usage["completion_tokens"] += sum(len(z) for o in outs for z in o)
+        return outs
+
+
+def _world(model, ref, tok, llm=None, teacher=None, n_train=16):
+    return dict(model=model, tok=tok, ref=ref, chat=False, llm=llm, teacher_model=teacher, embedder=None, teacher_tok=None,
+                teacher_chat=False, train=C.toy_dataset("train", n_train, seed=0, domains=("add",)),
+                device=torch.device("cpu"), teacher_tokens=0, student_tokens=0, anchor_rng=random.Random(0),
+                noise_gen=torch.Generator().manual_seed(0))
+
+
+def _tiny_pair(shift=0.05):
+    model, tok = C.tiny_lm(n_layer=2, d_model=32, seed=0)
+    ref = C.tiny_lm(n_layer=2, d_model=32, seed=0)[0].eval()
+    with torch.no_grad():  # the student moved away from pi_ref: the KL anchor is not 0
+        for p in model.parameters():
+            p.add_(shift * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model, ref, tok
+
+
+def _one_update(monkeypatch, method, flags, llm=None, teacher=None, step=3, models=None):
+    """Run O.train_step once; return (loss, metrics, grads, the recorded Generation, w, args, models)."""
+    model, ref, tok = models or _tiny_pair()
+    args = O.parse_args(["--method", method, "--output_dir", "x", *flags])
+    w = _world(model, ref, tok, llm, teacher)
+    seen = []
+    real_generate = C.generate
+
+    def recording_generate(*a, **kw):
+        g = real_generate(*a, **kw)
+        seen.append(g)
+        return g
+
+    monkeypatch.setattr(C, "generate", recording_generate)
+    if isinstance(llm, EchoTeacher):
+        llm.seen = seen
+        llm.prompts_seen = [p.prompt for p in w["train"]]
+    model.zero_grad(set_to_none=True)
+    model.train()
+    loss, m = O.train_step(args, w, step, 0, 1, torch.Generator().manual_seed(11))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss, m, grads, (seen[0] if seen else None), w, args, (model, ref, tok)
+
+
+def _assert_grads(model, ref_loss, grads):
+    model.zero_grad(set_to_none=True)
+    ref_loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=2e-6, rtol=2e-4, msg=n)
+    model.zero_grad(set_to_none=True)
+
+
+def _rows(g, model, ref=None):
+    """Per row: (response ids list, log pi(y_t) list of tensors, entropy list, KL(ref||pi) list)."""
+    out = []
+    P = g.prompt_len
+    for b in range(g.sequences.shape[0]):
+        T = int(g.response_mask[b].sum())
+        n_pad, ids, lsm = _plain_row_logsoftmax(model, g.sequences[b], g.attention_mask[b])
+        rlsm = _plain_row_logsoftmax(ref, g.sequences[b], g.attention_mask[b])[2].detach() if ref is not None else None
+        lp, ent, kl = [], [], []
+        for t in range(T):
+            pos = P - n_pad + t  # the response token's position in the unpadded row
+            dist = lsm[pos - 1]  # the distribution that produced it
+            lp.append(dist[int(ids[pos])])
+            ent.append(float(-(dist.exp() * dist).sum().detach()))
+            if rlsm is not None:
+                kl.append((rlsm[pos - 1].exp() * (rlsm[pos - 1] - dist)).sum())
+        out.append((g.response_ids[b, :T].tolist(), lp, ent, kl))
+    return out
+
+
+def test_omniopd_update_matches_a_plain_reference(monkeypatch):
+    """Eq. (1)-(7) end to end on a fixed batch: anchors, teacher prefixes, ned agreement, posterior,
+    loss, gradient and every logged metric, recomputed with loops."""
+    C_, M, N, alpha, beta = 2, 2, 5, 0.7, 0.3
+    model, ref, tok = _tiny_pair()
+    teacher = EchoTeacher(tok)
+    loss, m, grads, g, w, args, _ = _one_update(
+        monkeypatch, "omniopd", ["--per_device_batch_size", "3", "--chunk_tokens", str(C_), "--num_chunks", str(M),
+                                 "--teacher_samples", str(N), "--max_new_tokens", "8", "--alpha", str(alpha),
+                                 "--beta", str(beta)], llm=teacher, models=(model, ref, tok))
+    B = 3
+    probs = O.batch_problems(w["train"], 3, B, 0)
+    rows = _rows(g, model, ref)
+    # anchors (Eq. 3) by a plain loop, then the teacher's requests (Eq. 4)
+    total = chunk_term = kl_term = 0.0
+    ks, phats, pbars, n_chunks, prefixes, texts = [], [], [], 0, [], []
+    starts_all = []
+    for b, (ids, lp, ent, kl) in enumerate(rows):
+        T, acc = len(ids), []
+        for t in sorted(range(T - C_ + 1), key=lambda t: (ent[t], t), reverse=True):
+            if len(acc) < M and all(abs(t - u) >= C_ for u in acc):
+                acc.append(t)
+        acc = [t for t in sorted(acc) if tok.decode(ids[t:t + C_], skip_special_tokens=True)]
+        starts_all.append(acc)
+        for t in acc:
+            prefixes.append(probs[b].prompt + tok.decode(ids[:t], skip_special_tokens=True))
+            texts.append(tok.decode(ids[t:t + C_], skip_special_tokens=True))
+    assert teacher.asked[0][0] == prefixes and teacher.asked[0][1] == N
+    max_tokens = max(1, min(C_, max(len(s) for s in texts)))
+    assert teacher.asked[0][2] == max_tokens
+    conts = teacher.returned  # what the teacher said (its prefixes were checked above)
+    assert len(conts) == len(prefixes)
+    i = 0
+    for b, (ids, lp, ent, kl) in enumerate(rows):
+        audited = set()
+        row_chunk = 0.0
+        for t in starts_all[b]:
+            k = sum(_plain_ned(texts[i], z[:len(texts[i])]) for z in conts[i])  # Eq. (5), chars mode
+            pbar = math.exp(sum(float(lp[u].detach()) for u in range(t, t + C_)) / C_)  # Eq. (6)
+            phat = (k + alpha * pbar) / (N + alpha)
+            ks.append(k), pbars.append(pbar), phats.append(phat)
+            row_chunk = row_chunk - phat * sum(lp[u] for u in range(t, t + C_))
+            audited |= set(range(t, t + C_))
+            i += 1
+        n_chunks += len(starts_all[b])
+        row_kl = sum((kl[t] for t in range(len(ids)) if t not in audited), torch.tensor(0.0))
+        chunk_term = chunk_term + row_chunk / B
+        kl_term = kl_term + beta * row_kl / B
+    total = chunk_term + kl_term
+    assert len(ks) >= 3, "the fixed batch should audit several chunks"
+    assert any(0 < k < N for k in ks), "the agreement should be informative"
+    torch.testing.assert_close(loss, total.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m["chunk_term"], chunk_term.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m["kl_term"], kl_term.detach(), atol=1e-6, rtol=1e-5)
+    n_tok = sum(len(r[0]) for r in rows)
+    assert m["kl_ref"] == pytest.approx(float(sum(float(x.detach()) for r in rows for x in r[3])) / n_tok, rel=1e-4, abs=1e-7)
+    assert float(m["kl_ref"]) > 1e-4
+    assert float(m["entropy"]) == pytest.approx(sum(x for r in rows for x in r[2]) / n_tok, rel=1e-5)
+    assert float(m["k_mean"]) == pytest.approx(np.mean(ks), abs=1e-5)
+    assert float(m["k_mid"]) == pytest.approx(np.mean([0.05 * N < k < 0.95 * N for k in ks]))
+    assert float(m["phat_mean"]) == pytest.approx(np.mean(phats), abs=1e-5)
+    assert float(m["pbar_mean"]) == pytest.approx(np.mean(pbars), abs=1e-5)
+    assert float(m["chunks"]) == pytest.approx(n_chunks / B)
+    assert float(m["resp_len"]) == pytest.approx(n_tok / B)
+    assert w["student_tokens"] == n_tok
+    assert w["teacher_tokens"] == sum(len(z) for zs in conts for z in zs)  # what the teacher generated, uncut
+    _assert_grads(model, total, grads)
+
+
+def test_opd_update_matches_a_plain_reference(monkeypatch):
+    teacher = C.tiny_lm(n_layer=2, d_model=32, seed=3)[0].eval()
+    loss, m, grads, g, w, args, (model, ref, tok) = _one_update(
+        monkeypatch, "opd", ["--per_device_batch_size", "3", "--max_new_tokens", "6"], teacher=teacher)
+    B, tot, adv_sum = 3, 0.0, 0.0
+    rows, trows = _rows(g, model, ref), _rows(g, teacher)
+    for (ids, lp, _, _), (_, tlp, _, _) in zip(rows, trows):
+        for t in range(len(ids)):
+            a = -(float(lp[t].detach()) - float(tlp[t].detach()))  # Eq. (8), detached
+            adv_sum += a
+            tot = tot - a * lp[t] / B
+    n_tok = sum(len(r[0]) for r in rows)
+    torch.testing.assert_close(loss, tot.detach(), atol=1e-5, rtol=1e-5)
+    assert float(m["adv_mean"]) == pytest.approx(adv_sum / n_tok, rel=1e-4)
+    assert float(m["kl_ref"]) == pytest.approx(sum(float(x.detach()) for r in rows for x in r[3]) / n_tok, rel=1e-4)
+    assert w["teacher_tokens"] == n_tok  # opd's teacher scores (prefills) the student's tokens
+    _assert_grads(model, tot, grads)
+
+
+def test_grpo_update_matches_a_plain_reference(monkeypatch):
+    reward = lambda text, answer: len(text) % 3 == 0  # noqa: E731 - a reward that varies within groups
+    monkeypatch.setattr(C, "is_correct", reward)
+    beta = 0.2
+    loss, m, grads, g, w, args, (model, ref, tok) = _one_update(
+        monkeypatch, "grpo", ["--per_device_batch_size", "4", "--group_size", "2", "--max_new_tokens", "6",
+                              "--beta", str(beta)])
+    B, G = 4, 2
+    r = [float(reward(t, None)) for t in g.texts]
+    assert len(set(r)) > 1
+    rows = _rows(g, model, ref)
+    tot = 0.0
+    for b, (ids, lp, _, kl) in enumerate(rows):
+        grp = r[b // G * G:b // G * G + G]
+        mean = sum(grp) / G
+        std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (G - 1))
+        a = (r[b] - mean) / (std + 1e-4)  # Eq. (9)
+        tot = tot + (-a * sum(lp, torch.tensor(0.0)) + beta * sum(kl, torch.tensor(0.0))) / B
+    torch.testing.assert_close(loss, tot.detach(), atol=1e-5, rtol=1e-5)
+    assert float(m["train_acc"]) == pytest.approx(sum(r) / B)
+    _assert_grads(model, tot, grads)
+
+
+class CutTeacher:
+    """Text-only stub with finish reasons: the second prompt's reply is cut at max_tokens."""
+    is_local = False
+
+    def __init__(self):
+        self.usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.last_finish_reasons = []
+
+    def complete(self, prompts, n=1, max_tokens=8, **kw):
+        outs, why = [], []
+        for j, p in enumerate(prompts):
+            full = "011;123;=3" if j % 2 == 0 else "033;358;886;628;=8"
+            outs.append([full[:max_tokens]] * n)
+            why.append(["stop" if len(full) <= max_tokens else "length"] * n)
+        self.usage["completion_tokens"] += sum(len(z) for o in outs for z in o)
+        self.last_finish_reasons = why
+        return outs
+
+
+def test_sft_update_matches_a_plain_reference_and_trains_no_eos_after_a_cut_reply(monkeypatch):
+    teacher = CutTeacher()
+    loss, m, grads, g, w, args, (model, ref, tok) = _one_update(
+        monkeypatch, "sft", ["--per_device_batch_size", "2", "--max_new_tokens", "12", "--teacher_token_budget", "none"],
+        llm=teacher)
+    assert g is None  # sft makes no student rollout
+    probs = O.batch_problems(w["train"], 3, 2, 0)
+    tot, n_tok, eos_rows = 0.0, 0, []
+    for j, p in enumerate(probs):
+        full = "011;123;=3" if j % 2 == 0 else "033;358;886;628;=8"
+        p_ids = tok(p.prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tok(full[:12], add_special_tokens=False)["input_ids"][:12]
+        ended = len(full) <= 12
+        if ended:
+            r_ids = r_ids + [tok.eos_token_id]
+        eos_rows.append(ended)
+        ids = torch.tensor(p_ids + r_ids)
+        lsm = torch.log_softmax(model(input_ids=ids[None], position_ids=torch.arange(len(ids))[None]).logits[0].float(), -1)
+        for pos in range(len(p_ids), len(ids)):
+            tot = tot - lsm[pos - 1][int(ids[pos])] / 2  # Eq. (10)
+            n_tok += 1
+    assert eos_rows == [True, False]
+    torch.testing.assert_close(loss, tot.detach(), atol=1e-5, rtol=1e-5)
+    assert float(m["sft_cut"]) == 0.5 and m["sft_responses"] == 2
+    assert w["teacher_tokens"] == 10 + 12
+    _assert_grads(model, tot, grads)
+
+
+# ---- every arm-defining flag changes the update ---------------------------------------------------
+
+_BASE = ["--per_device_batch_size", "4", "--group_size", "2", "--chunk_tokens", "2", "--num_chunks", "2",
+         "--teacher_samples", "3", "--max_new_tokens", "10"]
+
+
+@pytest.mark.parametrize("method,flags", [
+    ("omniopd", ["--similarity", "rouge1"]), ("omniopd", ["--similarity", "embed"]), ("omniopd", ["--anchor", "random"]),
+    ("omniopd", ["--alpha", "3"]), ("omniopd", ["--beta", "0.9"]), ("omniopd", ["--chunk_tokens", "3"]),
+    ("omniopd", ["--num_chunks", "1"]), ("omniopd", ["--teacher_samples", "2"]),
+    ("omniopd", ["--teacher_chunk_unit", "tokens"]), ("omniopd", ["--temperature", "0.5"]),
+    ("omniopd", ["--method", "kl_only"]), ("opd", ["--teacher_logit_noise", "4"]), ("grpo", ["--group_size", "4"]),
+    ("grpo", ["--beta", "0.9"]), ("sft", ["--teacher_token_budget", "none"]), ("sft", ["--match_teacher_tokens", "40"]),
+])
+def test_every_arm_flag_changes_the_update(monkeypatch, method, flags):
+    """The update's gradient with the flag differs from the default arm's (a flag read nowhere fails)."""
+    models = _tiny_pair()
+    teacher = C.tiny_lm(n_layer=2, d_model=32, seed=3)[0].eval()
+    monkeypatch.setattr(C, "is_correct", lambda text, answer: len(text) % 3 == 0)  # rewards vary within groups
+    if "embed" in flags:  # phi = embed reads w["embedder"]: pi_ref's backbone, as O.build makes it
+        plain_world = _world
+        monkeypatch.setattr(sys.modules[__name__], "_world", lambda *a, **kw: dict(
+            plain_world(*a, **kw), embedder=O.make_embedder(models[1], models[2])))
+
+    def grads(extra):
+        m_ = method
+        if "--method" in extra:
+            m_, extra = extra[1], extra[2:]
+        llm = CutTeacher() if m_ == "sft" else EchoTeacher(models[2])
+        return _one_update(monkeypatch, m_, _BASE + extra, llm=llm, teacher=teacher, models=models)[2]
+
+    a, b = grads([]), grads(flags)
+    assert a and b
+    diff = max(float((a[n] - b[n]).abs().max()) for n in a)
+    assert diff > 1e-7, f"{flags} did not change the update"
+
+
+# ---- the pi_ref forward only where the loss uses it; the per-phase time split ----------------------
+
+
+def _count_ref_forwards(ref):
+    calls = []
+    getattr(ref, "base_model", ref).register_forward_hook(lambda *a: calls.append(1))  # token_logprobs runs the backbone
+    return calls
+
+
+@pytest.mark.parametrize("method,beta,every,step,want", [
+    ("opd", 0.1, 0, 3, False), ("opd", 0.1, 3, 3, True), ("opd", 0.1, 3, 4, False), ("opd", 0.1, 5, 79, True),
+    ("sft", 0.1, 0, 3, False), ("omniopd", 0.1, 0, 3, True), ("omniopd", 0.0, 0, 3, False), ("grpo", 0.0, 0, 3, False),
+    ("grpo", 0.1, 0, 4, True),
+])
+def test_reference_forward_only_where_the_loss_or_the_diagnostic_needs_it(monkeypatch, method, beta, every, step, want):
+    """opd / sft (and beta 0) never use pi_ref in the loss: its forward runs only every --ref_kl_every
+    steps (and at the last step), and the gradient is the same with or without it."""
+    teacher = C.tiny_lm(n_layer=2, d_model=32, seed=3)[0].eval()
+    models = _tiny_pair()
+    calls = _count_ref_forwards(models[1])
+    flags = _BASE + ["--beta", str(beta), "--ref_kl_every", str(every), "--max_steps", "80"]
+    llm = CutTeacher() if method == "sft" else TableTeacher()
+    loss, m, grads, *_ = _one_update(monkeypatch, method, flags, llm=llm, teacher=teacher, step=step, models=models)
+    assert bool(calls) == want and ("kl_ref" in m) == want
+    if not want and method in ("opd", "sft"):  # the same update as with the diagnostic on
+        calls.clear()
+        loss2, _, grads2, *_ = _one_update(monkeypatch, method, _BASE + ["--ref_kl_every", "1"], llm=type(llm)(),
+                                           teacher=teacher, step=step, models=models)
+        assert calls and torch.equal(loss, loss2)
+        for n in grads:
+            assert torch.equal(grads[n], grads2[n]), n
+
+
+def test_time_split_is_logged_per_phase(monkeypatch):
+    teacher = C.tiny_lm(n_layer=2, d_model=32, seed=3)[0].eval()
+    model, ref, tok = _tiny_pair()
+    args = O.parse_args(["--method", "omniopd", "--output_dir", "x", *_BASE])
+    w = _world(model, ref, tok, TableTeacher(), teacher)
+    opt = O.make_optimizer(model, args)
+    row = O.update(args, w, opt, 0, 0, 1, torch.Generator(), None)
+    for k in O.PHASES:
+        assert row[f"time_{k}"] > 0, k
+    assert sum(row[f"time_{k}"] for k in O.PHASES) <= row["time_step"] + 1e-3
+    rows = [{"step": 1, "time_generate": 1.0, "time_teacher": 0.5, "time_forward": 0.25, "time_backward": 0.5,
+             "time_optimizer": 0.25, "time_step": 3.0},
+            {"step": 2, "time_generate": 3.0, "time_teacher": 0.5, "time_forward": 0.25, "time_backward": 0.5,
+             "time_optimizer": 0.25, "time_step": 5.0}, {"step": 2, "acc_greedy": 0.5}]
+    assert O.time_split(rows) == {"generate": 2.0, "teacher": 0.5, "forward": 0.25, "backward": 0.5, "optimizer": 0.25,
+                                  "step": 4.0, "other": 0.5}
+
+
+def test_adamw_kernels():
+    """foreach (the toy's default) is bit-identical to the for-loop AdamW; fused is a different kernel."""
+    outs = {}
+    for impl in ("for_loop", "foreach", "fused"):
+        model, _ = C.tiny_lm(n_layer=1, d_model=32, seed=0)
+        opt = O.make_optimizer(model, O.parse_args(["--adamw_impl", impl, "--output_dir", "x"]))
+        assert opt.defaults.get("fused") == (impl == "fused") or impl != "fused"
+        assert bool(opt.defaults.get("foreach")) == (impl == "foreach")
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        outs[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.equal(outs["foreach"], outs["for_loop"])
+    torch.testing.assert_close(outs["fused"], outs["for_loop"], atol=1e-5, rtol=0)
+    assert O.parse_args(["--output_dir", "x"]).adamw_impl == "foreach"
+    assert O.parse_args(["--model_name_or_path", "m", "--output_dir", "x"]).adamw_impl == "fused"
+
+
+# ---- diagnostics, embed backbone ---------------------------------------------------------------------
+
+
+def test_verification_diagnostics_hand_values():
+    chunks = ["347;", "12"]
+    conts = [["347;", "347;", "999;"], ["12", "13", "14"]]
+    k = O.chunk_agreement(chunks, conts, "ned")
+    d = O.verification_diagnostics(chunks, conts, k, 3, "ned")
+    assert float(d["k_mean"]) == pytest.approx((2 + 0.25 + 1 + 0.5 + 0.5) / 2)
+    assert float(d["k_mid"]) == 1.0
+    assert d["distinct"] == pytest.approx((2 / 3 + 1) / 2)
+    assert d["copy"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    # phi_null: chunk 0 vs chunk 1's first continuation "12"; chunk 1 vs chunk 0's "347;"
+    assert float(d["phi_null"]) == pytest.approx((_plain_ned("347;", "12") + _plain_ned("12", "347;")) / 2)
+
+
+def test_embed_runs_the_backbone_only(tiny):
+    model, tok = tiny
+
+    def boom(*a, **kw):
+        raise AssertionError("the LM head ran")
+
+    texts = ["033;358;", "hello", "1"]
+    want = []
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok(t)["input_ids"][:-1]])  # ByT5 appends EOS; a prompt has none
+            h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0].float()
+            want.append(h.mean(0))
+    handle = model.lm_head.register_forward_pre_hook(boom)
+    try:
+        got = O.make_embedder(model, tok)(texts)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-4)
+
+
+# ---- bad input: one line, exit 2, nothing written -----------------------------------------------------
+
+BAD_FLAGS = [
+    (["--method", "grpo", "--group_size", "0"], "--group_size"), (["--method", "grpo", "--group_size", "1"], "group_size"),
+    (["--method", "grpo", "--per_device_batch_size", "6"], "multiple of --group_size"),
+    (["--alpha", "-8"], "--alpha"), (["--beta", "-0.1"], "--beta"), (["--beta", "nan"], "--beta"),
+    (["--chunk_tokens", "40"], "--chunk_tokens 40 > --max_new_tokens"), (["--eval_size", "0"], "--eval_size"),
+    (["--learning_rate", "0"], "--learning_rate"), (["--temperature", "0"], "--temperature"),
+    (["--max_grad_norm", "0"], "--max_grad_norm"), (["--micro_batch_size", "0"], "--micro_batch_size"),
+    (["--max_steps", "-1"], "--max_steps"), (["--save_every", "-2"], "--save_every"),
+    (["--ref_kl_every", "-1"], "--ref_kl_every"), (["--request_timeout", "0"], "--request_timeout"),
+    (["--teacher_samples", "0"], "--teacher_samples"), (["--num_chunks", "0"], "--num_chunks"),
+    (["--method", "kl_only", "--beta", "0"], "kl_only"), (["--teacher_access", "text"], "changes nothing"),
+    (["--method", "opd", "--teacher_access", "text"], "text-only"),
+    (["--method", "opd", "--toy_teacher", "other_tokenizer"], "another tokenizer"),
+    (["--teacher_logit_noise", "2"], "opd only"), (["--teacher_api_base", "http://127.0.0.1:9"], "--teacher_api_model"),
+    (["--method", "grpo", "--teacher_api_base", "http://h", "--teacher_api_model", "m"], "no text teacher"),
+    (["--teacher_api_base", "http://h", "--teacher_api_model", "m", "--teacher_api_key_env", "NO_SUCH_VAR_XYZ"],
+     "NO_SUCH_VAR_XYZ"), (["--sim_model", "m"], "--sim_model"), (["--match_teacher_tokens", "5"], "match_teacher_tokens"),
+    (["--resume", "--overwrite"], "exclude each other"), (["--table", "--table_grid", "main,nope"], "nope"),
+    (["--table", "--table_seeds", "0,a"], "--table_seeds"),
+]
+
+
+@pytest.mark.parametrize("flags,msg", BAD_FLAGS)
+def test_validate_args_refuses(tmp_path, flags, msg):
+    with pytest.raises(C.UserError, match=re.escape(msg)):
+        O.validate_args(O.parse_args(["--output_dir", "x", *flags]))
+    out = tmp_path / "out"
+    with pytest.raises(C.UserError, match=re.escape(msg)):  # main checks first: nothing loaded, nothing written
+        O.main(O.parse_args(["--output_dir", str(out), *flags]))
+    assert not out.exists()
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    """As a user sees it (4 processes at once; every other bad input goes through the same main in
+    test_validate_args_refuses): a bad flag, a missing teacher, a bad data file, a hung endpoint (refused
+    at the preflight within --request_timeout): exit 2, one line, no output dir."""
+    from fault_server import FaultServer
+
+    (tmp_path / "bad.jsonl").write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff", "answer": "2"}\n')
+    with FaultServer([], then="hang") as srv:
+        cases = [(["--alpha", "-8"], "--alpha"), (["--teacher", str(tmp_path / "no_such_teacher")], "no_such_teacher"),
+                 (["--train_file", str(tmp_path / "bad.jsonl")], "bad.jsonl:2: not valid UTF-8"),
+                 (["--teacher_api_base", srv.url, "--teacher_api_model", "m", "--request_timeout", "2"],
+                  "did not answer in time")]
+        t = time.time()
+        procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "omniopd.py"), *f, "--output_dir",
+                                   str(tmp_path / f"out{i}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=ENV, cwd=ROOT) for i, (f, _) in enumerate(cases)]
+        for i, (p, (f, words)) in enumerate(zip(procs, cases)):
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 2, (f, err[-1500:])
+            assert err.count("\n") == 1 and err.startswith("error:") and words in err, (f, err)
+            assert not (tmp_path / f"out{i}").exists(), f
+        assert time.time() - t < 90  # seconds, not the minutes of loading and evaluating before
+
+
+def test_preflight_names_bad_data_lines_and_missing_models(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    for content, want in [(b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff"}\n', "bad.jsonl:2: not valid UTF-8"),
+                          (b'{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n', "bad.jsonl:2: the record lacks"),
+                          (b'{"prompt": "a", "answer": "1"}\nnot json\n', "bad.jsonl:2: not valid JSON"), (b"", "is empty")]:
+        bad.write_bytes(content)
+        with pytest.raises(C.UserError, match=re.escape(want)):
+            O.preflight(O.parse_args(["--train_file", str(bad), "--output_dir", "x"]), torch.device("cpu"))
+    with pytest.raises(C.UserError, match="no_such"):
+        O.preflight(O.parse_args(["--teacher", str(tmp_path / "no_such"), "--output_dir", "x"]), torch.device("cpu"))
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    with pytest.raises(C.UserError):
+        O.main(O.parse_args(["--model_name_or_path", str(empty), "--output_dir", str(tmp_path / "o")]))
+    assert not (tmp_path / "o").exists()
+
+
+# ---- output dir policy and resume refusals -------------------------------------------------------------
+
+
+def test_output_dir_policy_and_resume_refusals(tmp_path, monkeypatch):
+    monkeypatch.setattr(O, "run_evals", lambda *a, **kw: {"acc_greedy": 0.25, "acc_sample": 0.5})
+    out = str(tmp_path / "run")
+    base = ["--per_device_batch_size", "2", "--eval_size", "2", "--max_new_tokens", "8", "--output_dir", out]
+    O.main(O.parse_args(["--max_steps", "1", *base]))
+    first = (tmp_path / "run" / "summary.json").read_text()
+    with pytest.raises(C.UserError, match="already holds a run"):
+        O.main(O.parse_args(["--max_steps", "1", *base]))
+    with pytest.raises(C.UserError, match=re.escape("--beta 0.1 -> 0.2")):
+        O.main(O.parse_args(["--max_steps", "1", "--resume", "--beta", "0.2", *base]))
+    with pytest.raises(C.UserError, match=re.escape("--learning_rate 0.0003 -> 0.001")):
+        O.main(O.parse_args(["--max_steps", "1", "--resume", "--learning_rate", "1e-3", *base]))
+    with pytest.raises(C.UserError, match=re.escape("--similarity ned -> rouge1")):
+        O.main(O.parse_args(["--max_steps", "1", "--resume", "--similarity", "rouge1", *base]))
+    assert (tmp_path / "run" / "summary.json").read_text() == first  # refusals touched nothing
+    O.main(O.parse_args(["--max_steps", "1", "--overwrite", "--seed", "1", *base]))  # replaces the run
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["seed"] == 1
+    # --resume where no checkpoint is: refused
+    C.write_json(str(tmp_path / "nock" / "args.json"), vars(O.parse_args(base)))
+    with pytest.raises(C.UserError, match="no checkpoint"):
+        O.main(O.parse_args(["--resume", *base[:-1], str(tmp_path / "nock")]))
+    with pytest.raises(C.UserError, match="holds no run"):
+        O.main(O.parse_args(["--resume", *base[:-1], str(tmp_path / "empty")]))
+
+
+def test_table_reruns_a_killed_arm_with_overwrite_or_resume(tmp_path, monkeypatch):
+    cmds = []
+
+    class Done:
+        returncode, stdout = 1, "x"
+
+    monkeypatch.setattr(O.subprocess, "run", lambda cmd, **kw: cmds.append(cmd) or Done())
+    monkeypatch.setattr(O, "write_table", lambda *a, **kw: "")
+    args = O.parse_args(["--table", "--table_grid", "main", "--table_seeds", "0", "--output_dir", str(tmp_path)])
+    runs = tmp_path / "runs"
+    (runs / "same_omniopd_ned-s0").mkdir(parents=True)
+    (runs / "same_omniopd_ned-s0" / "args.json").write_text("{}")  # killed before its checkpoint
+    C.save_checkpoint(str(runs / "same_opd-s0" / "checkpoint"), step=80)  # killed in its final eval
+    (runs / "same_opd-s0" / "args.json").write_text("{}")
+    O.run_table(args)
+    by_dir = {c[c.index("--output_dir") + 1]: c for c in cmds}
+    assert "--overwrite" in by_dir[str(runs / "same_omniopd_ned-s0")]
+    assert "--resume" in by_dir[str(runs / "same_opd-s0")]
+    fresh = by_dir[str(runs / "same_sft-s0")]
+    assert "--resume" not in fresh and "--overwrite" not in fresh
+
+
+# ---- endpoint faults, as omniopd's teacher sees them (tests/fault_server.py) ------------------------
+
+
+def _endpoint_args(url, timeout):
+    return O.parse_args(["--teacher_api_base", url, "--teacher_api_model", "m", "--request_timeout", str(timeout),
+                         "--output_dir", "x"])
+
+
+def test_endpoint_survives_short_faults():
+    from fault_server import FaultServer
+
+    faults = ["429", "500", "bad_json", "fewer_choices", "truncated", "garbage_status", "close", "503"]
+    with FaultServer(faults, retry_after=3600) as srv:  # Retry-After 3600 is capped, not obeyed
+        llm = O.endpoint_teacher(_endpoint_args(srv.url, 20))
+        llm.client.backoff = 0.05
+        llm.client.max_retry_after = 0.1
+        t = time.time()
+        outs = O.teacher_continuations(llm, ["add 1=", "add 2="], ["01", "02"], 3, 1.0, "chars", 4)
+        assert time.time() - t < 15
+    assert [len(o) for o in outs] == [3, 3] and all(z == "03" for o in outs for z in o)  # cut to the chunk's 2 chars
+    assert not srv.faults  # every fault was served
+
+
+@pytest.mark.parametrize("fault,words", [("hang", "did not answer in time"), ("trickle", "did not answer in time"),
+                                         ("404", "/v1/completions"), ("401", "API key"), ("500", "server error")])
+def test_endpoint_faults_end_in_seconds_with_one_line(fault, words):
+    from fault_server import FaultServer
+
+    with FaultServer([], then=fault, trickle_bps=5) as srv:
+        llm = O.endpoint_teacher(_endpoint_args(srv.url, 2.5))
+        llm.client.backoff = 0.2
+        t = time.time()
+        with pytest.raises(C.EndpointError) as e:
+            O.teacher_continuations(llm, ["add 1="], ["01"], 2, 1.0, "chars", 4)
+        assert time.time() - t < 8, fault
+    assert "\n" not in str(e.value) and words in str(e.value), str(e.value)
+
+
+# ---- slow: kill -9 + --resume, Ctrl-C on a hung endpoint, the real checkpoint ---------------------
+
+
+def _without_timing(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in ("wall_time_s", "time_per_step_s")}
+
+
+def _untimed_rows(path) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in C.read_jsonl(str(path))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--anchor", "random"], ["--method", "sft"]])
+def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path, flags):
+    """kill -9 right after the first checkpoint, then --resume: the same summary.json (timings aside)
+    and the same metrics.jsonl rows as one uninterrupted run (the rows the killed process wrote after its
+    checkpoint are cut; usage counters cover both processes)."""
+    common = ["--max_steps", "8", "--save_every", "2", "--per_device_batch_size", "4", "--eval_size", "8",
+              "--eval_every", "4", *flags]
+    r = _run([*common, "--output_dir", str(tmp_path / "a")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "b"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "omniopd.py"), *common, "--output_dir", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+    t = time.time()
+    while C.find_checkpoint(str(out / "checkpoint")) is None and p.poll() is None and time.time() - t < 300:
+        time.sleep(0.02)
+    p.kill()
+    p.wait()
+    assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    steps = [row["step"] for row in C.read_jsonl(str(out / "metrics.jsonl"))]
+    r = _run([*common, "--resume", "--output_dir", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("a", "b"))
+    assert _without_timing(a) == _without_timing(b)
+    assert _untimed_rows(tmp_path / "a" / "metrics.jsonl") == _untimed_rows(out / "metrics.jsonl")
+    assert max(steps) >= 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_hung_endpoint_ends_with_one_line(tmp_path):
+    from fault_server import FaultServer
+
+    with FaultServer(["ok"], then="hang") as srv:  # the preflight passes, then the teacher hangs
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "omniopd.py"), "--teacher_api_base", srv.url,
+                              "--teacher_api_model", "m", "--per_device_batch_size", "2", "--eval_size", "2",
+                              "--output_dir", str(tmp_path / "o")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=ENV, cwd=ROOT)
+        t = time.time()
+        while len(srv.requests) < 2 and p.poll() is None and time.time() - t < 300:
+            time.sleep(0.05)
+        assert p.poll() is None
+        p.send_signal(signal.SIGINT)
+        t = time.time()
+        out, err = p.communicate(timeout=30)
+    assert time.time() - t < 10 and p.returncode == 130, err[-1500:]
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("omniopd[")]
+    assert len(lines) == 1 and "interrupted" in lines[0], err[-1500:]
+
+
+@pytest.mark.slow
+def test_real_checkpoint_two_updates(tmp_path, smollm2):
+    """SmolLM2-135M-Instruct as student and teacher (opd and omniopd), 2 updates: the chat template is
+    applied once, the loss is finite, the weights move, the checkpoint reloads with the same logits, and
+    the per-phase time split is logged."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}? Answer with the number.", "answer": str(a + b)})
+                            + "\n" for a, b in [(2, 3), (10, 7), (4, 4), (6, 1)]))
+    for method, steps in (("opd", 3), ("omniopd", 2)):
+        out = tmp_path / method
+        r = _run(["--model_name_or_path", smollm2, "--teacher", smollm2, "--method", method, "--train_file", str(data),
+                  "--eval_file", str(data), "--max_steps", str(steps), "--per_device_batch_size", "2",
+                  "--max_new_tokens", "12", "--chunk_tokens", "4", "--num_chunks", "1", "--teacher_samples", "2",
+                  "--eval_size", "2", "--eval_max_new_tokens", "8", "--learning_rate", "1e-5", "--output_dir", str(out)],
+                 timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = C.read_jsonl(str(out / "metrics.jsonl"))
+        train = [x for x in rows if "loss" in x]
+        assert len(train) == steps and all(math.isfinite(x["loss"]) for x in train)
+        assert all(x["time_generate"] > 0 and x["time_backward"] > 0 and x["time_optimizer"] > 0 for x in train)
+        s = json.loads((out / "summary.json").read_text())
+        assert set(O.PHASES) <= set(s["time_per_step_s"])
+        if method == "opd":  # no pi_ref forward on the hot path: the diagnostic KL at step 0 and the last step only
+            assert [("kl_ref" in x) for x in train] == [True, False, True]
+        else:
+            assert all("kl_ref" in x and "k_mean" in x for x in train)  # omniopd's loss uses the anchor every step
+    model, tok = C.load_lm(str(tmp_path / "omniopd" / "checkpoint" / "model"))
+    base, _ = C.load_lm(smollm2)
+    text = O.render_prompts(tok, ["What is 2 + 3?"], True)[0]
+    assert text.count("<|im_start|>user") == 1 and text.count("<|im_start|>assistant") == 1
+    ids, mask = C.encode_prompts(tok, [text])
+    with torch.no_grad():
+        moved = (model(input_ids=ids, attention_mask=mask).logits - base(input_ids=ids, attention_mask=mask).logits)
+    assert float(moved.abs().max()) > 0  # two updates at lr 1e-5 moved the weights
