@@ -626,12 +626,9 @@ def test_torchrun_two_cpu_processes_match_one(tmp_path, tiny_dirs):
 
 
 @pytest.mark.slow
-def test_real_checkpoint_smollm2(tmp_path, request):
+def test_real_checkpoint_smollm2(tmp_path, smollm2):
     """SmolLM2-135M-Instruct (BPE, chat template, GQA): one ARM and one router update, then taro's decode."""
-    try:
-        path = request.getfixturevalue("smollm2")
-    except pytest.FixtureLookupError:
-        pytest.skip("no smollm2 fixture (tests/conftest.py)")
+    path = smollm2
     out = tmp_path / "run"
     r = _run(["--model_name_or_path", path, "--max_steps", "1", "--arm_batch_size", "2", "--router_batch_size", "2",
               "--router_train_size", "2", "--eval_size", "2", "--val_size", "2", "--alpha_grid", "1", "--method", "taro",
