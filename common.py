@@ -1106,17 +1106,23 @@ class MetricLogger:
         return row
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Rows of a jsonl file; a malformed line raises UserError naming the file and line number."""
+def read_jsonl(path: str, keys: Sequence[str] = ()) -> list[dict]:
+    """Rows of a jsonl file (blank lines skipped). A missing / unreadable / non-UTF-8 file, a line that
+    is not JSON, or (with `keys`) a row that is not an object holding every key raises one UserError
+    naming the file and line."""
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove that line") from None
+    for i, line in enumerate(read_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove that line") from None
+        if keys:
+            miss = [k for k in keys if not isinstance(row, dict) or k not in row]
+            require(not miss, f"{path}:{i}: missing {', '.join(repr(k) for k in miss)}; each row needs "
+                              f"{', '.join(keys)}")
+        rows.append(row)
     return rows
 
 
@@ -1619,6 +1625,39 @@ class ChatClient:
             payload["seed"] = seed
         texts, reasons = self._n_choices("completions", payload, n, lambda c: c["text"], "choices[].text")
         return (texts, reasons) if return_finish else texts
+
+
+def first_json_object(text: str):
+    """The first balanced {...} in `text` that parses as a JSON object (strings and escapes respected), so an
+    LLM reply with prose around its JSON still parses; ValueError if there is none."""
+    start = text.find("{")
+    while start != -1:
+        depth, in_str, esc = 0, False, False
+        for i in range(start, len(text)):
+            ch = text[i]
+            if in_str:
+                if esc:
+                    esc = False
+                elif ch == "\\":
+                    esc = True
+                elif ch == '"':
+                    in_str = False
+            elif ch == '"':
+                in_str = True
+            elif ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    try:
+                        obj = json.loads(text[start:i + 1])
+                    except json.JSONDecodeError:
+                        break
+                    if isinstance(obj, dict):
+                        return obj
+                    break
+        start = text.find("{", start + 1)
+    raise ValueError("no JSON object found in the reply")
 
 
 def render_chat(tok, messages: list[dict]) -> str:

@@ -135,7 +135,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from common import UserError, exit_on_user_error
+from common import UserError, exit_on_user_error, first_json_object
 
 ARMS = ("recency", "flat", "mem0", "memorybank", "mars_fixed", "mars_planner")
 WORLDS = ("drift_noise", "drift_only", "noise_only", "clean")
@@ -595,38 +595,6 @@ class RefRole(Role):
         self.stats["calls"] += len(inps)
         self.stats["seconds"] += time.time() - t0
         return out
-
-
-def first_json_object(text: str):
-    """The first balanced {...} in `text` parsed as JSON (strings and escapes respected); ValueError if none."""
-    start = text.find("{")
-    while start != -1:
-        depth, in_str, esc = 0, False, False
-        for i in range(start, len(text)):
-            ch = text[i]
-            if in_str:
-                if esc:
-                    esc = False
-                elif ch == "\\":
-                    esc = True
-                elif ch == '"':
-                    in_str = False
-            elif ch == '"':
-                in_str = True
-            elif ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    try:
-                        obj = json.loads(text[start:i + 1])
-                    except json.JSONDecodeError:
-                        break
-                    if isinstance(obj, dict):
-                        return obj
-                    break
-        start = text.find("{", start + 1)
-    raise ValueError("no JSON object found in the reply")
 
 
 class LLMRole(Role):

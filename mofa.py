@@ -116,7 +116,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import common
-from common import UserError, exit_on_user_error, require
+from common import UserError, exit_on_user_error, first_json_object, require
 
 ARMS = ("mofa", "random", "mi", "mrmr", "lasso", "llm_seq", "mofa_b1", "mofa_nophase2", "mofa_noconstraint",
         "mofa_nosignals", "pairs")
@@ -942,39 +942,6 @@ class RefRole:
             sel.append({"name": c["name"], "group": c["group"], "partners": c.get("partners", [])})
             groups.add(c["group"])
         return picks[0] if inp["want"] == 1 else {"features": picks}
-
-
-def first_json_object(text: str):
-    """The first balanced {...} in `text` that parses as a JSON object (strings and escapes respected);
-    ValueError if none."""
-    start = text.find("{")
-    while start != -1:
-        depth, in_str, esc = 0, False, False
-        for i in range(start, len(text)):
-            ch = text[i]
-            if in_str:
-                if esc:
-                    esc = False
-                elif ch == "\\":
-                    esc = True
-                elif ch == '"':
-                    in_str = False
-            elif ch == '"':
-                in_str = True
-            elif ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    try:
-                        obj = json.loads(text[start:i + 1])
-                    except json.JSONDecodeError:
-                        break
-                    if isinstance(obj, dict):
-                        return obj
-                    break
-        start = text.find("{", start + 1)
-    raise ValueError("no JSON object in the reply")
 
 
 class LLMRole:

@@ -548,17 +548,7 @@ class Problem:
 
 def load_problems(path: str) -> list[Problem]:
     """jsonl with one {"prompt", "answer"} object per line; any bad line -> one UserError with file:line."""
-    out = []
-    for i, line in enumerate(C.read_text_lines(path), 1):  # missing / unreadable / not UTF-8: one line naming it
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove that line") from None
-        if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
-            raise UserError(f"{path}:{i}: the record lacks 'prompt' or 'answer'; every line needs both")
-        out.append(Problem(str(row["prompt"]), str(row["answer"])))
+    out = [Problem(str(r["prompt"]), str(r["answer"])) for r in C.read_jsonl(path, keys=("prompt", "answer"))]
     if not out:
         raise UserError(f"{path} is empty; it needs jsonl lines with 'prompt' and 'answer'")
     return out

@@ -443,18 +443,9 @@ def toy_router_traces(seed: int, n: int) -> list[tuple[str, str]]:
 
 def read_jsonl_file(path: str, keys: Sequence[str]) -> list[dict]:
     """Rows of a jsonl data file, each with `keys` as strings; one UserError with file:line otherwise."""
-    rows = []
-    for i, line in enumerate(C.read_text_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove that line") from None
-        miss = [k for k in keys if not isinstance(row, dict) or k not in row]
-        require(not miss, f"{path}:{i}: missing {', '.join(repr(k) for k in miss)}; each row needs {', '.join(keys)}")
-        require(all(isinstance(row[k], (str, int, float)) for k in keys), f"{path}:{i}: {', '.join(keys)} must be text")
-        rows.append(row)
+    rows = C.read_jsonl(path, keys)
+    for i, row in enumerate(rows, 1):
+        require(all(isinstance(row[k], (str, int, float)) for k in keys), f"{path}: row {i}: {', '.join(keys)} must be text")
     require(rows, f"{path} holds no rows")
     return rows
 

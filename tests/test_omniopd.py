@@ -1099,7 +1099,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
 def test_preflight_names_bad_data_lines_and_missing_models(tmp_path):
     bad = tmp_path / "bad.jsonl"
     for content, want in [(b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff"}\n', "bad.jsonl:2: not valid UTF-8"),
-                          (b'{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n', "bad.jsonl:2: the record lacks"),
+                          (b'{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n', "bad.jsonl:2: missing 'answer'"),
                           (b'{"prompt": "a", "answer": "1"}\nnot json\n', "bad.jsonl:2: not valid JSON"), (b"", "is empty")]:
         bad.write_bytes(content)
         with pytest.raises(C.UserError, match=re.escape(want)):
