@@ -467,7 +467,7 @@ def _stop_ids(model, tok) -> list[int]:
     return sorted({int(i) for i in ids if i is not None})
 
 
-def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     """A generator on `device` for sampling there. A generator already on that device is used as
     is; one elsewhere (a CPU generator from seed_everything on a CUDA run) seeds, with one draw, a
     fresh generator on the device, so the same seed still gives the same tokens and no step copies
@@ -481,7 +481,7 @@ def _device_generator(generator: torch.Generator | None, device: torch.device) -
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _cache_kw(model) -> str:
+def cache_kwarg(model) -> str:
     # transformers >= 5.2x renamed forward(past_key_values=) to forward(cache=); accept both.
     import inspect
 
@@ -528,12 +528,12 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
     pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
     stop_ids = _stop_ids(model, tok)
     stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    generator = _device_generator(generator, device)
+    generator = device_generator(generator, device)
     was_training = model.training
     model.eval()
 
     pos = position_ids(attention_mask)
-    ckw = _cache_kw(model)
+    ckw = cache_kwarg(model)
     if static_cache:
         from transformers import StaticCache
 
@@ -615,7 +615,7 @@ def _backbone_and_head(model):
     return backbone, head
 
 
-def _head_logits(model, head, h: torch.Tensor) -> torch.Tensor:
+def head_logits(model, head, h: torch.Tensor) -> torch.Tensor:
     """(..., d) hidden states -> (..., V) fp32 logits, with the model's own logit post-processing.
 
     The head runs outside autocast: with fp32 weights (the trainable policy) in fp32, not in bf16
@@ -643,7 +643,7 @@ def _head_logits(model, head, h: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _hidden(model, input_ids, attention_mask):
+def hidden_states(model, input_ids, attention_mask):
     backbone, head = _backbone_and_head(model)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                    use_cache=False)
@@ -651,7 +651,7 @@ def _hidden(model, input_ids, attention_mask):
 
 
 def _slice_stats(model, head, h, targets, ref_logp, want_entropy):
-    logits = _head_logits(model, head, h)  # (B, s, V) fp32, only s positions at a time
+    logits = head_logits(model, head, h)  # (B, s, V) fp32, only s positions at a time
     logp_all = torch.log_softmax(logits, -1)
     lp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1) if want_entropy else torch.zeros_like(lp)
@@ -677,11 +677,11 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     activation checkpointing when grad is on, so no (B, L, V) fp32 tensor is ever held: at
     V = 151,936 that tensor would be 2.5 GB per 4096-token sequence; a slice is 0.3 GB.
     """
-    h, head = _hidden(model, input_ids, attention_mask)  # (B, L, d)
+    h, head = hidden_states(model, input_ids, attention_mask)  # (B, L, d)
     ref_h = ref_head = None
     if ref_model is not None:
         with torch.no_grad():
-            ref_h, ref_head = _hidden(ref_model, input_ids, attention_mask)
+            ref_h, ref_head = hidden_states(ref_model, input_ids, attention_mask)
     B, L = input_ids.shape
     # Flatten the B * (L - 1) predicting positions and apply the head `chunk_size` positions at a
     # time: the largest fp32 tensor is (chunk_size, V), whatever B and L are.
@@ -695,7 +695,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad():
-                ref_logp = torch.log_softmax(_head_logits(ref_model, ref_head, ref_hs[s:e]), -1)
+                ref_logp = torch.log_softmax(head_logits(ref_model, ref_head, ref_hs[s:e]), -1)
         if use_ckpt:
             lp, ent, kl = torch.utils.checkpoint.checkpoint(_slice_stats, model, head, hs[s:e], targets[s:e], ref_logp,
                                                             return_entropy, use_reentrant=False)
@@ -977,14 +977,14 @@ def toy_sample_fn(recipe: dict) -> Callable[[random.Random], tuple]:
     return sample
 
 
-def _build_toy(role: str, recipe: dict, path: str) -> None:
+def _build_toy(role: str, recipe: dict, path: str, sample_fn: Callable | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the build log
     set_cpu_threads()
     model, tok = tiny_lm(n_layer=recipe["n_layer"], d_model=recipe["d_model"], n_head=recipe["n_head"],
                          tokenizer=recipe["tokenizer"], seed=recipe["seed"], bpe_vocab_size=recipe.get("bpe_vocab_size", 384))
-    pretrain_lm(model, tok, toy_sample_fn(recipe), steps=recipe["steps"], batch_size=recipe["batch_size"],
+    pretrain_lm(model, tok, sample_fn or toy_sample_fn(recipe), steps=recipe["steps"], batch_size=recipe["batch_size"],
                 lr=recipe["lr"], seed=recipe["seed"], desc=f"toy {role}")
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -995,11 +995,13 @@ def toy_cache_dir(cache_dir: str | None = None) -> str:
 
 
 def toy_checkpoint(role: str, cache_dir: str | None = None, recipe: dict | None = None, rebuild: bool = False,
-                   verbose: bool = True) -> str:
+                   verbose: bool = True, sample_fn: Callable | None = None) -> str:
     """Path of a cached tiny toy model (a save_pretrained dir; load it with load_lm), building it
     first if needed. Roles: teacher (clean, >= 95% held-out greedy), student (carry bug, weak),
     expert_add / expert_sub / expert_mul, teacher_bpe (clean, another tokenizer), or any name with
-    your own `recipe` (see TOY_ROLES). A file lock makes concurrent builders (torchrun ranks,
+    your own `recipe` (see TOY_ROLES); `sample_fn` (a (prompt, response) sampler of an rng) replaces the
+    recipe's corpus for a file's own toy data, and the recipe must then name everything it depends on,
+    since the recipe alone keys the cache. A file lock makes concurrent builders (torchrun ranks,
     parallel tests) wait for one build instead of racing."""
     if recipe is None:
         if role not in TOY_ROLES:
@@ -1020,7 +1022,7 @@ def toy_checkpoint(role: str, cache_dir: str | None = None, recipe: dict | None 
                 print(f"[toy] building '{role}' ({recipe['steps']} steps) -> {path}", file=sys.stderr, flush=True)
             tmp = path + f".tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            _build_toy(role, recipe, tmp)
+            _build_toy(role, recipe, tmp, sample_fn)
             os.replace(tmp, path)
             if verbose:
                 print(f"[toy] built '{role}' in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
@@ -1224,6 +1226,12 @@ def _checkpoint_step(path: str) -> int | None:
             return int(json.load(f)["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def checkpoint_step(ckpt_dir: str) -> int | None:
+    """The step of the checkpoint `load_checkpoint(ckpt_dir)` would restore, or None; reads only its marker."""
+    path = find_checkpoint(ckpt_dir)
+    return None if path is None else _checkpoint_step(path)
 
 
 def find_checkpoint(ckpt_dir: str) -> str | None:
@@ -1705,6 +1713,13 @@ class LLM:
         client_kw = {k: kw.pop(k) for k in ("timeout", "max_retries", "backoff", "deadline", "max_retry_after")
                      if k in kw}
         return cls(client=ChatClient(base_url, model, api_key, **client_kw), **kw)
+
+    def rng_state(self) -> torch.Tensor:
+        """The local sampler's generator state (for a checkpoint); endpoints sample on the server."""
+        return self._gen.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self._gen.set_state(state)
 
     def reseed(self, seed: int) -> None:
         """Restart local sampling from `seed` (a resumed run replays the same samples). Endpoints

@@ -47,7 +47,11 @@ Deviations from the paper:
      prompts give identical outputs anyway, so this only saves time.
   5. Catalogue, tasks, offline data and M_exp are built once from --data_seed (0) and shared by all
      policy seeds, so seed variance covers policy init, BC, rollouts and curriculum only; s2r's
-     synthetic phase is the dreamgym run of the same seed (same computation, run once).
+     synthetic phase is the dreamgym run of the same seed: when both run, s2r continues from dreamgym's
+     checkpoint at the end of its loop (policy, AdamW, RNGs, buffer, pool, M_exp counters), which equals
+     running that phase again (a test checks it). Every arm starts M_exp from the same state (its memo
+     after the held-out error check, counters 0, local sampling reseeded with the policy seed), so an
+     arm's numbers do not depend on which arms ran before it.
   6. The toy M_exp reads a small BPE tokenizer (1024 ids, trained in memory on its SFT texts with
      common's BPE helper) instead of bytes: byte-level sequences were ~18x longer and the byte model
      had not learned the format after 9 CPU minutes. The policy stays byte-level (common.tiny_lm).
@@ -101,11 +105,26 @@ steps, offline real steps, hallucinated-success rate, M_exp reward error eps_R a
 rate on held-out real transitions, eps_P proxies (exact next state, element F1), zero-variance
 group share, synthetic-vs-real success gap, share of retrieved demos that are real, invalid and
 malformed transitions (synthetic and, in generate mode, real), the real-step cap of real_grpo (N)
-and s2r, loss, clip fraction, wall time.
+and s2r, loss, clip fraction, wall time, and where an iteration's time goes (metrics.jsonl "time_s",
+summary.json "time_split", seconds): rollout_policy (the policy scoring / sampling actions), logp_old
+(generate mode), world (M_exp or the real env), forward / backward / optimizer (the GRPO update),
+curriculum (M_task), eval and halluc_replay (real-env diagnostics).
+
+Runs. Bad flags, a missing model path, an unreachable endpoint (--request_timeout bounds each request)
+or a bad --offline_file end the run with one line and exit 2 before anything is written. A fresh run
+into an --output_dir that holds a run is refused unless --overwrite (which deletes it). --resume reads
+back finished arm/seed runs (result-*.json) and continues the unfinished one from its last checkpoint
+(ckpt-<arm>-s<seed>, every --eval_every iterations and at the end of its loop: policy, AdamW and every
+rank's RNGs, replay-buffer additions, curriculum pool, synthetic rollouts, M_exp memo and counters, step
+counters); rows logged after it are cut from metrics.jsonl, so kill -9 + --resume ends in the same
+summary.json as an uninterrupted run. It refuses a directory without a checkpoint and changed flags
+(all but --request_timeout, --exp_api_key_env, --real_step_delay).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import fcntl
 import hashlib
@@ -125,8 +144,6 @@ from tqdm.auto import tqdm
 
 import common as C
 
-BC_CACHE: dict = {}  # seed -> warm-start weights (shared by every arm of a seed)
-DREAM_SNAPSHOT: dict = {}  # seed -> final dreamgym state (the synthetic phase of s2r)
 ARMS = ("bc", "real_grpo", "dreamgym", "s2r", "no_retrieval", "no_reasoning", "no_curriculum")
 
 
@@ -144,7 +161,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="a single seed (overrides --seeds)")
     p.add_argument("--table", action="store_true", help="every arm x seeds 0,1,2; writes table.md + plot")
     p.add_argument("--output_dir", default=None, help="default runs/dreamgym/<methods>")
-    p.add_argument("--resume", action="store_true", help="skip finished arm/seed runs, resume the unfinished one")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output_dir: finished arm/seed runs are read back, the unfinished one "
+                        "continues from its last checkpoint (refused without one, or when a result flag changed)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace a previous run in --output_dir (without it a fresh run there is refused)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: best available)")
     # world (ShopLite); DEVIATION(1): toy sizes
     p.add_argument("--data_seed", type=int, default=0, help="seed of catalogue, tasks, offline data and M_exp")
@@ -163,6 +184,8 @@ def parse_args(argv=None):
     p.add_argument("--exp_api_base", default=None, help="OpenAI-compatible endpoint for M_exp (JSON replies)")
     p.add_argument("--exp_api_model", default=None, help="model name at --exp_api_base")
     p.add_argument("--exp_api_key_env", default="OPENAI_API_KEY", help="env var holding the endpoint's key")
+    p.add_argument("--request_timeout", type=float, default=120.0,
+                   help="seconds one M_exp / M_task request to --exp_api_base may take, retries included")
     p.add_argument("--exp_layers", type=int, default=2, help="toy M_exp layers")
     p.add_argument("--exp_d_model", type=int, default=128, help="toy M_exp width")
     p.add_argument("--exp_vocab_size", type=int, default=1024, help="BPE vocabulary of the toy M_exp")
@@ -228,6 +251,75 @@ def parse_args(argv=None):
     if args.max_action_tokens is None:
         args.max_action_tokens = 256 if args.model_name_or_path else 32
     return args
+
+
+def run_methods(args) -> list[str]:
+    return [m.strip() for m in args.method.split(",") if m.strip()]
+
+
+def run_seeds(args) -> list[int]:
+    try:
+        return [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError:
+        raise C.UserError(f"--seeds '{args.seeds}' is not a comma-separated list of integers; e.g. --seeds 0,1,2") \
+            from None
+
+
+def validate_args(args) -> None:
+    """Every flag's range and every combination that cannot work, checked before anything is loaded or
+    written (a UserError: one line, exit 2)."""
+    req = C.require
+    methods = run_methods(args)
+    req(methods, f"--method is empty; pass some of {','.join(ARMS)} or train_exp")
+    bad = [m for m in methods if m not in ARMS + ("train_exp",)]
+    req(not bad, f"unknown --method '{bad[0] if bad else ''}'; use some of {','.join(ARMS)} or train_exp")
+    req("train_exp" not in methods or methods == ["train_exp"],
+        "--method train_exp only fine-tunes M_exp and runs alone; run the arms in a separate command")
+    seeds = run_seeds(args)
+    req(seeds and min(seeds) >= 0, f"--seeds '{args.seeds}' must list seeds >= 0")
+    req(args.data_seed >= 0, f"--data_seed {args.data_seed} must be >= 0")
+    for name in ("horizon", "page_size", "n_products", "n_train_tasks", "n_eval_tasks", "exp_layers", "exp_d_model",
+                 "exp_batch_size", "fail_oversample", "exp_max_new_tokens", "curr_candidates", "max_action_tokens",
+                 "iterations", "tasks_per_iter", "group_size", "ppo_epochs", "num_minibatches", "per_device_batch_size",
+                 "eval_every", "n_halluc", "n_heldout_eval", "demo_bytes"):
+        req(getattr(args, name) >= 1, f"--{name} {getattr(args, name)} must be >= 1")
+    for name in ("n_expert", "n_random", "top_k", "buffer_cap", "exp_retries", "curr_seeds", "bc_trajectories",
+                 "bc_epochs", "real_budget"):
+        req(getattr(args, name) >= 0, f"--{name} {getattr(args, name)} must be >= 0")
+    for name in ("heldout_frac", "exp_epochs", "exp_learning_rate", "exp_temperature", "task_temperature", "lambda_syn",
+                 "temperature", "learning_rate", "clip_low", "clip_high", "beta", "max_grad_norm", "s2r_frac",
+                 "real_step_delay", "request_timeout"):
+        req(math.isfinite(getattr(args, name)), f"--{name} {getattr(args, name)} must be a finite number")
+    for name in ("exp_epochs", "exp_learning_rate", "learning_rate", "max_grad_norm", "request_timeout"):
+        req(getattr(args, name) > 0, f"--{name} {getattr(args, name)} must be > 0")
+    for name in ("exp_temperature", "task_temperature", "temperature", "clip_high", "beta", "real_step_delay"):
+        req(getattr(args, name) >= 0, f"--{name} {getattr(args, name)} must be >= 0")
+    req(0 <= args.heldout_frac < 1, f"--heldout_frac {args.heldout_frac} must be in [0, 1)")
+    req(0 <= args.clip_low < 1, f"--clip_low {args.clip_low} must be in [0, 1) (rho is clipped at 1 - clip_low)")
+    req(0 <= args.lambda_syn <= 1, f"--lambda_syn {args.lambda_syn} must be in [0, 1] (a share of the task batch)")
+    req(0 < args.s2r_frac <= 1, f"--s2r_frac {args.s2r_frac} must be in (0, 1] (0 would make s2r the dreamgym arm)")
+    req(args.exp_vocab_size >= 260, f"--exp_vocab_size {args.exp_vocab_size} must be >= 260 (256 bytes + 3 specials "
+                                    f"+ merges)")
+    # combinations
+    req(not (args.exp_api_base and args.exp_model_name_or_path),
+        "pass either --exp_api_base or --exp_model_name_or_path for M_exp, not both")
+    req(not args.exp_api_base or args.exp_api_model, "--exp_api_base needs --exp_api_model (the model name it serves)")
+    toy_exp = not (args.exp_api_base or args.exp_model_name_or_path)
+    req(not toy_exp or args.exp_d_model % 4 == 0,
+        f"--exp_d_model {args.exp_d_model} must be divisible by the toy M_exp's 4 attention heads")
+    req(args.offline_file or args.n_expert + args.n_random >= 1,
+        "--n_expert + --n_random is 0: M_exp and the replay buffer need offline trajectories (or --offline_file)")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    req(args.tasks_per_iter % world_size == 0,
+        f"--tasks_per_iter {args.tasks_per_iter} must be divisible by the {world_size} ranks")
+    batch = args.group_size * args.horizon * world_size  # real steps one task can take (the budget check's unit)
+    if "real_grpo" in methods:
+        req(args.real_budget >= batch, f"--real_budget {args.real_budget} is below one task's worst case (group_size x "
+                                       f"horizon x ranks = {batch}): real_grpo would take no real step")
+    if "s2r" in methods and "real_grpo" not in methods:
+        cap = int(args.s2r_frac * args.real_budget)
+        req(cap >= batch, f"s2r's real cap --s2r_frac x --real_budget = {cap} is below one task's worst case "
+                          f"(group_size x horizon x ranks = {batch}): s2r would take no real step")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,7 +641,9 @@ def make_tasks(shop: ShopLite, n_train: int, n_eval: int, seed: int) -> tuple[li
     """Disjoint train / eval task texts; every task is feasible and findable by one of its queries."""
     rng = random.Random(f"tasks-{seed}")
     seen, out = set(), []
-    while len(out) < n_train + n_eval:
+    for _ in range(200 * (n_train + n_eval)):
+        if len(out) == n_train + n_eval:
+            break
         p = rng.choice(shop.catalogue)
         extra = rng.sample(["colour", "material", "size"], rng.choice([0, 1, 1, 2, 2]))
         t = Task(p.category, int(math.ceil((p.price + 1) / 10) * 10), p.colour if "colour" in extra else None,
@@ -558,6 +652,10 @@ def make_tasks(shop: ShopLite, n_train: int, n_eval: int, seed: int) -> tuple[li
             continue
         seen.add(t.text)
         out.append(t.text)
+    if len(out) < n_train + n_eval:
+        raise C.UserError(f"the catalogue of {len(shop.catalogue)} products yields only {len(out)} distinct feasible "
+                          f"tasks, not --n_train_tasks + --n_eval_tasks = {n_train + n_eval}; raise --n_products or "
+                          f"ask for fewer tasks")
     return out[:n_train], out[n_train:]
 
 
@@ -805,6 +903,24 @@ class ExperienceModel:
         self.malformed = 0
         self.retried = 0
         self._memo: dict[str, tuple] = {}
+
+    def state(self) -> dict:
+        """Counters, memo and the local model's sampling generator (M_task, exp_temperature > 0): what a
+        checkpoint needs so the resumed arm gets the same answers and counts."""
+        local = getattr(self.llm, "is_local", False)
+        return dict(calls=self.calls, malformed=self.malformed, retried=self.retried, memo=dict(self._memo),
+                    llm_gen=self.llm.rng_state() if local else None)
+
+    def set_state(self, d: dict) -> None:
+        self.calls, self.malformed, self.retried, self._memo = d["calls"], d["malformed"], d["retried"], dict(d["memo"])
+        if d.get("llm_gen") is not None:
+            self.llm.set_rng_state(d["llm_gen"])
+
+    def reset(self, memo: dict, seed: int) -> None:
+        """Start of an arm: counters 0, the given memo, local sampling reseeded with the policy seed."""
+        self.set_state(dict(calls=0, malformed=0, retried=0, memo=memo, llm_gen=None))
+        if getattr(self.llm, "is_local", False):
+            self.llm.reseed(seed)
 
     def _ask(self, prompts: list[str], temperature: float, max_tokens: int, json_mode: bool) -> list[str]:
         if self.llm.client is not None:
@@ -1079,6 +1195,22 @@ def score_actions_pairs(policy, tok, prompts: list[str], action_lists: list[list
     return score_mode_logp(seq, [len(a) for a in action_lists])
 
 
+class PhaseTimer:
+    """Seconds per named phase of an iteration, so a user sees where a training step's time goes without a
+    profiler: `with timer("forward"): ...`; `timer.seconds` = {phase: seconds}."""
+
+    def __init__(self, seconds: dict | None = None):
+        self.seconds = dict(seconds or {})
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+
 @dataclasses.dataclass
 class Unit:
     """One action unit of a trajectory (score mode: a step; generate mode: a step's tokens)."""
@@ -1088,7 +1220,6 @@ class Unit:
     logp_old: float | torch.Tensor
     ids: torch.Tensor | None = None  # generate mode: prompt+response ids
     resp_mask: torch.Tensor | None = None  # generate mode: tokens that carry advantage
-    ref_logp: float | torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -1115,11 +1246,14 @@ def _action_token_mask(tok, resp_ids: list[int]) -> list[int]:
 
 @torch.no_grad()
 def rollout(policy, tok, world, tasks: list[str], group_size: int, temperature: float, gen: torch.Generator,
-            action_mode: str, device, ep_prefix: str, ref_policy=None, max_action_tokens: int = 32,
-            instruct: bool = False, logp_batch_size: int = 256, need_logp_old: bool = True) -> list[Trajectory]:
+            action_mode: str, device, ep_prefix: str, max_action_tokens: int = 32, instruct: bool = False,
+            logp_batch_size: int = 256, need_logp_old: bool = True, timer: PhaseTimer | None = None) -> list[Trajectory]:
     """G rollouts per task, all live episodes stepped together; logp_old taken here (pitfall 9).
     Generate mode: `instruct` adds the answer-format instruction (real policies), the chat template is
-    applied when the tokenizer has one, and logp_old is recomputed after sampling (set_logp_old)."""
+    applied when the tokenizer has one, and logp_old is recomputed after sampling (set_logp_old).
+    `timer` (optional) gets the seconds of the policy's sampling ("rollout_policy"), of the logp_old
+    recomputation ("logp_old") and of the world's steps ("world": M_exp or the real env)."""
+    timer = timer or PhaseTimer()
     eps, trajs = [], []
     for ti, task in enumerate(tasks):
         for g in range(group_size):
@@ -1141,21 +1275,21 @@ def rollout(policy, tok, world, tasks: list[str], group_size: int, temperature: 
         chosen, units = [], []
         if action_mode == "score":
             prompts = [policy_prompt(eps[i].task, eps[i].state) for i in live]
-            logps = score_actions(policy, tok, prompts, acts_l, device)
-            ref_logps = score_actions(ref_policy, tok, prompts, acts_l, device) if ref_policy is not None else None
+            with timer("rollout_policy"):
+                logps = score_actions(policy, tok, prompts, acts_l, device)
             for j, lp in enumerate(logps):
                 if temperature <= 0:
                     k = int(lp.argmax())
                 else:
                     k = int(torch.multinomial(torch.softmax(lp / temperature, 0).cpu(), 1, generator=gen))
                 chosen.append(acts_l[j][k])
-                units.append(Unit(prompts[j], acts_l[j], k, float(lp[k]),
-                                  ref_logp=float(ref_logps[j][k]) if ref_logps is not None else None))
+                units.append(Unit(prompts[j], acts_l[j], k, float(lp[k])))
         else:
             prompts = chat_prompts(tok, [policy_prompt(eps[i].task, eps[i].state, acts, instruct)
                                          for i, acts in zip(live, acts_l)])
-            g = C.generate(policy, tok, prompts, max_new_tokens=max_action_tokens, temperature=temperature,
-                           generator=gen, stop_strings=("</action>",) if instruct else ())
+            with timer("rollout_policy"):
+                g = C.generate(policy, tok, prompts, max_new_tokens=max_action_tokens, temperature=temperature,
+                               generator=gen, stop_strings=("</action>",) if instruct else ())
             for j in range(len(live)):
                 m = g.response_mask[j].bool()
                 rid = g.response_ids[j][m].tolist()
@@ -1165,9 +1299,11 @@ def rollout(policy, tok, world, tasks: list[str], group_size: int, temperature: 
                 chosen.append(parse_action_text(g.texts[j]))
                 units.append(Unit(prompts[j], acts_l[j], -1, g.logprobs[j][m].cpu(), ids=seq, resp_mask=amask))
             if need_logp_old:
-                set_logp_old(policy, tok, units, device, logp_batch_size)
+                with timer("logp_old"):
+                    set_logp_old(policy, tok, units, device, logp_batch_size)
         before = [(eps[i].state, list(eps[i].history)) for i in live]
-        results = world.step_batch([eps[i] for i in live], chosen)
+        with timer("world"):
+            results = world.step_batch([eps[i] for i in live], chosen)
         for j, i in enumerate(live):
             s2, r, d, info = results[j]
             trajs[i].units.append(units[j])
@@ -1222,10 +1358,13 @@ def set_logp_old(policy, tok, units: list[Unit], device, batch_size: int = 256) 
 
 
 def grpo_update(policy, tok, opt, trajs: list[Trajectory], group_size: int, args, device, world_size: int,
-                gen: random.Random, ref_policy=None) -> dict:
+                gen: random.Random, ref_policy=None, timer: PhaseTimer | None = None) -> dict:
     """One GRPO update (Eq. 5-6) over this rank's trajectories: ppo_epochs x num_minibatches steps.
     The loss is normalised by the global unit count of the minibatch, so the DDP gradient (averaged
-    by all_reduce_grads after scaling by world_size) equals the single-process one."""
+    by all_reduce_grads after scaling by world_size) equals the single-process one. `timer` gets the
+    seconds of "forward" (log-probs, the reference's when beta > 0, the loss), "backward" and "optimizer"
+    (gradient all-reduce, clipping, AdamW)."""
+    timer = timer or PhaseTimer()
     adv = grpo_advantages(torch.tensor([t.reward for t in trajs]), group_size)
     units = [(u, float(a)) for t, a in zip(trajs, adv) for u in t.units]
     stats = {"loss": 0.0, "clip_frac": 0.0, "n": 0}
@@ -1245,24 +1384,28 @@ def grpo_update(policy, tok, opt, trajs: list[Trajectory], group_size: int, args
             opt.zero_grad(set_to_none=True)
             for s in range(0, len(mb), args.per_device_batch_size):
                 chunk = [units[i] for i in mb[s:s + args.per_device_batch_size]]
-                logp, old, mask = policy_logp_units(policy, tok, [u for u, _ in chunk], device, args.action_mode)
-                a = torch.tensor([x for _, x in chunk], device=logp.device)
-                kl = None
-                if ref_policy is not None and args.beta > 0:
-                    with torch.no_grad():
-                        ref, _, _ = policy_logp_units(ref_policy, tok, [u for u, _ in chunk], device, args.action_mode)
-                    kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3 estimate of KL(pi || ref)
-                loss, st = grpo_loss(logp, old, a, mask, args.clip_low, args.clip_high, kl, args.beta,
-                                     normalizer=float(n_global) / world_size)
+                with timer("forward"):
+                    logp, old, mask = policy_logp_units(policy, tok, [u for u, _ in chunk], device, args.action_mode)
+                    a = torch.tensor([x for _, x in chunk], device=logp.device)
+                    kl = None
+                    if ref_policy is not None and args.beta > 0:  # the reference forward only where the loss uses it
+                        with torch.no_grad():
+                            ref, _, _ = policy_logp_units(ref_policy, tok, [u for u, _ in chunk], device,
+                                                          args.action_mode)
+                        kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3 estimate of KL(pi || ref)
+                    loss, st = grpo_loss(logp, old, a, mask, args.clip_low, args.clip_high, kl, args.beta,
+                                         normalizer=float(n_global) / world_size)
                 if not torch.isfinite(loss):
                     raise FloatingPointError("NaN GRPO loss")
-                loss.backward()
+                with timer("backward"):
+                    loss.backward()
                 stats["loss"] += loss.item() / world_size
                 stats["clip_frac"] += float(st["clip_frac"]) * len(chunk)
                 stats["n"] += len(chunk)
-            C.all_reduce_grads(policy, world_size)
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            opt.step()
+            with timer("optimizer"):
+                C.all_reduce_grads(policy, world_size)
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                opt.step()
     policy.eval()
     stats["loss"] /= args.ppo_epochs * args.num_minibatches
     stats["clip_frac"] /= max(1, stats["n"])
@@ -1354,6 +1497,7 @@ class World:
     heldout: list  # held-out real trajectories (eps_R / eps_P)
     bc: list  # epsilon = 0.5 trajectories for the warm start
     offline_steps: int
+    bc_cache: dict = dataclasses.field(default_factory=dict)  # (seed, policy kind) -> warm-start weights
 
 
 def build_world(args) -> World:
@@ -1397,34 +1541,35 @@ def load_offline_file(path: str) -> list[list[dict]]:
         raise C.UserError(f"--offline_file '{path}' does not exist; pass a jsonl of offline transitions")
     by_ep: dict[str, list[dict]] = {}
     need = ("task", "state", "action", "next_state", "reward", "done")
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                o = json.loads(line)
-                if not isinstance(o, dict):
-                    raise ValueError("not a JSON object")
-                miss = [k for k in need if k not in o]
-                if miss:
-                    raise ValueError(f"missing {miss}")
-                r_raw, done = float(o["reward"]), float(o["done"])
-                if not (math.isfinite(r_raw) and math.isfinite(done)):
-                    raise ValueError("reward / done not finite")
-                success = float(bool(o["success"])) if "success" in o else float(r_raw >= 1.0)
-                hist = o.get("history") or []
-                if not isinstance(hist, list):
-                    raise ValueError("history is not a list")
-                hist = [_history_action(h) for h in hist]
-                if not all(isinstance(o[k], str) for k in ("task", "state", "action", "next_state")):
-                    raise ValueError("task, state, action and next_state must be strings")
-            except (json.JSONDecodeError, ValueError, TypeError) as e:
-                raise C.UserError(f"{path}:{i}: bad offline transition ({e}); each line needs {list(need)}, "
-                                  f"reward and done numbers") from None
-            ep = str(o.get("episode", i))
-            by_ep.setdefault(ep, []).append(dict(task=o["task"], ep=ep, hist=hist, s=o["state"], a=o["action"],
-                                                 s2=o["next_state"], r=success, r_raw=r_raw, d=done,
-                                                 R=str(o.get("reasoning", "")), real=True))
+    for i, line in enumerate(C.read_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            o = json.loads(line)
+            if not isinstance(o, dict):
+                raise ValueError("not a JSON object")
+            miss = [k for k in need if k not in o]
+            if miss:
+                raise ValueError(f"missing {miss}")
+            r_raw, done = float(o["reward"]), float(o["done"])
+            if not (math.isfinite(r_raw) and math.isfinite(done)):
+                raise ValueError("reward / done not finite")
+            success = float(bool(o["success"])) if "success" in o else float(r_raw >= 1.0)
+            hist = o.get("history") or []
+            if not isinstance(hist, list):
+                raise ValueError("history is not a list")
+            hist = [_history_action(h) for h in hist]
+            if not all(isinstance(o[k], str) for k in ("task", "state", "action", "next_state")):
+                raise ValueError("task, state, action and next_state must be strings")
+        except (json.JSONDecodeError, ValueError, TypeError) as e:
+            raise C.UserError(f"{path}:{i}: bad offline transition ({e}); each line needs {list(need)}, "
+                              f"reward and done numbers") from None
+        ep = str(o.get("episode", i))
+        by_ep.setdefault(ep, []).append(dict(task=o["task"], ep=ep, hist=hist, s=o["state"], a=o["action"],
+                                             s2=o["next_state"], r=success, r_raw=r_raw, d=done,
+                                             R=str(o.get("reasoning", "")), real=True))
+    if not by_ep:
+        raise C.UserError(f"--offline_file '{path}' holds no transitions; pass a jsonl with one transition per line")
     return list(by_ep.values())
 
 
@@ -1463,9 +1608,7 @@ def load_or_train_exp(world: World, args, variant: dict, device):
     """The toy M_exp for a variant, fine-tuned once and cached under toy_cache_dir()/dreamgym-<hash>
     (like common.toy_checkpoint); or an HF path / endpoint from the flags."""
     if args.exp_api_base:
-        if not args.exp_api_model:
-            raise C.UserError("--exp_api_base needs --exp_api_model (the model name the server serves)")
-        llm = C.LLM.from_endpoint(args.exp_api_base, args.exp_api_model, os.environ.get(args.exp_api_key_env))
+        llm = exp_endpoint(args)
         return ExperienceModel(llm, variant["reasoning"], args.exp_temperature, args.exp_max_new_tokens,
                                args.exp_retries, task_temperature=args.task_temperature), "endpoint"
     if args.exp_model_name_or_path:
@@ -1542,16 +1685,19 @@ def exp_model_error(expm: ExperienceModel, buffer: ReplayBuffer, heldout: list[l
             if t["r"] == 0:
                 nf += 1
                 fs += r_hat == 1
-    return {"eps_R": float(np.mean(err)), "false_success": fs / max(1, nf), "buy_acc": acc / max(1, nb),
+    # a rate comes with its count: false successes among the held-out failed purchases ("7/10")
+    return {"eps_R": float(np.mean(err)), "false_success": fs / nf if nf else None, "false_success_n": fs,
+            "failed_buys": nf, "buy_acc": acc / nb if nb else None, "n_buys": nb,
             "eps_P_exact": float(np.mean(exact)), "eps_P_f1": float(np.mean(f1)), "n_heldout": len(sample),
-            "buy_success_base": float(np.mean([t["r"] for t in buys])) if buys else 0.0}
+            "buy_success_base": float(np.mean([t["r"] for t in buys])) if buys else None}
 
 
-def hallucination_rate(shop: ShopLite, trajs: list[Trajectory], n: int) -> tuple[float, int]:
-    """Share of synthetic successes whose actions fail when replayed in the real env (diag steps)."""
+def hallucination_rate(shop: ShopLite, trajs: list[Trajectory], n: int) -> tuple[float | None, int]:
+    """Share of the last n synthetic successes whose actions fail when replayed in the real env (diag
+    steps); (None, 0) without a synthetic success."""
     succ = [t for t in trajs if t.synthetic and t.reward >= 1][-n:]
     if not succ:
-        return float("nan"), 0
+        return None, 0
     fails = 0
     for t in succ:
         ep = shop.reset(t.task, "halluc")
@@ -1566,7 +1712,7 @@ def hallucination_rate(shop: ShopLite, trajs: list[Trajectory], n: int) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- training: one arm x seed ----
+# ---- training: one arm x seed, in named phases ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1581,6 +1727,9 @@ class Ctx:
     world_size: int = 1
 
 
+EXP_ARMS = ("dreamgym", "s2r", "no_retrieval", "no_reasoning", "no_curriculum")  # arms that roll out in M_exp
+
+
 def make_policy(args, device, seed: int):
     if args.model_name_or_path:
         policy, tok = C.load_lm(args.model_name_or_path, device=device)
@@ -1590,11 +1739,43 @@ def make_policy(args, device, seed: int):
     return policy, tok
 
 
+def warm_start_policy(args, world: World, device, seed: int):
+    """The policy every arm of a seed starts from: BC on the epsilon = 0.5 trajectories, run once per seed and
+    world (world.bc_cache); deterministic, so a resumed process recomputes the same weights."""
+    policy, tok = make_policy(args, device, seed)
+    key = (seed, args.model_name_or_path, args.action_mode, args.bc_epochs)
+    if key not in world.bc_cache:
+        bc_warm_start(policy, tok, world.bc, args.bc_epochs, 3e-3 if not args.model_name_or_path else args.learning_rate,
+                      device, args.action_mode, seed, instruct=is_instruct(args))
+        world.bc_cache[key] = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    policy.load_state_dict(world.bc_cache[key])
+    return policy, tok
+
+
+def experience_model(world: World, args, variant: dict, device, exp_cache: dict):
+    """(M_exp, its name, its held-out errors, its memo right after measuring them) of a variant: loaded or
+    fine-tuned and measured once per invocation; every arm that uses it starts from that same state."""
+    vkey = json.dumps(variant, sort_keys=True)
+    if vkey not in exp_cache:
+        expm, path = load_or_train_exp(world, args, variant, device)
+        err = exp_model_error(expm, make_buffer(world, args, set(world.eval_tasks)), world.heldout, variant["top_k"],
+                              args.demo_bytes, args.n_heldout_eval)
+        exp_cache[vkey] = (expm, path, err, dict(expm._memo))
+    return exp_cache[vkey]
+
+
 def task_batch(args, world: World, syn_pool: list[str], rng: random.Random, use_curriculum: bool, n: int) -> list[str]:
     """A task batch: at most lambda_syn x n curriculum variants, the rest real training tasks."""
     n_syn = min(len(syn_pool), int(math.floor(args.lambda_syn * n))) if use_curriculum else 0
     syn = syn_pool[-n_syn:] if n_syn else []
     return syn + rng.sample(world.train_tasks, n - n_syn)
+
+
+def curriculum_seeds(groups: list[tuple[str, list[float]]], n: int) -> list[str]:
+    """Eq. (4): the n tasks of an iteration's groups with the highest reward variance V_tau, V_tau > 0 only
+    (an all-equal group says nothing about difficulty); ties broken by task text, descending."""
+    scored = sorted(((reward_variance_score(r), t) for t, r in groups), reverse=True)
+    return [t for v, t in scored if v > 0][:n]
 
 
 def real_step_cap(arm: str, args, real_ref: int | None) -> tuple[int, str | None]:
@@ -1610,189 +1791,300 @@ def real_step_cap(arm: str, args, real_ref: int | None) -> tuple[int, str | None
     return 0, None
 
 
-def run_arm(arm: str, seed: int, args, world: World, exp_cache: dict, logger, bar, device, rank: int,
-            world_size: int, out_dir: str, real_ref: int | None = None) -> dict:
-    """One arm x seed. real_ref: the real training steps real_grpo used in this seed, when it ran in this
-    invocation (s2r's real cap is --s2r_frac x real_ref, else --s2r_frac x N; DEVIATION(7))."""
-    t0 = time.time()
-    tag = f"{arm}-s{seed}"
-    ckpt_dir = os.path.join(out_dir, f"ckpt-{tag}")
-    C.seed_everything(seed)
-    gen = torch.Generator().manual_seed(seed * 1000 + rank)
-    rng = random.Random(f"{seed}-{rank}")
-    policy, tok = make_policy(args, device, seed)
-    world.shop.real_steps = 0
-    world.shop.diag_steps = 0
-    if seed not in BC_CACHE:  # the shared warm start of every arm of this seed
-        bc_warm_start(policy, tok, world.bc, args.bc_epochs, 3e-3 if not args.model_name_or_path else args.learning_rate,
-                      device, args.action_mode, seed, instruct=is_instruct(args))
-        BC_CACHE[seed] = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-    policy.load_state_dict(BC_CACHE[seed])
-    ref_policy = None
-    if args.beta > 0:
-        import copy
+def json_clean(x):
+    """NaN / inf -> None (summary.json stays JSON), tuples -> lists, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {k: json_clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_clean(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
-        ref_policy = copy.deepcopy(policy).eval()
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    ctx = Ctx(args, world.shop, policy, tok, device, rank, world_size)
-    uses_exp = arm in ("dreamgym", "s2r", "no_retrieval", "no_reasoning", "no_curriculum")
-    variant = exp_variant(arm, args)
-    expm = buffer = dream = None
-    if uses_exp:
-        vkey = json.dumps(variant, sort_keys=True)
-        if vkey not in exp_cache:
-            expm_, path = load_or_train_exp(world, args, variant, device)
-            err_buf = make_buffer(world, args, set(world.eval_tasks))
-            err = exp_model_error(expm_, err_buf, world.heldout, variant["top_k"], args.demo_bytes, args.n_heldout_eval)
-            exp_cache[vkey] = (expm_, path, err)
-        expm, exp_path, exp_err = exp_cache[vkey]
-        buffer = make_buffer(world, args, set(world.eval_tasks))
-        dream = DreamWorld(expm, buffer, variant["top_k"], args.demo_bytes, args.horizon)
-    n_syn_iters = args.iterations if arm != "real_grpo" and arm != "bc" else 0
-    n_real_budget, cap_basis = real_step_cap(arm, args, real_ref)
-    real_w = RealWorld(world.shop)  # one real world per arm, so its invalid-action counter spans the run
-    real_iters = args.iterations if arm == "real_grpo" else (10 ** 6 if arm == "s2r" else 0)
-    if arm == "bc":
-        n_syn_iters = real_iters = 0
-    use_curr = arm != "no_curriculum" and args.lambda_syn > 0
-    syn_pool: list[str] = []
-    curve, zero_var, syn_succ, syn_trajs_all = [], [], [], []
-    it, start_it = 0, 0
-    extra_state = {}
-    if args.resume and os.path.isfile(os.path.join(ckpt_dir, "state.pt")):
-        st = C.load_checkpoint(ckpt_dir, model=policy, optimizer=opt)
-        start_it = st["step"]
-        ex = st["extra"]
-        world.shop.real_steps, world.shop.diag_steps = ex["real_steps"], ex["diag_steps"]
-        syn_pool, curve, zero_var, syn_succ = ex["syn_pool"], ex["curve"], ex["zero_var"], ex["syn_succ"]
-        if buffer is not None and ex.get("syn_buffer"):
-            buffer.add(ex["syn_buffer"])
-        tqdm.write(f"[{tag}] resumed at iteration {start_it}")
 
-    eval_stats = {"invalid": 0}
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
 
-    def do_eval(i, sampled=False):
-        g = evaluate(ctx, world.eval_tasks, greedy=True, stats=eval_stats)
-        s = evaluate(ctx, world.eval_tasks, greedy=False) if sampled else float("nan")
-        curve.append((i, g, s))
-        tqdm.write(f"[{tag}] iter {i:3d}  real success greedy {g:.3f}" + (f" sampled {s:.3f}" if sampled else "")
-                   + f"  real train steps {world.shop.real_steps}"
-                   + (f"  invalid answers {eval_stats['invalid']}" if args.action_mode == "generate" else ""))
-        return g, s
+        dist.barrier()
 
-    if arm == "s2r" and seed in DREAM_SNAPSHOT and start_it == 0:
-        # DEVIATION(5): s2r = the dreamgym run of this seed, then real GRPO: continue from its final state
-        snap = DREAM_SNAPSHOT[seed]
-        policy.load_state_dict(snap["policy"])
-        opt.load_state_dict(snap["opt"])
-        syn_pool, curve, zero_var, syn_succ = list(snap["syn_pool"]), list(snap["curve"]), list(snap["zero_var"]), \
-            list(snap["syn_succ"])
-        syn_trajs_all = list(snap["syn_trajs"])
-        dream.stats = dict(snap["dream_stats"])
-        buffer.add(snap["syn_buffer"])
-        start_it = n_syn_iters
-        bar.update(n_syn_iters)
-        tqdm.write(f"[{tag}] synthetic phase = the dreamgym-s{seed} run; real phase follows")
-    if start_it == 0:
-        do_eval(0)
-    it = start_it
-    total_iters = n_syn_iters + (args.iterations if arm == "real_grpo" else 0)
-    per_rank_tasks = max(1, args.tasks_per_iter // world_size)
-    # ---- phase 1: synthetic (DreamGym) or real (real_grpo) ----
-    while True:
-        phase_syn = it < n_syn_iters
-        if phase_syn:
-            w = dream
+
+class ArmRun:
+    """One arm x seed on this rank. Phases: setup (__init__), start / restore, then per iteration
+    synthetic_iteration (rollouts in M_exp, GRPO, buffer, curriculum) or real_iteration (rollouts in
+    ShopLite within the real-step cap, GRPO), evaluate, save; finish (final evaluation, hallucination
+    replay, the result row). Everything an iteration reads from the past lives here and goes into the
+    checkpoint (state_dict), so kill -9 + --resume gives the uninterrupted numbers."""
+
+    def __init__(self, arm: str, seed: int, args, world: World, exp_cache: dict, device, rank: int = 0,
+                 world_size: int = 1, out_dir: str | None = None, real_ref: int | None = None, log_step: int = 0):
+        self.t_start = time.time()
+        self.arm, self.seed, self.args, self.world, self.device = arm, seed, args, world, device
+        self.rank, self.world_size, self.real_ref = rank, world_size, real_ref
+        self.tag = f"{arm}-s{seed}"
+        self.ckpt_dir = os.path.join(out_dir, f"ckpt-{self.tag}") if out_dir else None
+        C.seed_everything(seed)
+        self.gen = torch.Generator().manual_seed(seed * 1000 + rank)  # policy sampling
+        self.rng = random.Random(f"{seed}-{rank}")  # task batches, minibatch order
+        world.shop.real_steps = world.shop.diag_steps = 0
+        self.policy, self.tok = warm_start_policy(args, world, device, seed)
+        self.ref_policy = copy.deepcopy(self.policy).eval() if args.beta > 0 else None
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+        self.ctx = Ctx(args, world.shop, self.policy, self.tok, device, rank, world_size)
+        self.uses_exp = arm in EXP_ARMS
+        self.expm = self.buffer = self.dream = self.exp_path = None
+        self.exp_err: dict = {}
+        if self.uses_exp:
+            variant = exp_variant(arm, args)
+            self.expm, self.exp_path, self.exp_err, memo = experience_model(world, args, variant, device, exp_cache)
+            self.expm.reset(memo, seed)  # an arm's M_exp answers depend on that arm only, not on earlier arms
+            self.buffer = make_buffer(world, args, set(world.eval_tasks))
+            self.n_offline = len(self.buffer.real)
+            self.dream = DreamWorld(self.expm, self.buffer, variant["top_k"], args.demo_bytes, args.horizon)
+        self.real_w = RealWorld(world.shop)  # one real world per arm: its invalid-action counter spans the run
+        self.n_syn_iters = args.iterations if self.uses_exp else 0
+        self.n_real_iters = {"real_grpo": args.iterations, "s2r": 10 ** 6}.get(arm, 0)  # s2r: until its real cap
+        self.real_cap, self.cap_basis = real_step_cap(arm, args, real_ref)
+        self.use_curr = arm != "no_curriculum" and args.lambda_syn > 0
+        self.per_rank_tasks = max(1, args.tasks_per_iter // world_size)
+        # carried from iteration to iteration (state_dict)
+        self.it, self.log_step, self.saved_it = 0, log_step, None
+        self.syn_pool: list[str] = []
+        self.curve: list = []  # (iteration, greedy real success, sampled real success or None)
+        self.zero_var: list[float] = []
+        self.syn_succ: list[float] = []
+        self.syn_trajs: list[Trajectory] = []  # the last synthetic rollouts, for the hallucination replay
+        self.eval_invalid = 0
+        self.timer = PhaseTimer()
+        self.elapsed = 0.0  # seconds spent in earlier processes (resume; s2r: dreamgym's synthetic phase)
+
+    # ---- state (checkpoint) ----
+
+    def state_dict(self) -> dict:
+        d = dict(it=self.it, log_step=self.log_step, gen=self.gen.get_state(), rng=self.rng.getstate(),
+                 syn_pool=list(self.syn_pool), curve=list(self.curve), zero_var=list(self.zero_var),
+                 syn_succ=list(self.syn_succ), syn_trajs=list(self.syn_trajs), eval_invalid=self.eval_invalid,
+                 real_steps=self.world.shop.real_steps, diag_steps=self.world.shop.diag_steps,
+                 real_stats=dict(self.real_w.stats), timer=dict(self.timer.seconds),
+                 elapsed=self.elapsed + time.time() - self.t_start)
+        if self.uses_exp:
+            d.update(dream_stats=dict(self.dream.stats), exp=self.expm.state(),
+                     buffer_real=self.buffer.real[self.n_offline:], buffer_syn=list(self.buffer.syn))
+        return d
+
+    def load_state_dict(self, d: dict, own: bool = True) -> None:
+        """own=False: s2r takes over dreamgym's state at the end of its synthetic phase (same seed, same
+        computation) but keeps its own metrics.jsonl steps."""
+        self.it = d["it"]
+        self.log_step = d["log_step"] if own else self.log_step + d["it"]
+        self.gen.set_state(d["gen"])
+        self.rng.setstate(d["rng"])
+        self.syn_pool, self.curve, self.zero_var = list(d["syn_pool"]), list(d["curve"]), list(d["zero_var"])
+        self.syn_succ, self.syn_trajs, self.eval_invalid = list(d["syn_succ"]), list(d["syn_trajs"]), d["eval_invalid"]
+        self.world.shop.real_steps, self.world.shop.diag_steps = d["real_steps"], d["diag_steps"]
+        self.real_w.stats = dict(d["real_stats"])
+        self.timer = PhaseTimer(d["timer"])
+        self.elapsed = d["elapsed"]
+        if self.uses_exp:
+            self.dream.stats = dict(d["dream_stats"])
+            self.expm.set_state(d["exp"])
+            self.buffer.add(list(d["buffer_real"]) + list(d["buffer_syn"]))
+
+    def save(self) -> None:
+        """Checkpoint: the policy, AdamW and every rank's state_dict (rank 0 writes; all ranks wait)."""
+        ranks = _all_gather(self.state_dict(), self.world_size)
+        if self.rank == 0:
+            C.save_checkpoint(self.ckpt_dir, self.policy, self.tok, self.opt, step=self.log_step,
+                              extra=dict(arm=self.arm, seed=self.seed, ranks=ranks))
+        _barrier(self.world_size)
+        self.saved_it = self.it
+
+    def restore(self, ckpt_dir: str, own: bool = True) -> bool:
+        """Load the newest complete checkpoint in ckpt_dir (False when there is none)."""
+        if C.find_checkpoint(ckpt_dir) is None:
+            return False
+        st = C.load_checkpoint(ckpt_dir, model=self.policy, optimizer=self.opt)
+        ranks = st["extra"]["ranks"]
+        C.require(len(ranks) == self.world_size, f"{ckpt_dir} was written by {len(ranks)} ranks, this run has "
+                                                 f"{self.world_size}; resume with the same number of processes")
+        self.load_state_dict(ranks[self.rank], own=own)
+        self.saved_it = self.it if own else None
+        return True
+
+    # ---- phases ----
+
+    def start(self, resume: bool, dream_ckpt: str | None = None) -> None:
+        """Resume from this arm's checkpoint; or (s2r) take over dreamgym's synthetic phase; or evaluate the
+        warm start (iteration 0)."""
+        if resume and self.restore(self.ckpt_dir):
+            tqdm.write(f"[{self.tag}] resumed at iteration {self.it}")
+        elif dream_ckpt is not None:
+            C.require(self.restore(dream_ckpt, own=False), f"no checkpoint in {dream_ckpt} for s2r's synthetic phase")
+            C.require(self.it == self.n_syn_iters, f"{dream_ckpt} holds iteration {self.it}, not the end of dreamgym's "
+                                                   f"{self.n_syn_iters} synthetic iterations")
+            tqdm.write(f"[{self.tag}] synthetic phase = the dreamgym-s{self.seed} run; real phase follows")
         else:
-            if it >= n_syn_iters + real_iters:
-                break
-            used = _all_reduce_sum(torch.tensor(float(world.shop.real_steps)), world_size).item()
-            left = n_real_budget - used
-            n_tasks = min(per_rank_tasks, int(left // (args.group_size * args.horizon * world_size)))
-            if n_tasks <= 0:  # the next batch could overrun the real budget N
-                break
-            w = real_w
-        n_tasks_now = per_rank_tasks if phase_syn else n_tasks
-        tasks = task_batch(args, world, syn_pool, rng, use_curr and phase_syn, n_tasks_now)
-        trajs = rollout(policy, tok, w, tasks, args.group_size, args.temperature, gen, args.action_mode, device,
-                        f"{tag}-{it}-r{rank}", ref_policy=ref_policy, max_action_tokens=args.max_action_tokens,
-                        instruct=is_instruct(args), logp_batch_size=args.per_device_batch_size)
+            self.evaluate()
+
+    def evaluate(self, sampled: bool = False) -> float:
+        """Real success on the eval tasks (real env only, diagnostic steps), appended to the curve."""
+        with self.timer("eval"):
+            stats = {"invalid": 0}
+            g = evaluate(self.ctx, self.world.eval_tasks, greedy=True, stats=stats)
+            s = evaluate(self.ctx, self.world.eval_tasks, greedy=False) if sampled else None
+        self.eval_invalid = stats["invalid"]
+        self.curve.append((self.it, g, s))
+        tqdm.write(f"[{self.tag}] iter {self.it:3d}  real success greedy {g:.3f}" + (f" sampled {s:.3f}" if sampled else "")
+                   + f"  real train steps {self.world.shop.real_steps}"
+                   + (f"  invalid answers {self.eval_invalid}" if self.args.action_mode == "generate" else ""))
+        return g
+
+    def real_steps_total(self) -> int:
+        return int(_all_reduce_sum(torch.tensor(float(self.world.shop.real_steps)), self.world_size).item())
+
+    def iterate(self) -> dict | None:
+        """One policy iteration -> its metrics row (with the seconds of each phase); None when the arm is done."""
+        before = dict(self.timer.seconds)
+        if self.it < self.n_syn_iters:
+            row = self.synthetic_iteration()
+        elif self.it < self.n_syn_iters + self.n_real_iters:
+            row = self.real_iteration()
+        else:
+            row = None
+        if row is None:
+            return None
+        self.it += 1
+        if self.it % self.args.eval_every == 0:
+            row.update(real_success=self.evaluate())
+            if self.args.action_mode == "generate":
+                row.update(eval_invalid=self.eval_invalid)
+        # seconds per phase of this iteration (a dict: kept off the progress bar and the metric plots)
+        row["time_s"] = {k: round(v - before.get(k, 0.0), 4) for k, v in self.timer.seconds.items()
+                         if v > before.get(k, 0.0)}
+        return row
+
+    def rollout_and_update(self, world, tasks: list[str], phase: str):
+        """G rollouts per task in `world`, one GRPO update, group statistics gathered from every rank."""
+        a, G = self.args, self.args.group_size
+        trajs = rollout(self.policy, self.tok, world, tasks, G, a.temperature, self.gen, a.action_mode, self.device,
+                        f"{self.tag}-{self.it}-r{self.rank}", max_action_tokens=a.max_action_tokens,
+                        instruct=is_instruct(a), logp_batch_size=a.per_device_batch_size, timer=self.timer)
         try:
-            stats = grpo_update(policy, tok, opt, trajs, args.group_size, args, device, world_size, rng, ref_policy)
+            stats = grpo_update(self.policy, self.tok, self.opt, trajs, G, a, self.device, self.world_size, self.rng,
+                                self.ref_policy, timer=self.timer)
         except FloatingPointError:
-            raise C.UserError(f"NaN loss in {tag} at iteration {it}; last good checkpoint kept in {ckpt_dir}; "
-                              f"lower --learning_rate") from None
-        # gather group statistics and new transitions from every rank
-        groups = [(t.task, [x.reward for x in trajs[i:i + args.group_size]])
-                  for i, t in enumerate(trajs) if i % args.group_size == 0]
-        all_groups = [g for part in _all_gather(groups, world_size) for g in part]
-        zv = float(np.mean([reward_variance_score(r) == 0 for _, r in all_groups]))
-        succ = float(np.mean([x for _, r in all_groups for x in r]))
-        zero_var.append(zv)
-        row = dict(arm=arm, seed=seed, iteration=it + 1, phase="synthetic" if phase_syn else "real",
-                   rollout_success=succ, zero_var_share=zv, real_train_steps=world.shop.real_steps,
-                   loss=stats["loss"], clip_frac=stats["clip_frac"])
-        if phase_syn:
-            syn_succ.append(succ)
-            syn_trajs_all = (syn_trajs_all + trajs)[-4 * args.n_halluc:]
-            new = [tr for t in trajs for tr in t.transitions]
-            new = [t for part in _all_gather(new, world_size) for t in part]
-            if args.buffer_add == "synthetic":
-                buffer.add([{**t, "real": False} for t in new])
-            st = dream.stats
-            row.update(syn_pool=len(syn_pool), invalid=st["invalid"], malformed=st["malformed"],
-                       real_demo_share=st["real_demos"] / max(1, st["demos"]), exp_calls=expm.calls)
-            if use_curr:  # Eq. (4): seed variants from the highest-variance tasks
-                scored = sorted(((reward_variance_score(r), t) for t, r in all_groups), reverse=True)
-                seeds = [t for v, t in scored if v > 0][: args.curr_seeds]
-                cands = [c for cs in expm.gen_tasks(seeds, args.curr_candidates) for c in cs]
-                keep = curriculum_variants(cands, world.shop.catalogue, set(world.eval_tasks),
-                                           set(world.train_tasks) | set(syn_pool))
-                syn_pool = (syn_pool + keep[: args.curr_seeds])[-32:]
-                row.update(curr_candidates=len(cands), curr_kept=len(keep))
-        else:
-            row.update(invalid=real_w.stats["invalid"], real_cap=n_real_budget)
-            if args.buffer_add == "real" and buffer is not None:
-                buffer.add([tr for t in trajs for tr in t.transitions])
-        it += 1
-        if it % args.eval_every == 0:
-            g, _ = do_eval(it)
-            row.update(real_success=g, **({"eval_invalid": eval_stats["invalid"]} if args.action_mode == "generate"
-                                          else {}))
-            if rank == 0:
-                C.save_checkpoint(ckpt_dir, policy, tok, opt, step=it, extra=dict(
-                    real_steps=world.shop.real_steps, diag_steps=world.shop.diag_steps, syn_pool=syn_pool, curve=curve,
-                    zero_var=zero_var, syn_succ=syn_succ, syn_buffer=buffer.syn if buffer is not None else []))
-        logger.log(bar.n + 1, **row)
-        bar.update(1)
-    if curve and curve[-1][0] == it:
-        curve.pop()
-    do_eval(it, sampled=True)
-    if arm == "dreamgym":
-        import copy
+            raise C.UserError(f"NaN loss in {self.tag} at iteration {self.it}; last good checkpoint kept in "
+                              f"{self.ckpt_dir}; lower --learning_rate") from None
+        groups = [(t.task, [x.reward for x in trajs[i:i + G]]) for i, t in enumerate(trajs) if i % G == 0]
+        groups = [g for part in _all_gather(groups, self.world_size) for g in part]
+        zv = float(np.mean([reward_variance_score(r) == 0 for _, r in groups]))
+        succ = float(np.mean([x for _, r in groups for x in r]))
+        self.zero_var.append(zv)
+        row = dict(arm=self.arm, seed=self.seed, iteration=self.it + 1, phase=phase, rollout_success=succ,
+                   zero_var_share=zv, real_train_steps=self.real_steps_total(), loss=stats["loss"],
+                   clip_frac=stats["clip_frac"])
+        return trajs, groups, row
 
-        DREAM_SNAPSHOT[seed] = dict(policy={k: v.detach().clone() for k, v in policy.state_dict().items()},
-                                    opt=copy.deepcopy(opt.state_dict()), syn_pool=syn_pool, curve=curve[:-1] if
-                                    curve and curve[-1][0] == it else curve, zero_var=zero_var, syn_succ=syn_succ,
-                                    syn_trajs=syn_trajs_all, dream_stats=dict(dream.stats), syn_buffer=list(buffer.syn))
-    halluc, n_h = (hallucination_rate(world.shop, syn_trajs_all, args.n_halluc) if uses_exp else (float("nan"), 0))
-    g, s = curve[-1][1], curve[-1][2]
-    syn_last = float(np.mean(syn_succ[-3:])) if syn_succ else float("nan")
-    res = dict(arm=arm, seed=seed, real_success=g, real_success_sampled=s,
-               real_train_steps=int(_all_reduce_sum(torch.tensor(float(world.shop.real_steps)), world_size).item()),
-               offline_real_steps=world.offline_steps if arm != "bc" else world.offline_steps,
-               diag_real_steps=world.shop.diag_steps, iterations=it, halluc_success=halluc, halluc_n=n_h,
-               syn_success_last=syn_last, syn_real_gap=syn_last - s if syn_succ else float("nan"),
-               zero_var_share=float(np.mean(zero_var)) if zero_var else float("nan"), curve=curve,
-               real_budget=args.real_budget, real_step_cap=n_real_budget if cap_basis else None,
-               real_cap_basis=cap_basis, real_ref_steps=real_ref,
-               real_invalid=int(_all_reduce_sum(torch.tensor(float(real_w.stats["invalid"])), world_size).item()),
-               eval_invalid=eval_stats["invalid"], minutes=(time.time() - t0) / 60)
-    if uses_exp:
-        res.update({k: v for k, v in exp_err.items()}, exp_model=exp_path, exp_calls=expm.calls,
-                   malformed=dream.stats["malformed"], invalid=dream.stats["invalid"],
-                   real_demo_share=dream.stats["real_demos"] / max(1, dream.stats["demos"]))
-    return res
+    def synthetic_iteration(self) -> dict:
+        """DreamGym: GRPO on rollouts inside M_exp (at most lambda_syn of the tasks from the curriculum);
+        the new transitions join the replay buffer (--buffer_add synthetic); the curriculum grows."""
+        tasks = task_batch(self.args, self.world, self.syn_pool, self.rng, self.use_curr, self.per_rank_tasks)
+        trajs, groups, row = self.rollout_and_update(self.dream, tasks, "synthetic")
+        self.syn_succ.append(row["rollout_success"])
+        self.syn_trajs = (self.syn_trajs + trajs)[-4 * self.args.n_halluc:]
+        new = [tr for t in trajs for tr in t.transitions]
+        new = [t for part in _all_gather(new, self.world_size) for t in part]
+        if self.args.buffer_add == "synthetic":
+            self.buffer.add([{**t, "real": False} for t in new])
+        st = self.dream.stats
+        row.update(syn_pool=len(self.syn_pool), invalid=st["invalid"], malformed=st["malformed"],
+                   real_demo_share=st["real_demos"] / max(1, st["demos"]), exp_calls=self.expm.calls)
+        if self.use_curr:
+            row.update(self.curriculum(groups))
+        return row
+
+    def curriculum(self, groups: list) -> dict:
+        """Eq. (4): M_task proposes variants of the highest-variance tasks; parsable, feasible, new, non-eval
+        ones join the pool (at most curr_seeds per iteration, 32 kept)."""
+        with self.timer("curriculum"):
+            seeds = curriculum_seeds(groups, self.args.curr_seeds)
+            cands = [c for cs in self.expm.gen_tasks(seeds, self.args.curr_candidates) for c in cs]
+            keep = curriculum_variants(cands, self.world.shop.catalogue, set(self.world.eval_tasks),
+                                       set(self.world.train_tasks) | set(self.syn_pool))
+            self.syn_pool = (self.syn_pool + keep[: self.args.curr_seeds])[-32:]
+        return dict(curr_candidates=len(cands), curr_kept=len(keep))
+
+    def real_iteration(self) -> dict | None:
+        """Real GRPO (real_grpo; s2r after its synthetic phase) while a worst-case task batch fits in the
+        real-step cap; None when it does not (the arm ends)."""
+        a = self.args
+        left = self.real_cap - self.real_steps_total()
+        n_tasks = min(self.per_rank_tasks, int(left // (a.group_size * a.horizon * self.world_size)))
+        if n_tasks <= 0:
+            return None
+        tasks = task_batch(a, self.world, self.syn_pool, self.rng, False, n_tasks)
+        trajs, _, row = self.rollout_and_update(self.real_w, tasks, "real")
+        row.update(invalid=self.real_w.stats["invalid"], real_cap=self.real_cap)
+        if a.buffer_add == "real" and self.buffer is not None:
+            self.buffer.add([tr for t in trajs for tr in t.transitions])
+        return row
+
+    def finish(self) -> dict:
+        """Final evaluation (greedy and sampled), the hallucination replay, and the arm's result row."""
+        if self.curve and self.curve[-1][0] == self.it:
+            self.curve.pop()
+        self.evaluate(sampled=True)
+        with self.timer("halluc_replay"):
+            halluc, n_h = hallucination_rate(self.world.shop, self.syn_trajs, self.args.n_halluc) if self.uses_exp \
+                else (None, 0)
+        batch = self.args.group_size * self.args.horizon * self.world_size
+        if self.arm == "s2r" and self.real_cap < batch:
+            tqdm.write(f"[{self.tag}] took no real step: its real cap {self.real_cap} is below one task's worst case "
+                       f"(group_size x horizon x ranks = {batch}); raise --s2r_frac")
+        g, s = self.curve[-1][1], self.curve[-1][2]
+        syn_last = float(np.mean(self.syn_succ[-3:])) if self.syn_succ else None
+        res = dict(arm=self.arm, seed=self.seed, real_success=g, real_success_sampled=s,
+                   real_train_steps=self.real_steps_total(), offline_real_steps=self.world.offline_steps,
+                   diag_real_steps=self.world.shop.diag_steps, iterations=self.it, halluc_success=halluc,
+                   halluc_n=n_h, syn_success_last=syn_last, syn_real_gap=syn_last - s if syn_last is not None else None,
+                   zero_var_share=float(np.mean(self.zero_var)) if self.zero_var else None, curve=self.curve,
+                   real_budget=self.args.real_budget, real_step_cap=self.real_cap if self.cap_basis else None,
+                   real_cap_basis=self.cap_basis, real_ref_steps=self.real_ref,
+                   real_invalid=int(_all_reduce_sum(torch.tensor(float(self.real_w.stats["invalid"])),
+                                                    self.world_size).item()),
+                   eval_invalid=self.eval_invalid, log_step_end=self.log_step,
+                   time_split={k: round(v, 2) for k, v in sorted(self.timer.seconds.items())},
+                   minutes=(self.elapsed + time.time() - self.t_start) / 60)
+        if self.uses_exp:
+            res.update(self.exp_err, exp_model=self.exp_path, exp_calls=self.expm.calls,
+                       malformed=self.dream.stats["malformed"], invalid=self.dream.stats["invalid"],
+                       real_demo_share=self.dream.stats["real_demos"] / max(1, self.dream.stats["demos"]))
+        return json_clean(res)
+
+
+def run_arm(arm: str, seed: int, args, world: World, exp_cache: dict, logger, bar, device, rank: int = 0,
+            world_size: int = 1, out_dir: str | None = None, real_ref: int | None = None, log_step: int = 0,
+            dream_ckpt: str | None = None) -> dict:
+    """One arm x seed: start (resume / s2r's takeover of dreamgym / eval of the warm start), iterations
+    (row logged, checkpoint every --eval_every), a checkpoint at the end of the loop (s2r's synthetic
+    phase starts from dreamgym's), finish. real_ref: the real training steps real_grpo used in this seed
+    when it ran in this invocation (s2r's cap, DEVIATION(7)); log_step: metrics.jsonl step before it."""
+    run = ArmRun(arm, seed, args, world, exp_cache, device, rank, world_size, out_dir, real_ref, log_step)
+    run.start(args.resume, dream_ckpt)
+    if bar is not None:
+        bar.update(max(0, run.log_step - bar.n))
+    while (row := run.iterate()) is not None:
+        run.log_step += 1
+        logger.log(run.log_step, **row)
+        if bar is not None:
+            bar.update(1)
+        if run.ckpt_dir and run.it % args.eval_every == 0:
+            run.save()
+    if run.ckpt_dir and run.saved_it != run.it:
+        run.save()
+    return run.finish()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1837,6 +2129,8 @@ def results_table(results: list[dict]) -> str:
             elif k == "real_step_cap":
                 v = [x for x in vals if x is not None]
                 cells.append(f"{np.mean(v):.0f}" if v else "-")
+            elif k == "false_success" and rs[0].get("failed_buys"):  # a rate with its count (one M_exp per variant)
+                cells.append(f"{_ms(vals)} ({rs[0]['false_success_n']}/{rs[0]['failed_buys']})")
             else:
                 cells.append(_ms(vals))
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
@@ -1880,6 +2174,75 @@ def plot_results(results: list[dict], png: str, title: str) -> None:
 # ---- main ----
 # ---------------------------------------------------------------------------------------------
 
+# flags that do not change any result: a resumed run may change them
+RESULT_NEUTRAL_FLAGS = ("request_timeout", "exp_api_key_env", "real_step_delay")
+
+
+def exp_endpoint(args) -> C.LLM:
+    """The M_exp / M_task endpoint; --request_timeout bounds each request, retries included."""
+    return C.LLM.from_endpoint(args.exp_api_base, args.exp_api_model, os.environ.get(args.exp_api_key_env),
+                               timeout=args.request_timeout, deadline=args.request_timeout)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise C.UserError(f"'{path}' is unreadable or not JSON ({e}); delete it to rerun that arm, or start again "
+                          f"with --overwrite") from None
+
+
+def _result_path(out_dir: str, arm: str, seed: int) -> str:
+    return os.path.join(out_dir, f"result-{arm}-s{seed}.json")
+
+
+def _ckpt_dir(out_dir: str, arm: str, seed: int) -> str:
+    return os.path.join(out_dir, f"ckpt-{arm}-s{seed}")
+
+
+def resume_point(out_dir: str, runs: list[tuple[str, int]]) -> tuple[bool, int]:
+    """(anything to resume from, the metrics.jsonl step to keep rows up to): the end of the last finished
+    arm/seed run (its result file), or the checkpoint of the first unfinished one."""
+    step, found = 0, False
+    for arm, seed in runs:
+        path = _result_path(out_dir, arm, seed)
+        if os.path.isfile(path):
+            step, found = int(_read_json(path).get("log_step_end", step)), True
+            continue
+        ck = C.checkpoint_step(_ckpt_dir(out_dir, arm, seed))
+        if ck is not None:
+            step, found = ck, True
+        break
+    return found, step
+
+
+def train_exp_only(args, world: World, out_dir: str, device, rank: int, t_start: float) -> None:
+    """--method train_exp: fine-tune M_exp (Eq. 2) on the offline data and save it as an HF directory."""
+    variant = exp_variant("dreamgym", args)
+    if args.exp_model_name_or_path:
+        model, tok = C.load_lm(args.exp_model_name_or_path, device=device)
+    buf = make_buffer(world, args, set(world.eval_tasks))
+    ex = exp_sft_examples(world.offline, buf, variant["top_k"], args.demo_bytes, variant["reasoning"],
+                          world.train_tasks, random.Random(args.data_seed), args.fail_oversample)
+    if not args.exp_model_name_or_path:
+        model, tok = toy_exp_lm(args, [p + t for p, t in ex])
+        model.to(device)
+    losses = train_exp_model(model, tok, ex, args.exp_epochs, args.exp_learning_rate, args.exp_batch_size,
+                             args.data_seed, device)
+    if rank == 0:
+        model.save_pretrained(os.path.join(out_dir, "exp_model"))
+        tok.save_pretrained(os.path.join(out_dir, "exp_model"))
+        expm = ExperienceModel(C.LLM(model=model, tokenizer=tok), variant["reasoning"], 0.0,
+                               args.exp_max_new_tokens, task_temperature=args.task_temperature)
+        err = exp_model_error(expm, buf, world.heldout, variant["top_k"], args.demo_bytes, args.n_heldout_eval)
+        C.write_json(os.path.join(out_dir, "summary.json"), json_clean(dict(
+            method="train_exp", final_loss=float(np.mean(losses[-10:])), examples=len(ex),
+            wall_s=time.time() - t_start, device=str(device), seed=args.data_seed, **err)))
+        C.MetricLogger(out_dir).log(len(losses), **json_clean(dict(loss=float(np.mean(losses[-10:])), **err)))
+        C.plot_metrics(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "dreamgym.png"),
+                       title=f"dreamgym | train_exp | seed {args.data_seed}")
+
 
 def main(args):
     t_start = time.time()
@@ -1887,84 +2250,58 @@ def main(args):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep the one tqdm bar readable (no weight-loading bars)
-    methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ARMS + ("train_exp",)]
-    if bad:
-        raise C.UserError(f"unknown --method '{bad[0]}'; use some of {','.join(ARMS)} or train_exp")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise C.UserError(f"--seeds '{args.seeds}' is not a comma-separated list of integers") from None
-    if args.group_size < 1 or args.tasks_per_iter < 1 or args.iterations < 0:
-        raise C.UserError("--group_size, --tasks_per_iter must be >= 1 and --iterations >= 0")
-    if args.exp_api_base and args.exp_model_name_or_path:
-        raise C.UserError("pass either --exp_api_base or --exp_model_name_or_path for M_exp, not both")
-    C.check_model_path(args.exp_model_name_or_path)  # fail before minutes of work, not when M_exp is first needed
-    C.check_model_path(getattr(args, "model_name_or_path", None))
+    # 1. flags; 2. preflight of everything the run uses (models, endpoint, data: the world is built here,
+    # --offline_file parsed), nothing written yet; 3. the output-dir policy, args.json
+    validate_args(args)
+    methods, seeds = run_methods(args), run_seeds(args)
+    args.output_dir = out_dir = args.output_dir or os.path.join("runs", "dreamgym",
+                                                               "table" if args.table else "_".join(methods))
+    C.preflight_model(args.exp_model_name_or_path)
+    C.preflight_model(args.model_name_or_path)
+    if args.exp_api_base:
+        C.preflight_endpoint(exp_endpoint(args), route="chat", deadline=min(30.0, args.request_timeout))
+    world = build_world(args)
+    methods = sorted(methods, key=(ARMS + ("train_exp",)).index)
+    runs = [(a, s) for s in seeds for a in methods if a != "train_exp"]
+    has_ckpt, resume_step = resume_point(out_dir, runs) if args.resume else (False, 0)
     rank, world_size, device = C.ddp_setup()
     if args.device:
         device = torch.device(args.device)
-    if args.tasks_per_iter % world_size:
-        raise C.UserError(f"--tasks_per_iter {args.tasks_per_iter} must be divisible by the {world_size} ranks")
-    out_dir = args.output_dir or os.path.join("runs", "dreamgym", "table" if args.table else "_".join(methods))
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        C.write_json(os.path.join(out_dir, "args.json"), vars(args))
-    world = build_world(args)
-    if "train_exp" in methods:  # fine-tune M_exp only and save it as an HF dir
-        variant = exp_variant("dreamgym", args)
-        if args.exp_model_name_or_path:
-            model, tok = C.load_lm(args.exp_model_name_or_path, device=device)
-        buf = make_buffer(world, args, set(world.eval_tasks))
-        ex = exp_sft_examples(world.offline, buf, variant["top_k"], args.demo_bytes, variant["reasoning"],
-                              world.train_tasks, random.Random(args.data_seed), args.fail_oversample)
-        if not args.exp_model_name_or_path:
-            model, tok = toy_exp_lm(args, [p + t for p, t in ex])
-            model.to(device)
-        losses = train_exp_model(model, tok, ex, args.exp_epochs, args.exp_learning_rate, args.exp_batch_size,
-                                 args.data_seed, device)
-        if rank == 0:
-            model.save_pretrained(os.path.join(out_dir, "exp_model"))
-            tok.save_pretrained(os.path.join(out_dir, "exp_model"))
-            expm = ExperienceModel(C.LLM(model=model, tokenizer=tok), variant["reasoning"], 0.0,
-                                   args.exp_max_new_tokens, task_temperature=args.task_temperature)
-            err = exp_model_error(expm, buf, world.heldout, variant["top_k"], args.demo_bytes, args.n_heldout_eval)
-            C.write_json(os.path.join(out_dir, "summary.json"), dict(
-                method="train_exp", final_loss=float(np.mean(losses[-10:])), examples=len(ex),
-                wall_s=time.time() - t_start, device=str(device), seed=args.data_seed, **err))
-            C.MetricLogger(out_dir).log(len(losses), loss=float(np.mean(losses[-10:])), **err)
-            C.plot_metrics(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "dreamgym.png"),
-                           title=f"dreamgym | train_exp | seed {args.data_seed}")
+    C.start_run(args, has_checkpoint=has_ckpt, ignore=RESULT_NEUTRAL_FLAGS)
+    if methods == ["train_exp"]:
+        train_exp_only(args, world, out_dir, device, rank, t_start)
         C.ddp_cleanup()
         return
-    methods = sorted(methods, key=ARMS.index)
-    runs = [(a, s) for s in seeds for a in methods]
-    n_updates = sum({"bc": 0, "real_grpo": args.iterations}.get(a, args.iterations) for a, _ in runs)
+    # bar = metrics.jsonl steps; s2r: its synthetic iterations + up to as many real ones (its cap decides)
+    n_updates = sum(args.iterations * (1 + (a == "s2r")) for a, _ in runs if a != "bc")
     bar = tqdm(total=n_updates, desc="dreamgym", disable=not C.is_main(), dynamic_ncols=True)
-    logger = C.MetricLogger(out_dir, pbar=bar, resume_step=10 ** 9 if args.resume else None)
+    logger = C.MetricLogger(out_dir, pbar=bar, resume_step=resume_step if args.resume else None)
     results, exp_cache = [], {}
     real_used: dict[int, int] = {}  # seed -> real training steps real_grpo used (s2r's cap basis, DEVIATION(7))
+    log_step = 0
     for arm, seed in runs:
-        res_path = os.path.join(out_dir, f"result-{arm}-s{seed}.json")
+        res_path = _result_path(out_dir, arm, seed)
         if args.resume and os.path.isfile(res_path):
-            with open(res_path) as f:
-                results.append(json.load(f))
-            if arm == "real_grpo":
-                real_used[seed] = int(results[-1]["real_train_steps"])
-            bar.update(args.iterations if arm != "bc" else 0)
-            continue
-        res = run_arm(arm, seed, args, world, exp_cache, logger, bar, device, rank, world_size, out_dir,
-                      real_ref=real_used.get(seed))
+            res = _read_json(res_path)
+            tqdm.write(f"[{arm}-s{seed}] finished earlier: read back from {res_path}")
+        else:
+            # s2r takes over the dreamgym run of its seed when that ran in this invocation (DEVIATION(5))
+            dream_ckpt = _ckpt_dir(out_dir, "dreamgym", seed) if arm == "s2r" and "dreamgym" in methods else None
+            res = run_arm(arm, seed, args, world, exp_cache, logger, bar, device, rank, world_size, out_dir,
+                          real_ref=real_used.get(seed), log_step=log_step, dream_ckpt=dream_ckpt)
+            tqdm.write(f"[{arm}-s{seed}] real success {res['real_success']:.3f} (sampled "
+                       f"{res['real_success_sampled']:.3f}), new real steps {res['real_train_steps']}"
+                       + (f" (cap {res['real_step_cap']})" if res.get("real_step_cap") is not None else "")
+                       + (f", halluc {res['halluc_success']:.3f} of {res['halluc_n']}"
+                          if res.get("halluc_success") is not None else "") + f", {res['minutes']:.1f} min")
+            if rank == 0:
+                C.write_json(res_path, res)
+        log_step = res["log_step_end"]
+        if bar.n < log_step:
+            bar.update(log_step - bar.n)
         if arm == "real_grpo":
             real_used[seed] = int(res["real_train_steps"])
-        tqdm.write(f"[{arm}-s{seed}] real success {res['real_success']:.3f} (sampled {res['real_success_sampled']:.3f}), "
-                   f"new real steps {res['real_train_steps']}"
-                   + (f" (cap {res['real_step_cap']})" if res.get("real_step_cap") is not None else "")
-                   + f", halluc {res['halluc_success']:.3f}, "
-                   f"{res['minutes']:.1f} min")
         results.append(res)
-        if rank == 0:
-            C.write_json(res_path, res)
     bar.close()
     if rank == 0:
         model_name = args.model_name_or_path or "tiny-lm"
@@ -1974,11 +2311,11 @@ def main(args):
         with open(os.path.join(out_dir, "table.md"), "w") as f:
             f.write(f"`python dreamgym.py {' '.join(sys.argv[1:])}`\n\n{table}")
         print(table)
-        C.write_json(os.path.join(out_dir, "summary.json"), dict(
+        C.write_json(os.path.join(out_dir, "summary.json"), json_clean(dict(
             results=results, table=table, wall_s=time.time() - t_start, device=str(device), seeds=seeds,
             offline_real_steps=world.offline_steps, methods=methods, real_budget=args.real_budget,
             s2r_frac=args.s2r_frac,
-            s2r_real_cap={r["seed"]: r.get("real_step_cap") for r in results if r["arm"] == "s2r"}))
+            s2r_real_cap={r["seed"]: r.get("real_step_cap") for r in results if r["arm"] == "s2r"})))
     C.ddp_cleanup()
 
 

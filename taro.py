@@ -504,9 +504,9 @@ def fused_generate(base, rm, tok, prompts: Sequence[str], max_new_tokens: int, c
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     stops = torch.tensor(stop_ids(base, tok), device=device)
     caches = (DynamicCache(), DynamicCache())
-    kws = (C._cache_kw(base), C._cache_kw(rm))
+    kws = (C.cache_kwarg(base), C.cache_kwarg(rm))
     pos = C.position_ids(mask)
-    generator = C._device_generator(generator, device)  # a CPU generator seeds one on the model's device
+    generator = C.device_generator(generator, device)  # a CPU generator seeds one on the model's device
 
     def forward(step_ids, step_mask, step_pos):
         with C.autocast(device):
@@ -790,8 +790,8 @@ def frozen_states(w: dict, sols: list[tuple[str, str]]):
     prompts, resps = zip(*sols) if sols else ((), ())
     ids, mask, resp = C.encode_pairs(tok, list(prompts), list(resps), add_eos=True, device=device)
     with torch.no_grad(), C.autocast(device):
-        hb, _ = C._hidden(base, ids, mask)  # (b, L, d_base)
-        hr, _ = C._hidden(rm, ids, mask)  # (b, L, d_rm)
+        hb, _ = C.hidden_states(base, ids, mask)  # (b, L, d_base)
+        hr, _ = C.hidden_states(rm, ids, mask)  # (b, L, d_rm)
     sel = resp[:, 1:].bool()
     return hb[:, :-1][sel], hr[:, :-1][sel], ids[:, 1:][sel], sel.sum(1).tolist()
 
@@ -823,8 +823,8 @@ def router_step(w: dict, router: Router, sols: list[tuple[str, str]], args, worl
         ta = time.time()
         e = s + args.logit_chunk
         with torch.no_grad():
-            lb = torch.log_softmax(C._head_logits(base, head_b, hb[s:e])[:, :V], -1)  # (n, V) fp32
-            lr = torch.log_softmax(C._head_logits(rm, head_r, hr[s:e])[:, :V], -1)
+            lb = torch.log_softmax(C.head_logits(base, head_b, hb[s:e])[:, :V], -1)  # (n, V) fp32
+            lr = torch.log_softmax(C.head_logits(rm, head_r, hr[s:e])[:, :V], -1)
             feats = router_features(lb, lr)  # Eq. (4)
             if args.router_features == "stats+rm_hidden":
                 feats = torch.cat([feats, hr[s:e].float()], -1)
@@ -1120,13 +1120,13 @@ def resume_step(args, offset: int) -> int:
     out = args.output_dir
     if os.path.isfile(os.path.join(out, "router.pt")):
         return offset + args.router_steps
-    ck = C.find_checkpoint(os.path.join(out, "router_checkpoint"))
-    if ck:
-        return offset + C._checkpoint_step(ck)
+    ck = C.checkpoint_step(os.path.join(out, "router_checkpoint"))
+    if ck is not None:
+        return offset + ck
     if os.path.isfile(os.path.join(out, "rm", "config.json")):
         return offset
-    ck = C.find_checkpoint(os.path.join(out, "arm_checkpoint"))
-    return C._checkpoint_step(ck) if ck else 0
+    ck = C.checkpoint_step(os.path.join(out, "arm_checkpoint"))
+    return ck if ck is not None else 0
 
 
 def finish(args, w: dict, res: dict, domains: list | None, t0: float, rank: int) -> None:

@@ -625,16 +625,16 @@ def test_lm_head_runs_in_fp32_under_autocast(tiny):
     model, tok = tiny
     backbone, head = C._backbone_and_head(model)
     h = torch.randn(7, model.config.hidden_size)
-    want = C._head_logits(model, head, h)
+    want = C.head_logits(model, head, h)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = C._head_logits(model, head, h)
+        got = C.head_logits(model, head, h)
         assert head(h).dtype == torch.bfloat16  # what the head would give under autocast
     assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_device_generator_is_the_given_one_on_its_own_device():
     g = torch.Generator().manual_seed(3)
-    assert C._device_generator(g, torch.device("cpu")) is g and C._device_generator(None, torch.device("cpu")) is None
+    assert C.device_generator(g, torch.device("cpu")) is g and C.device_generator(None, torch.device("cpu")) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,13 +1,46 @@
 """Tests of dreamgym.py: ShopLite transitions and rewards on scripted episodes, GRPO advantages and
 clipping on hand values, the curriculum score, retrieval, eval isolation (real env only, eval tasks
-never in the buffer), the experience model through local OpenAI-compatible servers, a smoke run."""
+never in the buffer), the experience model through local OpenAI-compatible servers, one GRPO update
+and whole arms against plain references, bookkeeping by hand, bad input, the output-dir / resume
+policy, a smoke run; slow: kill -9 + --resume, torchrun, the real SmolLM2 checkpoint.
+
+One-line breaks of dreamgym.py each of which was made and watched to fail (test that catches it):
+- hallucination rate always 0 (`fails += 0`): test_hallucination_rate_hand_count, the dreamgym arm test
+- curriculum seeded by the lowest-variance tasks (`reverse=False`): test_curriculum_seeds_..., arm test
+- --lambda_syn ignored (0.3 hard-coded in task_batch): test_task_batch_..., arm test (lambda 0.5 of 2 tasks)
+- false successes counted among successful purchases: test_exp_model_error_hand_totals
+- failed purchases no longer oversampled (`* 0`): test_sft_examples_oversample_...
+- loss normalised per micro-batch instead of per minibatch: test_grpo_update_matches_plain_reference[2-1-0.0]
+- raw rewards used as advantages: test_grpo_update_matches_plain_reference
+- the beta KL term dropped from the update: test_grpo_update_matches_plain_reference[2-1-0.3]
+- real budget unit G instead of G x H: test_real_grpo_arm_counts_real_steps_and_stops_at_the_budget
+- real training steps reported from the diagnostic counter: the real_grpo arm test
+- evaluation counted as real training steps (diag=False): the dreamgym arm test
+- zero-variance share inverted; synthetic success of the last 1 iteration instead of 3; --top_k ignored
+  (3 hard-coded); the final evaluation not sampled; M_exp calls counting memo hits: the dreamgym arm test
+- --buffer_add ignored; no_curriculum running the curriculum: test_arm_defining_flags_change_the_result
+- --s2r_frac ignored (0.1 hard-coded); the checkpoint not restoring the task RNG, the sampling generator,
+  the curriculum pool, M_exp's counters or the buffer's additions: test_s2r_takes_over_dreamgym_exactly
+- --group_size 0 accepted: test_validate_args_refuses_bad_flags
+- the endpoint preflight removed (args.json written before the failure): test_bad_input_exits_2_...
+- --resume accepting changed flags: test_output_dir_policy_resume_and_overwrite
+- make_tasks without its bound (an endless loop on a small catalogue): test_too_many_tasks_...
+- metrics rows after the checkpoint not cut; the curriculum pool, the buffer's additions or M_exp's memo
+  left out of the checkpoint: test_kill9_and_resume_reach_the_uninterrupted_summary (slow)
+The old micro-batching test compared a mostly clipped update with itself; the update tests now check
+against the loop reference that the weights move and that some, not all, units are clipped.
+"""
 import http.server
 import json
+import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -375,12 +408,6 @@ def test_exp_output_parsing():
     assert D.parse_exp_output("<state>done</state>") is None and D.parse_exp_output("{}") is None
 
 
-def test_bad_method_exits_2_with_one_line():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "dreamgym.py"), "--method", "ppo_magic"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown --method" in r.stderr
-
-
 def _offline_row(**kw):
     row = dict(task="buy a red shirt, under $30", state="item: red cotton shirt $25 sizes{M} [buy] [back]",
                action="buy", next_state="done", reward=1.0, done=1, episode="a")
@@ -456,7 +483,7 @@ def test_generate_mode_prompt_uses_instruction_and_chat_template():
 
 SMOKE = ["--iterations", "2", "--tasks_per_iter", "2", "--group_size", "2", "--n_products", "30",
          "--n_train_tasks", "20", "--n_eval_tasks", "6", "--n_expert", "10", "--n_random", "10",
-         "--bc_trajectories", "4", "--bc_epochs", "1", "--exp_epochs", "0.1", "--exp_max_new_tokens", "24",
+         "--bc_trajectories", "20", "--bc_epochs", "4", "--exp_epochs", "0.1", "--exp_max_new_tokens", "24",
          "--exp_layers", "1", "--exp_d_model", "32", "--eval_every", "1", "--n_heldout_eval", "4", "--horizon", "5"]
 
 
@@ -469,15 +496,18 @@ def test_smoke_s2r_writes_outputs(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for f in ("args.json", "metrics.jsonl", "summary.json", "dreamgym.png"):
         assert (out / f).is_file(), f
-    summ = json.load(open(out / "summary.json"))
+    summ = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
     res = summ["results"][0]
+    assert res["halluc_success"] is None or 0 <= res["halluc_success"] <= 1  # null, never NaN
+    assert {"rollout_policy", "world", "forward", "backward", "optimizer", "eval"} <= set(res["time_split"])
     assert res["arm"] == "s2r" and 0 < res["real_train_steps"] <= 40 and res["real_train_steps"] <= 0.1 * 400  # <= s2r_frac x N real steps
     assert res["offline_real_steps"] > 0 and "eps_R" in res
     # real_grpo did not run in this invocation: s2r's cap is s2r_frac x N, logged with N
     assert (res["real_step_cap"], res["real_cap_basis"], res["real_budget"]) == (40, "N", 400)
     assert summ["real_budget"] == 400 and summ["s2r_real_cap"] == {"0": 40} and "real_grpo budget N = 400" in summ["table"]
     rows = C.read_jsonl(out / "metrics.jsonl")
-    assert {r["phase"] for r in rows} == {"synthetic", "real"}
+    assert {r["phase"] for r in rows} == {"synthetic", "real"} and all("forward" in r["time_s"] for r in rows)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     assert all(r["real_train_steps"] == 0 for r in rows if r["phase"] == "synthetic")
 
 
@@ -512,26 +542,6 @@ def test_prefix_shared_scoring_equals_pair_scoring_with_grad():
         torch.testing.assert_close(x, p.grad, atol=1e-4, rtol=1e-3)
 
 
-def test_grpo_update_is_invariant_to_micro_batching():
-    """per_device_batch_size 2 (gradient accumulation) == one forward over the whole minibatch."""
-    acts = D.admissible(D.SEARCH_STATE, "buy a red shirt, under $30")
-    trajs = []
-    for i, r in enumerate([1.0, 0.0, 0.0, 1.0, 0.0, 0.0]):
-        t = D.Trajectory("buy a red shirt, under $30", f"e{i}", True, reward=r)
-        t.units = [D.Unit(D.policy_prompt(t.task, D.SEARCH_STATE), acts, i % len(acts), -1.5 - 0.1 * i)]
-        trajs.append(t)
-    params = []
-    for pdbs in (256, 2):
-        model, tok = C.tiny_lm(n_layer=1, d_model=16, seed=0)
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        args = D.parse_args(["--ppo_epochs", "1", "--num_minibatches", "1", "--per_device_batch_size", str(pdbs)])
-        D.grpo_update(model, tok, opt, trajs, 3, args, torch.device("cpu"), 1, random.Random(0))
-        params.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*params):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert any((a != p).any() for a, p in zip(params[0], C.tiny_lm(n_layer=1, d_model=16, seed=0)[0].parameters()))
-
-
 def test_grpo_loss_normaliser_splits_like_one_batch():
     """Two shards each normalised by the global unit count sum to the full-batch token mean (DDP scaling)."""
     logp = torch.randn(6, 3, requires_grad=True)
@@ -540,3 +550,682 @@ def test_grpo_loss_normaliser_splits_like_one_batch():
     n = float(mask.sum())
     parts = sum(D.grpo_loss(logp[s], old[s], adv[s], mask[s], normalizer=n)[0] for s in (slice(0, 2), slice(2, 6)))
     torch.testing.assert_close(full, parts)
+
+
+# ---- one GRPO update against a plain reference (loops over units and tokens) ---------------------------
+
+
+def _byte_ids(text):
+    """ByT5 ids, by hand: byte value + 3 (0 pad, 1 eos, 2 unk)."""
+    return [b + 3 for b in text.encode()]
+
+
+def _ref_action_logp(model, prompt, actions, k):
+    """log pi(actions[k] | prompt), Eq. (7), the plain way: one full forward per (prompt + action), the
+    action's token log-probs (EOS included) summed, then a log-softmax over the admissible actions."""
+    seq = []
+    for a in actions:
+        p, r = _byte_ids(prompt), _byte_ids(a) + [1]
+        logits = model(input_ids=torch.tensor([p + r])).logits[0].float()
+        total = 0.0
+        for j in range(len(p), len(p) + len(r)):
+            total = total + torch.log_softmax(logits[j - 1], -1)[(p + r)[j]]
+        seq.append(total)
+    seq = torch.stack(seq)
+    return seq[k] - torch.logsumexp(seq, 0)
+
+
+def _ref_advantages(rewards, G):
+    out = []
+    for g in range(0, len(rewards), G):
+        grp = rewards[g:g + G]
+        mean = sum(grp) / G
+        std = (sum((x - mean) ** 2 for x in grp) / (G - 1)) ** 0.5 if G > 1 else 0.0
+        out += [0.0 if G == 1 else (x - mean) / (std + 1e-6) for x in grp]
+    return out
+
+
+def _fixed_trajectories(model):
+    """6 one-step trajectories (2 groups of 3) on two states; logp_old = the current log-prob shifted so
+    that the ratios rho are 0.6, 1.0, 1.4, 1.1, 0.9, 1.5: with these advantages some units are clipped
+    (zero gradient) and the others are not."""
+    task = "buy a red shirt, under $30"
+    states = [D.SEARCH_STATE, "results p1: [1] red cotton shirt $25 | [2] blue wool hat $10 [back]"]
+    rhos = [0.6, 1.0, 1.4, 1.1, 0.9, 1.5]
+    trajs = []
+    for i, (r, rho) in enumerate(zip([1.0, 0.0, 0.0, 0.0, 1.0, 1.0], rhos)):
+        st = states[i // 3]
+        acts = D.admissible(st, task)
+        k = i % len(acts)
+        prompt = D.policy_prompt(task, st)
+        with torch.no_grad():
+            lp = float(_ref_action_logp(model, prompt, acts, k))
+        t = D.Trajectory(task, f"e{i}", True, reward=r)
+        t.units = [D.Unit(prompt, acts, k, lp - math.log(rho))]
+        trajs.append(t)
+    return trajs
+
+
+def _ref_update(model, trajs, G, lr, minibatches, clip_low=0.2, clip_high=0.28, beta=0.0, ref_model=None):
+    """Plain GRPO update with SGD: per minibatch, loss = sum over its units of -min(rho A, clip(rho) A)
+    (+ beta k3 KL) divided by the minibatch's unit count; returns (losses, clipped count)."""
+    adv = _ref_advantages([t.reward for t in trajs], G)
+    losses, clipped = [], 0
+    for mb in minibatches:
+        model.zero_grad()
+        loss = 0.0
+        for i in mb:
+            u = trajs[i].units[0]
+            logp = _ref_action_logp(model, u.prompt, u.actions, u.idx)
+            rho = torch.exp(logp - u.logp_old)
+            a = adv[i]
+            r_ = float(rho.detach())
+            clipped_rho = torch.clamp(rho, 1 - clip_low, 1 + clip_high)
+            term = -torch.minimum(rho * a, clipped_rho * a)
+            clipped += int(r_ * a > min(max(r_, 1 - clip_low), 1 + clip_high) * a)  # the clipped branch is the min
+            if beta > 0:
+                with torch.no_grad():
+                    ref = _ref_action_logp(ref_model, u.prompt, u.actions, u.idx)
+                term = term + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+            loss = loss + term
+        loss = loss / len(mb)
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= lr * p.grad
+        losses.append(float(loss.detach()))
+    return losses, clipped
+
+
+@pytest.mark.parametrize("pdbs,minibatches,beta", [(256, 1, 0.0), (2, 1, 0.0), (256, 2, 0.0), (2, 1, 0.3)])
+def test_grpo_update_matches_plain_reference(pdbs, minibatches, beta):
+    """grpo_update (prefix-shared scoring, micro-batches of --per_device_batch_size, minibatch
+    normalisation, the beta k3 term) == a loop reference; the gradient is far from zero and some units
+    are clipped, so the comparison is not zero against zero."""
+    model, tok = C.tiny_lm(n_layer=1, d_model=16, seed=0)
+    ref_model = None
+    if beta > 0:  # a reference policy that differs from the policy
+        ref_model, _ = C.tiny_lm(n_layer=1, d_model=16, seed=1)
+    trajs = _fixed_trajectories(model)
+    start = [p.detach().clone() for p in model.parameters()]
+    args = D.parse_args(["--ppo_epochs", "1", "--num_minibatches", str(minibatches), "--per_device_batch_size",
+                         str(pdbs), "--max_grad_norm", "1e9", "--beta", str(beta)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = D.grpo_update(model, tok, opt, trajs, 3, args, torch.device("cpu"), 1, random.Random(7), ref_model)
+    got = [p.detach().clone() for p in model.parameters()]
+    # the reference follows the same minibatch order: random.Random(7) shuffles range(6) once
+    order = list(range(6))
+    random.Random(7).shuffle(order)
+    mbs = [order[i::minibatches] for i in range(minibatches)]
+    ref, _ = C.tiny_lm(n_layer=1, d_model=16, seed=0)
+    losses, clipped = _ref_update(ref, trajs, 3, 0.1, mbs, beta=beta, ref_model=ref_model)
+    assert stats["loss"] == pytest.approx(sum(losses) / minibatches, rel=1e-4, abs=1e-5)
+    if minibatches == 1:
+        assert 1 <= clipped < 6 and stats["clip_frac"] == pytest.approx(clipped / 6)
+    moved = sum(float((g - s).abs().sum()) for g, s in zip(got, start))
+    assert moved > 1e-2  # a real update, not zero against zero
+    for g, r in zip(got, ref.parameters()):
+        torch.testing.assert_close(g, r.detach(), atol=2e-5, rtol=1e-4)
+
+
+# ---- bookkeeping the table reports: hand totals -------------------------------------------------------
+
+
+def _traj(task, actions, reward, synthetic=True):
+    t = D.Trajectory(task, "x", synthetic, reward=reward)
+    t.transitions = [dict(a=a) for a in actions]
+    return t
+
+
+def test_hallucination_rate_hand_count():
+    """The last n synthetic successes are replayed in the real env: 2 of 3 fail (wrong colour bought;
+    an action inadmissible in the real env); real rollouts and synthetic failures are not counted."""
+    shop = _shop()
+    task = "buy a red shirt, size M, under $30"
+    ok = ["search[red shirt]", "click[1]", "select[M]", "buy"]  # product 0: red cotton shirt, sizes S, M, $25
+    trajs = [_traj(task, ok, 1.0), _traj(task, ["search[red shirt]", "click[2]", "buy"], 1.0),  # red wool $45: fails
+             _traj(task, ok, 1.0, synthetic=False), _traj(task, ok, 0.0),
+             _traj(task, ["search[red shirt]", "click[1]", "select[XL]", "buy"], 1.0)]  # XL not offered: inadmissible, fails there
+    assert D.hallucination_rate(shop, trajs, 64) == (pytest.approx(2 / 3), 3)
+    assert D.hallucination_rate(shop, trajs, 2) == (pytest.approx(1.0), 2)  # the last 2 successes both fail
+    assert D.hallucination_rate(shop, trajs[:1], 64) == (0.0, 1)
+    assert D.hallucination_rate(shop, [], 64) == (None, 0)
+    assert shop.real_steps == 0 and shop.diag_steps == (4 + 3 + 3) + (3 + 3) + 4  # replays: diagnostic steps
+
+
+class _TableExp(D.ExperienceModel):
+    """An M_exp whose answers come from a table {action: (next_state, reward)} (no model)."""
+
+    def __init__(self, table):
+        super().__init__(_NoLLM(), reasoning=True)
+        self.table = table
+
+    def _ask(self, prompts, temperature, max_tokens, json_mode):
+        out = []
+        for p in prompts:
+            act = [ln[5:] for ln in p.splitlines() if ln.startswith("act: ")][0]
+            task = [ln[6:] for ln in p.splitlines() if ln.startswith("task: ")][0]
+            s2, r = self.table[(task, act)]
+            out.append(D.exp_target("x", s2, r, float(s2 == D.DONE_STATE)))
+        return out
+
+
+class _NoLLM:
+    client = None
+    is_local = False
+
+
+def test_exp_model_error_hand_totals():
+    """eps_R, false success (among held-out FAILED purchases), buy accuracy and eps_P on a hand-made set."""
+    item = "item: red cotton shirt $25 sizes{S,M} [buy] [back]"
+    tasks = [f"buy a red shirt, under ${c}" for c in (30, 31, 32, 33, 34)]
+
+    def buy(task, r):
+        return dict(task=task, ep=task, hist=[], s=item, a="buy", s2=D.DONE_STATE, r=r, d=1.0, R="", real=True)
+
+    held = [[buy(tasks[0], 0.0)], [buy(tasks[1], 0.0)], [buy(tasks[2], 0.0)], [buy(tasks[3], 1.0)],
+            [buy(tasks[4], 1.0)],
+            [dict(task=tasks[0], ep="s", hist=[], s=D.SEARCH_STATE, a="search[red shirt]", s2="results p1: a [back]",
+                  r=0.0, d=0.0, R="", real=True),
+             dict(task=tasks[0], ep="s", hist=[], s=D.SEARCH_STATE, a="checkout", s2=D.FAILURE_STATE, r=0.0, d=1.0,
+                  R="", real=True)]]  # inadmissible: the rule's job, not M_exp's: skipped
+    table = {(tasks[0], "buy"): (D.DONE_STATE, 1), (tasks[1], "buy"): (D.DONE_STATE, 0),
+             (tasks[2], "buy"): (D.DONE_STATE, 0), (tasks[3], "buy"): (D.DONE_STATE, 0),
+             (tasks[4], "buy"): (D.DONE_STATE, 1), (tasks[0], "search[red shirt]"): ("results p1: b [back]", 0)}
+    err = D.exp_model_error(_TableExp(table), D.ReplayBuffer(), held, 0, 100, 150)
+    # predictions on 6 transitions: wrong rewards on tasks[0] (false success) and tasks[3] (missed success)
+    assert err["n_heldout"] == 6 and err["eps_R"] == pytest.approx(2 / 6)
+    assert (err["false_success_n"], err["failed_buys"]) == (1, 3) and err["false_success"] == pytest.approx(1 / 3)
+    assert err["n_buys"] == 5 and err["buy_acc"] == pytest.approx(3 / 5)
+    assert err["eps_P_exact"] == pytest.approx(5 / 6)  # the search result differs
+    assert err["buy_success_base"] == pytest.approx(2 / 5)
+
+
+def test_sft_examples_oversample_failed_purchases_and_add_task_pairs():
+    """--fail_oversample 3: each failed purchase appears 3 times, successful ones once; plus
+    len(transitions) // 6 M_task pairs (a train task -> another train task of its category)."""
+    item = "item: red cotton shirt $25 sizes{S,M} [buy] [back]"
+    tr = lambda ep, a, s2, r: dict(task="buy a red shirt, under $30", ep=ep, hist=[], s=item if a == "buy" else
+                                   D.SEARCH_STATE, a=a, s2=s2, r=r, d=float(a == "buy"), R="why", real=True)
+    trajs = [[tr("a", "search[red shirt]", "results p1: x [back]", 0.0), tr("a", "buy", D.DONE_STATE, 1.0)],
+             [tr("b", "buy", D.DONE_STATE, 0.0)], [tr("c", "buy", D.DONE_STATE, 0.0)],
+             [tr("d", "search[red shirt]", "results p1: y [back]", 0.0)] * 4]
+    train = ["buy a red shirt, under $30", "buy a blue shirt, under $40", "buy a hat, under $9"]
+    for over, n_fail in ((3, 6), (1, 2)):
+        ex = D.exp_sft_examples(trajs, D.ReplayBuffer(), 0, 100, True, train, random.Random(0), over)
+        flat = 8 + 2 * (over - 1)
+        assert len(ex) == flat + flat // 6
+        assert sum(p.endswith("act: buy\n>") and "<reward>0</reward>" in t for p, t in ex) == n_fail
+        assert sum(p.endswith("act: buy\n>") and "<reward>1</reward>" in t for p, t in ex) == 1
+        pairs = [(p, t) for p, t in ex if p.startswith("<gen_task>")]
+        assert len(pairs) == flat // 6
+        assert all(D.parse_task(t).category == D.parse_task(p[11:-2]).category for p, t in pairs)
+    no_r = D.exp_sft_examples(trajs, D.ReplayBuffer(), 0, 100, False, train, random.Random(0), 1)
+    assert not any("<think>" in t for _, t in no_r) and any("<think>" in t for _, t in ex)  # no_reasoning target
+
+
+def test_curriculum_seeds_are_the_highest_variance_tasks():
+    groups = [("t0", [1, 1, 1, 1]), ("t1", [1, 0, 0, 0]), ("t2", [1, 1, 0, 0]), ("t3", [0, 0, 0, 0]),
+              ("t4", [1, 1, 1, 0]), ("t5", [0, 1, 0, 1])]
+    # V = p(1-p): t2, t5 0.25; t1, t4 0.1875; t0, t3 0 (never seeds)
+    assert D.curriculum_seeds(groups, 3) == ["t5", "t2", "t4"]
+    assert D.curriculum_seeds(groups, 10) == ["t5", "t2", "t4", "t1"]
+    assert D.curriculum_seeds(groups, 0) == []
+
+
+def test_task_batch_takes_lambda_syn_share_from_the_pool():
+    world = SimpleNamespace(train_tasks=[f"t{i}" for i in range(10)])
+    pool = ["v0", "v1", "v2", "v3", "v4"]
+    for lam, n, want in ((0.5, 4, 2), (0.3, 4, 1), (0.3, 3, 0), (1.0, 4, 4), (0.0, 4, 0), (1.0, 8, 5)):
+        args = SimpleNamespace(lambda_syn=lam)
+        b = D.task_batch(args, world, pool, random.Random(0), True, n)
+        assert len(b) == n and b[:want] == pool[len(pool) - want:] and not set(b[want:]) & set(pool)
+    assert not set(D.task_batch(SimpleNamespace(lambda_syn=1.0), world, pool, random.Random(0), False, 4)) & set(pool)
+
+
+def test_ablation_variants():
+    args = D.parse_args([])
+    assert D.exp_variant("dreamgym", args) == {"top_k": 3, "reasoning": True}
+    assert D.exp_variant("no_retrieval", args) == {"top_k": 0, "reasoning": True}
+    assert D.exp_variant("no_reasoning", args) == {"top_k": 3, "reasoning": False}
+    assert D.exp_variant("dreamgym", D.parse_args(["--top_k", "5", "--no_reasoning"])) == {"top_k": 5, "reasoning": False}
+
+
+# ---- one arm against a plain reference (rule M_exp, recorded rollouts) ---------------------------------
+
+
+def rule_answer(prompt: str) -> tuple[str, float, float]:
+    """A rule experience model: a fixed result page and item; a purchase 'succeeds' iff a size was
+    selected (it hallucinates: the real env decides). Reads only its prompt."""
+    act = [ln[5:] for ln in prompt.splitlines() if ln.startswith("act: ")][0]
+    item = "item: red cotton shirt $25 sizes{S,M}"
+    if act.startswith("search[") or act == "next":
+        return "results p1: [1] red cotton shirt $25 | [2] blue wool hat $10 [back]", 0.0, 0.0
+    if act.startswith("click["):
+        return f"{item} [buy] [back]", 0.0, 0.0
+    if act.startswith("select["):
+        return f"{item} sel{{{act[7:-1]}}} [buy] [back]", 0.0, 0.0
+    if act == "back":
+        return D.SEARCH_STATE, 0.0, 0.0
+    success = "sel{" in [ln[7:] for ln in prompt.splitlines() if ln.startswith("state: ")][0]
+    return D.DONE_STATE, float(success), 1.0  # a purchase 'succeeds' iff a size was selected
+
+
+def rule_variant(seed_task: str) -> str:
+    """A rule M_task: the seed task with its price cap raised by 1."""
+    t = D.parse_task(seed_task)
+    return D.Task(t.category, min(100, t.cap + 1), t.colour, t.material, t.size).text
+
+
+class RuleExp(D.ExperienceModel):
+    """rule_answer / rule_variant behind ExperienceModel (memo, counters, retries are the real ones);
+    records every prompt it is asked."""
+
+    def __init__(self):
+        super().__init__(_NoLLM(), reasoning=True)
+        self.asked = []
+
+    def _ask(self, prompts, temperature, max_tokens, json_mode):
+        self.asked += prompts
+        return [rule_variant(p[11:].split("\n")[0]) if p.startswith("<gen_task>") else
+                D.exp_target("r", *rule_answer(p)) for p in prompts]
+
+
+TINY = ["--n_products", "30", "--n_train_tasks", "20", "--n_eval_tasks", "6", "--n_expert", "10", "--n_random", "10",
+        "--bc_trajectories", "20", "--bc_epochs", "4", "--horizon", "5", "--tasks_per_iter", "2", "--group_size", "4",
+        "--iterations", "3", "--eval_every", "2", "--ppo_epochs", "1", "--num_minibatches", "1",
+        "--lambda_syn", "0.5", "--top_k", "2", "--curr_seeds", "2", "--curr_candidates", "1", "--n_halluc", "64"]
+
+
+def _run_arm(arm, extra=(), world=None, exp=None, out_dir=None, **kw):
+    """One arm on the tiny world with RuleExp; returns (result, rows, recorded rollouts, rule M_exp)."""
+    args = D.parse_args(TINY + list(extra))
+    world = world or D.build_world(args)
+    exp = exp or RuleExp()
+    cache = {json.dumps(D.exp_variant(a, args), sort_keys=True): (exp, "rule", {"eps_R": 0.5}, {})
+             for a in ("dreamgym", "no_retrieval", "no_reasoning")}
+    rows = []
+    logger = SimpleNamespace(log=lambda step, **row: rows.append(dict(step=step, **row)))
+    res = D.run_arm(arm, 0, args, world, cache, logger, None, torch.device("cpu"), out_dir=out_dir, **kw)
+    return res, rows, world, exp
+
+
+@pytest.fixture(scope="module")
+def tiny_world():
+    """One tiny world for the arm tests (its BC warm start is computed once and cached on it)."""
+    return D.build_world(D.parse_args(TINY))
+
+
+@pytest.fixture()
+def recorded(monkeypatch):
+    """Every rollout (training, evaluation) as (world, tasks, trajectories)."""
+    calls = []
+    real_rollout = D.rollout
+
+    def rec(policy, tok, world, tasks, *a, **kw):
+        trajs = real_rollout(policy, tok, world, tasks, *a, **kw)
+        calls.append((world, list(tasks), trajs))
+        return trajs
+
+    monkeypatch.setattr(D, "rollout", rec)
+    return calls
+
+
+def _replay_fails(catalogue, task, actions):
+    shop = D.ShopLite(catalogue, 3, 5)
+    ep = shop.reset(task)
+    success = 0.0
+    for a in actions:
+        if ep.done:
+            break
+        _, _, _, info = shop.step(ep, a)
+        success = info["success"]
+    return success < 1, shop.real_steps
+
+
+def test_dreamgym_arm_matches_plain_reference(recorded, tiny_world):
+    """One dreamgym arm (3 iterations x 2 tasks x G 4, rule M_exp): every number of its result row and its
+    metrics rows recomputed from the recorded rollouts with loops."""
+    res, rows, world, exp = _run_arm("dreamgym", world=tiny_world)
+    G = 4
+    train = [(w, t, tr) for w, t, tr in recorded if getattr(w, "synthetic", False)]
+    evals = [(w, t, tr) for w, t, tr in recorded if not getattr(w, "synthetic", False)]
+    assert len(train) == 3 and len(rows) == 3 and all(isinstance(w, D.DreamWorld) for w, _, _ in train)
+    assert all(w.diag for w, _, _ in evals) and len(evals) == 1 + 1 + 2  # iter 0, iter 2, final greedy + sampled
+    pool, share, zv_all, succ_all = [], [], [], []
+    for k, ((_, tasks, trajs), row) in enumerate(zip(train, rows)):
+        rewards = [t.reward for t in trajs]
+        groups = [(tasks[g], rewards[g * G:(g + 1) * G]) for g in range(len(tasks))]
+        zv = sum(len(set(r)) == 1 for _, r in groups) / len(groups)
+        succ = sum(rewards) / len(rewards)
+        adv = _ref_advantages(rewards, G)
+        n_units = sum(len(t.units) for t in trajs)
+        loss = -sum(a * len(t.units) for a, t in zip(adv, trajs)) / n_units  # rho = 1 in the only minibatch
+        assert (row["iteration"], row["phase"], row["real_train_steps"]) == (k + 1, "synthetic", 0)
+        assert row["zero_var_share"] == pytest.approx(zv) and row["rollout_success"] == pytest.approx(succ)
+        assert row["loss"] == pytest.approx(loss, abs=1e-4)
+        # lambda_syn 0.5 of 2 tasks: one curriculum task as soon as the pool holds one
+        assert tasks[:1] == (pool[-1:] if pool else tasks[:1]) and (not pool or tasks[0] not in world.train_tasks)
+        # curriculum: the highest-variance tasks (V > 0) seed M_task; its feasible new variants join the pool
+        var = sorted(((sum((x - sum(r) / G) ** 2 for x in r) / G, t) for t, r in groups), reverse=True)
+        seeds = [t for v, t in var if v > 0][:2]
+        asked = [p[11:].split("\n")[0] for p in exp.asked if p.startswith("<gen_task>")]
+        new = [rule_variant(s) for s in seeds]
+        new = [v for v in new if v not in world.eval_tasks and v not in world.train_tasks and v not in pool
+               and any(D.satisfies(D.parse_task(v), p) for p in world.shop.catalogue)]
+        pool = (pool + sorted(dict.fromkeys(new), key=lambda c: -D.parse_task(c).n_constraints)[:2])[-32:]
+        assert row.get("curr_kept", 0) <= len(seeds)
+        zv_all.append(zv)
+        succ_all.append(succ)
+        assert "time_s" in row and {"rollout_policy", "world", "forward", "backward", "optimizer"} <= set(row["time_s"])
+    assert asked == [s for _, t, tr in train for s in _seeds_of(t, tr, G)]
+    assert pool, "the curriculum never produced a variant: the lambda_syn check above saw no pool task"
+    # the top_k 2 demos: no M_exp prompt holds more than 2 retrieved transitions
+    assert max(p.count("\nex: ") + p.startswith("ex: ") for p in exp.asked if not p.startswith("<gen")) == 2
+    # the result row
+    syn = [t for _, _, tr in train for t in tr]
+    succ_syn = [t for t in syn if t.reward >= 1][-64:]
+    replays = [_replay_fails(world.shop.catalogue, t.task, [x["a"] for x in t.transitions]) for t in succ_syn]
+    assert res["halluc_n"] == len(succ_syn) > 0
+    assert res["halluc_success"] == pytest.approx(sum(f for f, _ in replays) / len(replays))
+    eval_steps = sum(len(t.transitions) for _, _, tr in evals for t in tr)
+    assert res["diag_real_steps"] == eval_steps + sum(n for _, n in replays)
+    assert res["real_train_steps"] == 0 and res["iterations"] == 3
+    assert res["zero_var_share"] == pytest.approx(sum(zv_all) / 3)
+    assert res["syn_success_last"] == pytest.approx(sum(succ_all) / 3)
+    final_g, final_s = evals[-2][2], evals[-1][2]
+    assert res["real_success"] == pytest.approx(sum(t.reward for t in final_g) / 6)
+    assert res["real_success_sampled"] == pytest.approx(sum(t.reward for t in final_s) / 6)
+    assert res["syn_real_gap"] == pytest.approx(res["syn_success_last"] - res["real_success_sampled"])
+    assert res["exp_calls"] == len(exp.asked)  # every prompt the model answered, memo hits excluded
+    assert [c[0] for c in res["curve"]] == [0, 2, 3]
+    assert res["offline_real_steps"] == sum(len(t) for t in world.offline + world.heldout + world.bc)
+
+
+def _seeds_of(tasks, trajs, G):
+    rewards = [t.reward for t in trajs]
+    groups = [(tasks[g], rewards[g * G:(g + 1) * G]) for g in range(len(tasks))]
+    var = sorted(((sum((x - sum(r) / G) ** 2 for x in r) / G, t) for t, r in groups), reverse=True)
+    return [t for v, t in var if v > 0][:2]
+
+
+def test_real_grpo_arm_counts_real_steps_and_stops_at_the_budget(recorded, tiny_world):
+    """real_grpo with N = 55: each iteration takes min(2, (N - used) // (G x H)) tasks; it stops when not
+    one task fits; new real steps = the recorded real transitions; evaluation steps are diagnostic."""
+    res, rows, world, _ = _run_arm("real_grpo", ["--real_budget", "55", "--iterations", "9"], world=tiny_world)
+    train = [(w, t, tr) for w, t, tr in recorded if isinstance(w, D.RealWorld) and not w.diag]
+    used, n_tasks = 0, []
+    for _, tasks, trajs in train:
+        n_tasks.append(len(tasks))
+        assert len(tasks) == min(2, (55 - used) // (4 * 5))
+        used += sum(len(t.transitions) for t in trajs)
+    assert 55 - used < 20 or len(train) == 9  # the next batch would not fit
+    assert res["real_train_steps"] == used and [r["real_train_steps"] for r in rows][-1] == used
+    assert res["iterations"] == len(train) == len(rows) and res["real_step_cap"] == 55 and used <= 55
+    evals = [tr for w, _, tr in recorded if isinstance(w, D.RealWorld) and w.diag]
+    assert res["diag_real_steps"] == sum(len(t.transitions) for tr in evals for t in tr)
+    assert res["halluc_success"] is None and "exp_calls" not in res
+
+
+def _strip(res):
+    return {k: v for k, v in res.items() if k not in ("minutes", "time_split", "log_step_end")}
+
+
+def test_s2r_takes_over_dreamgym_exactly(tmp_path, tiny_world):
+    """s2r after dreamgym (its synthetic phase loaded from dreamgym's end-of-loop checkpoint) == s2r run
+    alone: the checkpoint holds every RNG, counter, buffer and pool; --s2r_frac sets the real cap."""
+    flags = ["--real_budget", "400", "--s2r_frac", "0.2"]
+    dream, _, world, exp = _run_arm("dreamgym", flags, world=tiny_world, out_dir=str(tmp_path))
+    taken, rows, _, _ = _run_arm("s2r", flags, world=world, exp=exp, out_dir=str(tmp_path), log_step=3,
+                                 dream_ckpt=str(tmp_path / "ckpt-dreamgym-s0"))
+    alone, rows_alone, _, _ = _run_arm("s2r", flags, world=world, exp=RuleExp())
+    assert _strip(taken) == _strip(alone)
+    assert taken["real_step_cap"] == 80 and 0 < taken["real_train_steps"] <= 80  # --s2r_frac 0.2 x N
+    assert taken["halluc_success"] == dream["halluc_success"] and taken["exp_calls"] == dream["exp_calls"]
+    assert [r["step"] for r in rows] == [3 + 3 + i for i in range(1, len(rows) + 1)]  # its own steps after dreamgym's
+    assert [r["phase"] for r in rows] == ["real"] * len(rows) == [r["phase"] for r in rows_alone[3:]]
+
+
+def test_arm_defining_flags_change_the_result(recorded, tiny_world):
+    """--method no_curriculum: no M_task call, no variant in any batch; --buffer_add none: no synthetic
+    demo is ever retrieved (the real share stays 1). (--lambda_syn, --top_k: the arm reference test.)"""
+    base, base_rows, world, _ = _run_arm("dreamgym", world=tiny_world)
+    assert base_rows[-1]["real_demo_share"] < 1  # synthetic transitions were retrieved
+    recorded.clear()
+    res, rows, _, exp = _run_arm("no_curriculum", world=world)
+    assert not any(p.startswith("<gen_task>") for p in exp.asked)
+    assert all(t in world.train_tasks for w, tasks, _ in recorded if getattr(w, "synthetic", False) for t in tasks)
+    assert _strip(res) != _strip(base)
+    res, rows, _, _ = _run_arm("dreamgym", ["--buffer_add", "none"], world=world)
+    assert rows[-1]["real_demo_share"] == 1.0 and _strip(res) != _strip(base)
+
+
+# ---- bad input: one line, exit 2, nothing written -----------------------------------------------------
+
+
+@pytest.mark.parametrize("flags,names", [
+    (["--horizon", "0"], "--horizon 0"), (["--horizon", "-3"], "--horizon -3"), (["--top_k", "-1"], "--top_k -1"),
+    (["--real_budget", "-5"], "--real_budget -5"), (["--s2r_frac", "1.5"], "--s2r_frac 1.5"),
+    (["--s2r_frac", "0"], "--s2r_frac 0"), (["--lambda_syn", "-0.1"], "--lambda_syn -0.1"),
+    (["--lambda_syn", "1.2"], "--lambda_syn 1.2"), (["--group_size", "0"], "--group_size 0"),
+    (["--eval_every", "0"], "--eval_every 0"), (["--page_size", "0"], "--page_size 0"),
+    (["--iterations", "0"], "--iterations 0"), (["--learning_rate", "nan"], "--learning_rate nan"),
+    (["--clip_low", "1"], "--clip_low 1"), (["--heldout_frac", "1"], "--heldout_frac 1"),
+    (["--exp_d_model", "30"], "--exp_d_model 30"), (["--exp_vocab_size", "100"], "--exp_vocab_size 100"),
+    (["--request_timeout", "0"], "--request_timeout 0"), (["--seeds", "0,x"], "--seeds '0,x'"),
+    (["--seeds", "-1"], "--seeds '-1'"), (["--method", "ppo_magic"], "unknown --method 'ppo_magic'"),
+    (["--method", "train_exp,dreamgym"], "train_exp"), (["--exp_api_base", "http://x"], "--exp_api_model"),
+    (["--exp_api_base", "http://x", "--exp_api_model", "m", "--exp_model_name_or_path", "p"], "not both"),
+    (["--n_expert", "0", "--n_random", "0"], "--n_expert + --n_random"),
+    (["--method", "real_grpo", "--real_budget", "50"], "--real_budget 50"),
+    (["--method", "s2r", "--real_budget", "500"], "real cap"),
+])
+def test_validate_args_refuses_bad_flags(flags, names):
+    with pytest.raises(C.UserError) as e:
+        D.validate_args(D.parse_args(flags))
+    assert names in str(e.value) and "\n" not in str(e.value)
+
+
+def test_validate_args_accepts_the_defaults_and_the_table():
+    for flags in ([], ["--table"], ["--method", "real_grpo,s2r"], ["--method", "train_exp"], SMOKE):
+        D.validate_args(D.parse_args(flags))
+
+
+def test_bad_input_exits_2_in_seconds_with_nothing_written(tmp_path):
+    """The issue's examples through the script: one line on stderr, exit 2, no output directory; an
+    unreachable M_exp endpoint is found by the preflight (before BC, M_exp or any eval)."""
+    for flags in (["--horizon", "0"], ["--exp_api_base", "http://127.0.0.1:9/v1", "--exp_api_model", "m",
+                                       "--request_timeout", "3"]):
+        out = tmp_path / "run"
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "dreamgym.py"), *flags, "--output_dir", str(out)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: "), r.stderr
+        assert not out.exists()
+
+
+def _main_refuses(flags, match):
+    with pytest.raises(C.UserError, match=match):
+        D.main(D.parse_args(flags))
+
+
+def test_output_dir_policy_resume_and_overwrite(tmp_path, monkeypatch):
+    """A finished run is not overwritten; --resume continues only the same run and refuses a directory
+    without a checkpoint; a missing model path or an unwritable --output_dir is refused; all before
+    anything is written."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    base = ["--method", "bc", *TINY, "--bc_epochs", "0", "--output_dir", str(out)]
+    D.main(D.parse_args(base))
+    res = json.load(open(out / "summary.json"))["results"][0]
+    before = sorted(os.listdir(out))
+    _main_refuses(base, "already holds a run")
+    _main_refuses(base + ["--resume", "--lambda_syn", "0.4"], r"--lambda_syn 0.5 -> 0.4")
+    _main_refuses(base + ["--resume", "--overwrite"], "exclude each other")
+    _main_refuses(base + ["--model_name_or_path", str(tmp_path / "nope")], "does not exist")
+    assert sorted(os.listdir(out)) == before
+    D.main(D.parse_args(base + ["--resume", "--request_timeout", "5"]))  # a result-neutral flag may change
+    assert json.load(open(out / "summary.json"))["results"][0] == res  # read back, not rerun
+    fresh = tmp_path / "killed"  # a run killed before its first checkpoint: args.json only
+    fresh.mkdir()
+    (fresh / "args.json").write_text((out / "args.json").read_text())
+    _main_refuses(base[:-1] + [str(fresh), "--resume"], "no checkpoint")
+    _main_refuses(base[:-1] + [str(tmp_path / "empty"), "--resume"], "no args.json")
+    assert not (tmp_path / "empty").exists() and sorted(os.listdir(fresh)) == ["args.json"]
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if not os.access(ro, os.W_OK):  # root ignores permissions
+        _main_refuses(base[:-1] + [str(ro / "run")], "not writable")
+    D.main(D.parse_args(base + ["--overwrite", "--seed", "1"]))
+    assert json.load(open(out / "summary.json"))["seeds"] == [1] and not (out / "result-bc-s0.json").exists()
+
+
+def test_offline_file_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "off.jsonl"
+    path.write_bytes((_offline_row() + "\n").encode() + b'{"task": "\xff"}\n')
+    with pytest.raises(C.UserError, match=r"off\.jsonl:2: not valid UTF-8"):
+        D.load_offline_file(str(path))
+    path.write_text("\n")
+    with pytest.raises(C.UserError, match="holds no transitions"):
+        D.load_offline_file(str(path))
+
+
+def test_too_many_tasks_for_the_catalogue_is_one_error():
+    args = D.parse_args(["--n_products", "3", "--n_train_tasks", "300"])
+    with pytest.raises(C.UserError, match="distinct feasible tasks"):
+        D.build_world(args)
+
+
+# ---- kill -9 and --resume --------------------------------------------------------------------------------
+
+
+class _RuleServer(http.server.BaseHTTPRequestHandler):
+    """M_exp and M_task behind an OpenAI-compatible route, answering by rule_answer / rule_variant (the
+    same answers in every process, so runs in different processes can be compared number by number)."""
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        msgs = req["messages"]
+        user = msgs[-1]["content"]
+        if msgs[0]["content"].startswith("You write shopping tasks"):
+            content = rule_variant(user.split("Seed task: ", 1)[1])
+        elif "\nact: " in user:
+            s2, r, d = rule_answer(user)
+            content = json.dumps({"reasoning": "rule", "next_state": s2, "reward": r, "done": d})
+        else:  # the preflight's probe
+            content = "OK"
+        choices = [{"index": i, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                   for i in range(req.get("n", 1))]
+        body = json.dumps({"choices": choices, "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _numbers(out):
+    """summary.json and metrics.jsonl without what a clock decides."""
+    summ = json.loads((out / "summary.json").read_text())
+    for r in summ["results"]:
+        for k in ("minutes", "time_split"):
+            r.pop(k)
+    table = [ln.rsplit("|", 2)[0] for ln in summ.pop("table").splitlines()]  # minus the minutes column
+    summ.pop("wall_s")
+    rows = [{k: v for k, v in r.items() if k != "time_s"} for r in C.read_jsonl(out / "metrics.jsonl")]
+    return summ, table, rows
+
+
+def _rows_of(path, arm):
+    """metrics.jsonl rows of one arm so far (a line being written is skipped)."""
+    out = []
+    for line in open(path).read().splitlines() if os.path.exists(path) else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        out += [row] if row.get("arm") == arm else []
+    return out
+
+
+def _run_until(cmd, env, done, timeout=240):
+    """Start cmd, kill -9 it as soon as done() holds; returns the exit code (-9 when killed)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+    t0 = time.time()
+    while p.poll() is None and time.time() - t0 < timeout:
+        if done():
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    return p.wait()
+
+
+@pytest.mark.slow
+def test_kill9_and_resume_reach_the_uninterrupted_summary(tmp_path):
+    """real_grpo, dreamgym, s2r with an endpoint M_exp, a checkpoint every 2 iterations: killed (kill -9)
+    as soon as dreamgym logged its 3rd row (its checkpoint holds 2: row 3 must be cut and redone), resumed,
+    killed again right after dreamgym's result (s2r then starts from dreamgym's saved synthetic phase),
+    resumed to the end: summary.json and metrics.jsonl equal the uninterrupted run's."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RuleServer)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, os.path.join(ROOT, "dreamgym.py"), "--method", "real_grpo,dreamgym,s2r", *TINY,
+               "--iterations", "4", "--eval_every", "2", "--exp_api_base", url, "--exp_api_model", "rule",
+               "--real_budget", "2000"]
+        full, cut = tmp_path / "full", tmp_path / "cut"
+        r = subprocess.run(cmd + ["--output_dir", str(full)], capture_output=True, text=True, cwd=ROOT, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        metrics = str(cut / "metrics.jsonl")
+        assert _run_until(cmd + ["--output_dir", str(cut)], env, lambda: len(_rows_of(metrics, "dreamgym")) >= 3) == -9
+        assert len(_rows_of(metrics, "dreamgym")) == 3 and C.find_checkpoint(str(cut / "ckpt-dreamgym-s0"))
+        assert _run_until(cmd + ["--output_dir", str(cut), "--resume"], env,
+                          lambda: (cut / "result-dreamgym-s0.json").exists()) == -9
+        assert not (cut / "summary.json").exists()
+        r = subprocess.run(cmd + ["--output_dir", str(cut), "--resume"], capture_output=True, text=True, cwd=ROOT,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        a, b = _numbers(full), _numbers(cut)
+        assert a[0] == b[0] and a[1] == b[1] and a[2] == b[2]
+        assert {x["arm"] for x in a[0]["results"]} == {"real_grpo", "dreamgym", "s2r"}
+        assert any(x["loss"] != 0 for x in a[2] if x["arm"] == "dreamgym")  # the policy did learn in M_exp
+    finally:
+        srv.shutdown()
+
+
+@pytest.mark.slow
+def test_real_checkpoint_policy_generate_mode_update(smollm2, tmp_path):
+    """SmolLM2-135M-Instruct as the policy in generate mode: its chat template is applied once around the
+    instruction, logp_old equals the update's log-probs (rho = 1), one GRPO update is finite and moves the
+    weights, and the checkpoint reloads with the same logits."""
+    cpu = torch.device("cpu")
+    policy, tok = C.load_lm(smollm2)
+    args = D.parse_args(["--model_name_or_path", smollm2, "--action_mode", "generate", "--max_action_tokens", "24",
+                         "--ppo_epochs", "1", "--num_minibatches", "1", "--learning_rate", "1e-5"])
+    shop = D.ShopLite(_shop().catalogue, 3, horizon=1)  # one step per episode
+    trajs = D.rollout(policy, tok, D.RealWorld(shop), ["buy a red shirt, under $30"], 2, 1.0,
+                      torch.Generator().manual_seed(0), "generate", cpu, "r", max_action_tokens=24, instruct=True)
+    units = [t.units[0] for t in trajs]
+    text = tok.decode(units[0].ids)
+    assert text.count("<|im_start|>user") == 1 and text.count("Admissible actions") == 1
+    assert units[0].ids[:2].tolist() != [tok.bos_token_id] * 2  # no doubled BOS
+    assert all(0 < int(u.resp_mask.sum()) <= 24 for u in units)
+    logp, old, mask = D.policy_logp_units(policy, tok, units, cpu, "generate")
+    torch.testing.assert_close(logp * mask, old * mask, atol=1e-4, rtol=0)
+    trajs[0].reward, trajs[1].reward = 1.0, 0.0
+    before = [p.detach().clone() for p in policy.parameters()]
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    stats = D.grpo_update(policy, tok, opt, trajs, 2, args, cpu, 1, random.Random(0))
+    assert math.isfinite(stats["loss"]) and any((a != b).any() for a, b in zip(before, policy.parameters()))
+    C.save_checkpoint(str(tmp_path / "ck"), policy, tok, opt, step=1)
+    fresh, _ = C.load_lm(smollm2)
+    C.load_checkpoint(str(tmp_path / "ck"), model=fresh)
+    ids = units[0].ids[None]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5, rtol=0)
