@@ -1108,10 +1108,11 @@ class MetricLogger:
         return row
 
 
-def read_jsonl(path: str, keys: Sequence[str] = ()) -> list[dict]:
-    """Rows of a jsonl file (blank lines skipped). A missing / unreadable / non-UTF-8 file, a line that
-    is not JSON, or (with `keys`) a row that is not an object holding every key raises one UserError
-    naming the file and line."""
+def read_jsonl(path: str, keys: Sequence[str] = (), with_lines: bool = False) -> list:
+    """Rows of a jsonl file (blank lines skipped); with_lines: (line number, row) pairs, for checks of
+    the caller's own that name file:line. A missing / unreadable / non-UTF-8 file, a line that is not
+    JSON, or (with `keys`) a row that is not an object holding every key raises one UserError naming
+    the file and line."""
     rows = []
     for i, line in enumerate(read_text_lines(path), 1):
         if not line.strip():
@@ -1124,7 +1125,7 @@ def read_jsonl(path: str, keys: Sequence[str] = ()) -> list[dict]:
             miss = [k for k in keys if not isinstance(row, dict) or k not in row]
             require(not miss, f"{path}:{i}: missing {', '.join(repr(k) for k in miss)}; each row needs "
                               f"{', '.join(keys)}")
-        rows.append(row)
+        rows.append((i, row) if with_lines else row)
     return rows
 
 

@@ -573,28 +573,12 @@ def fallback_span(task: str, answer: str) -> tuple[int, int] | None:
     return m[-1].start(g), m[-1].end(g)
 
 
-def read_jsonl_rows(path: str) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-empty line; bad JSON or a non-object -> file:line UserError."""
-    rows = []
-    for i, line in enumerate(C.read_text_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove that line") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{i}: expected a JSON object with 'prompt'")
-        rows.append((i, row))
-    if not rows:
-        raise UserError(f"{path} holds no records; it needs one JSON object per line")
-    return rows
-
-
 def load_examples(path: str, task: str, role: str, n: int | None = None) -> list[Example]:
     """Examples of a jsonl file for `role` calib | train | eval, checked line by line (file:line)."""
     out = []
-    for i, row in read_jsonl_rows(path):
+    rows = C.read_jsonl(path, keys=("prompt",), with_lines=True)  # file:line on bad JSON or a row without 'prompt'
+    C.require(rows, f"{path} holds no records; it needs one JSON object per line")
+    for i, row in rows:
         where = f"{path}:{i}"
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise UserError(f"{where}: needs a non-empty string 'prompt'")
