@@ -1075,14 +1075,8 @@ def main(args):
         return run_table(args)
     data = preflight(args)  # 2. models, tokenizers, router, data files
     rank, world, device = C.ddp_setup()
-    err = None
-    if rank == 0:  # 3. args.json; every rank stops on a refusal
-        try:
-            C.start_run(args, has_checkpoint=has_progress(args.output_dir), ignore=RESUME_IGNORE)
-        except UserError as e:
-            err = str(e)
-    err = _broadcast(err, world)
-    require(err is None, err)
+    # 3. args.json (rank 0 decides; under torchrun every rank stops on its refusal)
+    C.start_run(args, has_checkpoint=has_progress(args.output_dir), ignore=RESUME_IGNORE)
     if args.device:
         device = C.pick_device(args.device)
     if args.max_steps:
