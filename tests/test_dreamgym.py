@@ -487,6 +487,8 @@ SMOKE = ["--iterations", "2", "--tasks_per_iter", "2", "--group_size", "2", "--n
          "--exp_layers", "1", "--exp_d_model", "32", "--eval_every", "1", "--n_heldout_eval", "4", "--horizon", "5"]
 
 
+# slow: a whole s2r subprocess run (~14 s); the arms run in-process against plain references in the default suite
+@pytest.mark.slow
 def test_smoke_s2r_writes_outputs(tmp_path):
     env = {**os.environ, "NANOPAPERS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "run"

@@ -320,6 +320,8 @@ def test_opd_refuses_without_shared_logits(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+# slow: a whole run against a local server (~11 s); the endpoint paths also have fast fault-server tests
+@pytest.mark.slow
 def test_black_box_teacher_over_http(tmp_path):
     """End to end against a real OpenAI-compatible server on 127.0.0.1 serving the toy teacher."""
     server = C.serve_openai(C.LLM.from_hf(C.toy_checkpoint("teacher")), model_name="toy-teacher")

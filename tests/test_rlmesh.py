@@ -367,6 +367,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 # ---- runs ------------------------------------------------------------------------------------
 
 
+# slow: every arm as a subprocess run (~10 s); the arms are pinned in-process against plain references
+@pytest.mark.slow
 def test_smoke_run_all_arms(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "rlmesh.py"), "--method", "all", "--budget", "40", "--checkpoints",
