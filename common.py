@@ -1252,9 +1252,10 @@ def find_checkpoint(ckpt_dir: str) -> str | None:
     return max(steps, key=lambda sp: (sp[0], sp[1] == base))[1]
 
 
-def _load_file(path: str, what: str):
+def _load_file(path: str, load: Callable = lambda p: torch.load(p, weights_only=False, map_location="cpu")):
+    """`load(path)`, with a file that is truncated, garbage or unreadable turned into one UserError naming it."""
     try:
-        return torch.load(path, weights_only=False, map_location="cpu")
+        return load(path)
     except Exception as e:  # truncated zip, unpickling garbage, permission denied...
         raise UserError(f"checkpoint file '{path}' is corrupt or unreadable ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120] if str(e) else ''}); delete that checkpoint directory to fall "
@@ -1269,20 +1270,16 @@ def load_checkpoint(ckpt_dir: str, model=None, optimizer=None, modules: dict | N
     path = find_checkpoint(ckpt_dir)
     if path is None:
         raise UserError(f"no checkpoint at '{ckpt_dir}' (none complete) to resume from; run without --resume to start fresh")
-    state = _load_file(os.path.join(path, "state.pt"), "state")
+    state = _load_file(os.path.join(path, "state.pt"))
     if model is not None and os.path.isdir(os.path.join(path, "model")):
         from transformers import AutoModelForCausalLM
 
         m = model.module if hasattr(model, "module") else model
-        try:
-            saved = AutoModelForCausalLM.from_pretrained(os.path.join(path, "model"), dtype=torch.float32)
-        except Exception as e:
-            raise UserError(f"checkpoint model '{os.path.join(path, 'model')}' is corrupt or unreadable "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); delete that "
-                            f"checkpoint directory to fall back to the previous one, or start again with --overwrite") from None
+        saved = _load_file(os.path.join(path, "model"),
+                           lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
         m.load_state_dict(saved.state_dict())
     if optimizer is not None and os.path.isfile(os.path.join(path, "optimizer.pt")):
-        optimizer.load_state_dict(_load_file(os.path.join(path, "optimizer.pt"), "optimizer"))
+        optimizer.load_state_dict(_load_file(os.path.join(path, "optimizer.pt")))
     for k, v in (modules or {}).items():
         if k in state["modules"]:
             v.load_state_dict(state["modules"][k])
