@@ -78,3 +78,25 @@ def smollm2() -> str:
         if not os.path.isfile(os.path.join(dst, "config.json")):
             convert_smollm2(dst)
     return dst
+
+
+def run_cli(module, argv):
+    """`python <module>.py *argv` in this process: `main(parse_args(argv))` under `exit_on_user_error`, exactly
+    what each file's `__main__` block runs, with stdout / stderr captured and SystemExit turned into a return
+    code. A fresh interpreter costs 2-4 s of torch + transformers imports per case; the tests that check the
+    one-line refusals of many bad inputs use this instead (each file keeps its smoke run as a real subprocess,
+    and test_common runs the entry point of a file as one)."""
+    import contextlib
+    import io
+    import types
+
+    import common as C
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            with C.exit_on_user_error():
+                module.main(module.parse_args([str(a) for a in argv]))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

@@ -49,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 import dreamgym as D  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -1040,8 +1041,7 @@ def test_bad_input_exits_2_in_seconds_with_nothing_written(tmp_path):
     for flags in (["--horizon", "0"], ["--exp_api_base", "http://127.0.0.1:9/v1", "--exp_api_model", "m",
                                        "--request_timeout", "3"]):
         out = tmp_path / "run"
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "dreamgym.py"), *flags, "--output_dir", str(out)],
-                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        r = run_cli(D, [*flags, "--output_dir", str(out)])
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: "), r.stderr
         assert not out.exists()
 

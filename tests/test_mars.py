@@ -49,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 import mars as M  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -1183,7 +1184,7 @@ def _run_cli(*flags, timeout=120):
 def test_cli_bad_flag_is_one_line_exit_2_nothing_written(tmp_path):
     """Through the real entry point (exit_on_user_error); the other refusals are the same UserError."""
     out = tmp_path / "o"
-    r = _run_cli("--seeds", "0,a", "--output_dir", str(out))
+    r = run_cli(M, ["--seeds", "0,a", "--output_dir", str(out)])
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
 

@@ -40,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 import mofa as M  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -604,8 +605,7 @@ def test_unreachable_endpoint_fails_before_anything_is_written(tmp_path):
 
 def test_cli_exit_2_one_line_and_resume_policy(tmp_path):
     out = tmp_path / "o"
-    r = subprocess.run([sys.executable, "mofa.py", "--bucket_factor", "0.9", "--output_dir", str(out)], cwd=ROOT,
-                       env=ENV, capture_output=True, text=True, timeout=120)
+    r = run_cli(M, ["--bucket_factor", "0.9", "--output_dir", str(out)])
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: --bucket_factor")
     assert not out.exists()
     with pytest.raises(C.UserError, match="no run"):

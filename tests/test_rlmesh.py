@@ -36,6 +36,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import rlmesh as R  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -704,7 +705,7 @@ def test_cli_bad_input_and_unwritable_dir_one_line_exit_2(tmp_path):
     blocker = tmp_path / "file"  # a file where a parent directory should be: unwritable even for root
     blocker.write_text("")
     for argv, out in ((["--pde", "burgers", "--cfl", "0"], tmp_path / "a"), ([], blocker / "run")):
-        p = _cli(argv + ["--output_dir", str(out)])
+        p = run_cli(R, argv + ["--output_dir", str(out)])
         assert p.returncode == 2, p.stderr[-2000:]
         assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: "), p.stderr
         assert not out.exists()

@@ -45,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 import spd as S  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 torch.set_num_threads(1)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "NANOPAPERS_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -469,7 +470,7 @@ def _run(args, timeout=600):
 
 def test_bad_input_exits_2_writes_nothing(tiny_path, tmp_path):
     out = tmp_path / "run"
-    r = _run(["--model_name_or_path", tiny_path, "--proj_layers", "9", "--output_dir", str(out)])
+    r = run_cli(S, ["--model_name_or_path", tiny_path, "--proj_layers", "9", "--output_dir", str(out)])
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --proj_layers") and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
 

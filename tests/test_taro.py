@@ -42,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 import taro as T  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 torch.set_num_threads(1)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "NANOPAPERS_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -529,8 +530,8 @@ def test_tokenizer_mismatch_exits_2_and_writes_nothing(tmp_path, tiny_dirs):
     m.save_pretrained(tmp_path / "bpe")
     t.save_pretrained(tmp_path / "bpe")
     out = tmp_path / "out"
-    r = _run(["--model_name_or_path", tiny_dirs["a"], "--stage", "router", "--rm_model_name_or_path", str(tmp_path / "bpe"),
-              "--output_dir", str(out)])
+    r = run_cli(T, ["--model_name_or_path", tiny_dirs["a"], "--stage", "router", "--rm_model_name_or_path", str(tmp_path / "bpe"),
+                    "--output_dir", str(out)])
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "tokenize" in r.stderr
     assert not out.exists()
 
