@@ -2099,13 +2099,23 @@ def _ms(vals) -> str:
     return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
 
+def malformed_cell(rs: list[dict]) -> str:
+    """M_exp replies still unparsable after --exp_retries, over M_exp calls (summed over the runs): 'a/b (rate)',
+    or '-' for arms without M_exp."""
+    if not any("malformed" in r for r in rs):
+        return "-"
+    bad, calls = sum(r.get("malformed", 0) for r in rs), sum(r.get("exp_calls", 0) for r in rs)
+    return f"{bad}/{calls} ({bad / max(1, calls):.1%})"
+
+
 def results_table(results: list[dict]) -> str:
     arms = list(dict.fromkeys(r["arm"] for r in results))
     cols = [("real success (greedy)", "real_success"), ("real success (sampled)", "real_success_sampled"),
             ("new real steps", "real_train_steps"), ("real step cap", "real_step_cap"),
             ("halluc. success", "halluc_success"), ("eps_R", "eps_R"),
             ("false success", "false_success"), ("eps_P exact", "eps_P_exact"), ("zero-var groups", "zero_var_share"),
-            ("syn-real gap", "syn_real_gap"), ("minutes", "minutes")]
+            ("syn-real gap", "syn_real_gap"), ("M_exp malformed", "malformed"),
+            ("inadmissible eval answers", "eval_invalid"), ("minutes", "minutes")]
     seeds = sorted({r["seed"] for r in results})
     caps = []  # DEVIATION(7): s2r's cap = s2r_frac x real_grpo's real steps of the seed, else x N
     for r in results:
@@ -2131,10 +2141,28 @@ def results_table(results: list[dict]) -> str:
                 cells.append(f"{np.mean(v):.0f}" if v else "-")
             elif k == "false_success" and rs[0].get("failed_buys"):  # a rate with its count (one M_exp per variant)
                 cells.append(f"{_ms(vals)} ({rs[0]['false_success_n']}/{rs[0]['failed_buys']})")
+            elif k == "malformed":  # M_exp replies unparsable after retries / M_exp calls, summed over seeds
+                cells.append(malformed_cell(rs))
+            elif k == "eval_invalid":
+                cells.append(f"{sum(vals)}")
             else:
                 cells.append(_ms(vals))
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def final_line(results: list[dict], wall_s: float, out_dir: str) -> str:
+    """The last stdout line: each arm's real success (mean over seeds), M_exp's malformed replies / calls and
+    the inadmissible answers of the final evals, so a run on a real model shows its failure rates."""
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    parts = []
+    for a in arms:
+        rs = [r for r in results if r["arm"] == a]
+        bad = malformed_cell(rs)
+        parts.append(f"{a} {np.mean([r['real_success'] for r in rs]):.3f}" + ("" if bad == "-" else f" (M_exp malformed {bad})"))
+    inval = sum(r.get("eval_invalid", 0) for r in results)
+    return (f"done in {wall_s / 60:.1f} min: real success " + ", ".join(parts)
+            + f"; inadmissible eval answers {inval}  ({out_dir})")
 
 
 def plot_results(results: list[dict], png: str, title: str) -> None:
@@ -2161,8 +2189,11 @@ def plot_results(results: list[dict], png: str, title: str) -> None:
     ax2.set_xticklabels(arms, rotation=30, ha="right", fontsize=8)
     ax2.set_ylabel("final real success (mean ± std over seeds)")
     for i, a in enumerate(arms):
-        steps = np.mean([r["real_train_steps"] for r in results if r["arm"] == a])
-        ax2.text(i, means[i] + stds[i] + 0.01, f"{steps:.0f} real", ha="center", fontsize=7)
+        rs = [r for r in results if r["arm"] == a]
+        steps = np.mean([r["real_train_steps"] for r in rs])
+        bad = malformed_cell(rs)  # M_exp's malformed replies / calls, shown on the bar (issue 9)
+        ax2.text(i, means[i] + stds[i] + 0.01, f"{steps:.0f} real" + ("" if bad == "-" else f"\nmalf. {bad.split()[0]}"),
+                 ha="center", fontsize=7)
     ax2.grid(alpha=0.3, axis="y")
     fig.suptitle(title)
     fig.tight_layout()
@@ -2316,6 +2347,7 @@ def main(args):
             offline_real_steps=world.offline_steps, methods=methods, real_budget=args.real_budget,
             s2r_frac=args.s2r_frac,
             s2r_real_cap={r["seed"]: r.get("real_step_cap") for r in results if r["arm"] == "s2r"})))
+        print(final_line(results, time.time() - t_start, out_dir), flush=True)
     C.ddp_cleanup()
 
 

@@ -512,6 +512,25 @@ def test_smoke_s2r_writes_outputs(tmp_path):
     assert {r["phase"] for r in rows} == {"synthetic", "real"} and all("forward" in r["time_s"] for r in rows)
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     assert all(r["real_train_steps"] == 0 for r in rows if r["phase"] == "synthetic")
+    last = r.stdout.strip().splitlines()[-1]  # the failure rates reach stdout (issue 9)
+    assert last.startswith("done in") and f"M_exp malformed {res['malformed']}/{res['exp_calls']}" in last, last
+
+
+def test_malformed_and_invalid_counts_reach_table_and_final_line():
+    """Hand totals: M_exp malformed replies / calls summed over seeds per arm, '-' for an arm without M_exp;
+    inadmissible eval answers summed over all runs."""
+    base = dict(real_success=0.5, real_success_sampled=0.5, real_train_steps=0, real_step_cap=None, minutes=0.1,
+                offline_real_steps=7)
+    results = [dict(base, arm="bc", seed=0, eval_invalid=1), dict(base, arm="bc", seed=1, eval_invalid=0),
+               dict(base, arm="dreamgym", seed=0, malformed=3, exp_calls=40, eval_invalid=2),
+               dict(base, arm="dreamgym", seed=1, malformed=1, exp_calls=60, eval_invalid=0, real_success=0.25)]
+    table = D.results_table(results)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "M_exp malformed" in rows["arm"] and "| 4/100 (4.0%) | 2 |" in rows["dreamgym"]
+    assert "| - | 1 |" in rows["bc"]
+    line = D.final_line(results, 90.0, "out")
+    assert line == ("done in 1.5 min: real success bc 0.500, dreamgym 0.375 (M_exp malformed 4/100 (4.0%)); "
+                    "inadmissible eval answers 3  (out)")
 
 
 @pytest.mark.slow
