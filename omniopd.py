@@ -45,10 +45,6 @@ Deviations from the paper:
      teacher samples per prompt): by default OmniOPD's nominal B*M*N*C, an upper bound on what it
      spends (fewer chunks in short responses, continuations that end early); `--match_teacher_tokens`
      takes the measured number (or the OmniOPD run's dir). The paper matches training steps. `# DEVIATION(4)`
-  5. A black-box teacher must continue raw text, so its endpoint must serve /v1/completions (vLLM,
-     SGLang, llama.cpp server, Ollama); the paper's chat-only APIs (Claude-4.5-Haiku, Gemini-2.5-Flash)
-     cannot be used as they are (that would need an assistant prefill or a "continue this text" chat
-     prompt, which this file does not implement). `# DEVIATION(5)`
 
 Reconstructed (the record is silent; our choice):
   phi: `ned` (1 - Levenshtein / max length), `rouge1` (unit-multiset F1; units = letter runs, single
@@ -58,9 +54,19 @@ Reconstructed (the record is silent; our choice):
   a chunk that decodes to "" (special tokens only) is skipped (phi cannot score it) and stays in the
   KL term; learning rate, batch size, gradient clip 1.0; style teachers of the toy (recipes below).
   Teacher prompt: a local HF teacher with a chat template reads x in its own template, followed by the
-  student's decoded y[:t0]; an endpoint teacher reads x in the student's template (the toy has none).
+  student's decoded y[:t0]; a /v1/completions endpoint reads x in the student's template (the toy has
+  none), a chat endpoint gets the raw x as the user message (its server applies its own template).
   pi_ref is the initial student in the student's dtype under the same autocast (KL = 0 at step 0;
   `--ref_dtype bf16` halves its memory but starts the anchor at bf16 rounding noise).
+  Chat-only endpoints (the paper's Claude / Gemini teachers; `--teacher_api_mode`): the teacher still sees
+  exactly x + y[:t0] and returns only text. Continuation of a trailing assistant message: messages
+  [user: x, assistant: y[:t0]] with vLLM's continue_final_message / add_generation_prompt false (dropped
+  when the server answers 4xx to them: native prefills). Instruction fallback: one user message
+  INSTRUCTION(x, y[:t0]); the reply loses a preamble line, wrapping quotes / fences and a restated
+  beginning (clean_continuation: the longest start of the reply that y[:t0] ends with, >= min(8, |y[:t0]|)
+  characters); a server seen restating at the probe gets max_tokens + |y[:t0]|. Which style a server
+  supports is found at start by one request each: "A B C D E F G" must be continued with "H". sft needs
+  whole replies only ([user: x]). No system message is sent.
 
 Commands:
   toy, CPU (the README's main job, ~1.5 min):   python omniopd.py
@@ -79,7 +85,11 @@ Commands:
                         ~15 GiB for 16 eval rows)
   sft at omniopd's measured teacher tokens: ... --method sft --match_teacher_tokens runs/omniopd/<omniopd run>
   black-box teacher:    ... --teacher_api_base http://localhost:8000/v1 --teacher_api_model Qwen/Qwen3-32B
-                          [--teacher_api_key_env OPENAI_API_KEY]   (the endpoint must serve /v1/completions)
+                          [--teacher_api_key_env OPENAI_API_KEY] [--teacher_api_mode auto|completions|chat|...]
+                        (auto: /v1/completions where served, else chat completions: continuing an assistant
+                        message where the server does, else the instruction fallback; logged at start)
+  the three API channels on the toy (tests/fault_server.py plays the providers):
+                        python omniopd.py --table --table_grid api --table_seeds 0,1,2 --eval_size 300
   several GPUs:         torchrun --nproc_per_node 8 omniopd.py ... (per-rank prompt shards, exact global gradient,
                         evals sharded over ranks)
 
@@ -93,18 +103,22 @@ phi_null (phi of a chunk against another chunk's continuation: the level of unre
 k_mean / N against), distinct (share of distinct texts among a chunk's N continuations), copy (share
 of continuations equal to the chunk: a leaked prefix), phat_mean, sft_cut (share of sft teacher
 replies cut at max_tokens: they get no EOS), teacher_tokens / student_tokens (cumulative, all
-ranks), acc_greedy / acc_sample / acc_ood at evals, and where each step's time goes: time_generate
-(student rollouts), time_teacher (teacher calls and their scoring; opd's teacher forward),
-time_forward (entropy pass and the loss's forward, pi_ref's included), time_backward,
+ranks), teacher_prompt_tokens (cumulative tokens the teacher read, as an endpoint bills them; a local
+teacher: every row's prompt), teacher_echo (instruction fallback: share of replies that restated
+y[:t0] and were cleaned), acc_greedy / acc_sample / acc_ood at evals, and where each step's time
+goes: time_generate (student rollouts), time_teacher (teacher calls and their scoring; opd's teacher
+forward), time_forward (entropy pass and the loss's forward, pi_ref's included), time_backward,
 time_optimizer (all-reduce, clip, AdamW), time_step (all of it). summary.json has their means
-(time_per_step_s) and the run's wall time over all its processes.
+(time_per_step_s), the run's wall time over all its processes and the endpoint's resolved mode
+(teacher_api).
 
-Runs. Bad flags, a missing model, an unreachable endpoint or a bad data line stop the run with one
-line (exit 2) before anything is loaded or written. An --output_dir that holds a run is refused
-unless --resume (continues it: refused without a checkpoint or when a result-changing flag differs;
---max_steps may grow) or --overwrite (replaces it). kill -9 + --resume gives the uninterrupted run's
-summary.json; Ctrl-C ends with one line naming the last checkpoint. --request_timeout bounds each
-teacher request (retries included), so a hung or trickling endpoint ends the run in that time.
+Runs. Bad flags, a missing model, an unreachable endpoint (or one whose model, route or chat style does
+not work) or a bad data line stop the run with one line (exit 2) before anything is loaded or written.
+An --output_dir that holds a run is refused unless --resume (continues it: refused without a checkpoint
+or when a result-changing flag differs; --max_steps may grow) or --overwrite (replaces it). kill -9 +
+--resume gives the uninterrupted run's summary.json; Ctrl-C ends with one line naming the last
+checkpoint. --request_timeout bounds each teacher request (retries included), so a hung or trickling
+endpoint ends the run in that time.
 """
 from __future__ import annotations
 
@@ -135,6 +149,7 @@ TOY_STYLE_RECIPES = {
     "other_style": ("teacher_switch_add", dict(domains={"add": (1.0, 0.0)}, style="switch", tokenizer="byte", steps=1200)),
 }
 TOY_TEACHERS = ("same", "mixed_style", "other_style", "other_tokenizer")
+TEACHER_API_MODES = ("auto", "completions", "chat", "chat_continue", "chat_instruct")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +169,11 @@ def parse_args(argv=None):
     p.add_argument("--teacher_api_base", default=None, help="OpenAI-compatible endpoint of a black-box teacher (text only)")
     p.add_argument("--teacher_api_model", default=None, help="model name at --teacher_api_base")
     p.add_argument("--teacher_api_key_env", default=None, help="environment variable holding the endpoint's API key")
+    p.add_argument("--teacher_api_mode", default="auto", choices=TEACHER_API_MODES,
+                   help="how the endpoint teacher continues x + y[:t0]: completions (raw text, /v1/completions), chat "
+                        "(/v1/chat/completions: continuing a trailing assistant message where the server does, else the "
+                        "instruction fallback; probed at start), chat_continue / chat_instruct (that chat style, forced), "
+                        "auto (probe at start: completions if served, else chat)")
     p.add_argument("--request_timeout", type=float, default=600.0,
                    help="seconds one teacher request may take at most, retries included (a hung or trickling "
                         "endpoint ends the run with one line after this)")
@@ -300,6 +320,8 @@ def validate_args(args) -> None:
     if api:
         req(bool(args.teacher_api_model), "--teacher_api_base needs --teacher_api_model (the model name the endpoint serves)")
         req(m in ("omniopd", "sft"), f"--teacher_api_base: --method {m} uses no text teacher; drop it")
+    req(api or args.teacher_api_mode == "auto", f"--teacher_api_mode {args.teacher_api_mode} applies to an endpoint "
+                                                 "teacher; pass --teacher_api_base or drop it")
     if args.teacher_api_key_env:
         req(api, "--teacher_api_key_env needs --teacher_api_base")
         req(bool(os.environ.get(args.teacher_api_key_env)),
@@ -578,15 +600,28 @@ def render_prompts(tok, prompts: Sequence[str], chat: bool) -> list[str]:
     return [C.render_chat(tok, [{"role": "user", "content": p}]) for p in prompts]
 
 
+class Prefix(str):
+    """A teacher prompt x + y[:t0] as one string (what /v1/completions and a local teacher read) that
+    also keeps its two parts for a chat-only endpoint: `x`, the problem as the user wrote it (the server
+    applies its own chat template), and `y`, the student's partial response y[:t0] ("" for a whole reply)."""
+
+    def __new__(cls, text: str, x: str | None = None, y: str = ""):
+        s = super().__new__(cls, text)
+        s.x, s.y = (text if x is None else x), y
+        return s
+
+
 def verification_requests(prompt_texts: Sequence[str], response_ids: torch.Tensor, starts: Sequence[Sequence[int]],
-                          chunk_len: int, tok) -> tuple[list[str], list[str]]:
+                          chunk_len: int, tok, raw_prompts: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
     """Eq. (4): for every chunk, the teacher's text prefix x + y[:t0] (never a token of the chunk,
-    pitfall 3) and the decoded student chunk s_c = y[t0:t0+C]."""
+    pitfall 3) and the decoded student chunk s_c = y[t0:t0+C]. Each prefix is a `Prefix` that also
+    holds x (`raw_prompts[b]`, else the rendered prompt) and y[:t0] apart, for a chat-only teacher."""
     prefixes, chunks = [], []
     for b, ss in enumerate(starts):
         ids = response_ids[b].tolist()
         for t in ss:
-            prefixes.append(prompt_texts[b] + tok.decode(ids[:t], skip_special_tokens=True))
+            y = tok.decode(ids[:t], skip_special_tokens=True)
+            prefixes.append(Prefix(prompt_texts[b] + y, raw_prompts[b] if raw_prompts is not None else prompt_texts[b], y))
             chunks.append(tok.decode(ids[t:t + chunk_len], skip_special_tokens=True))
     return prefixes, chunks
 
@@ -606,8 +641,8 @@ def teacher_complete(teacher, prompts: list[str], n: int, finish: bool = False, 
     several generate calls (len(prompts) * n > its batch_size) gets the prompts sorted by length, so
     each call pads to similar lengths; the answers come back in the caller's order. (One call, as in
     the toy, is left as is: sorting inside one call saves nothing and would reorder the sampler's
-    draws.) An endpoint that rejects /v1/completions raises one line saying that it must serve raw
-    completions. finish=True also returns the finish reasons ("length": cut at max_tokens), same
+    draws.) An endpoint that rejects /v1/completions raises one line naming --teacher_api_mode chat.
+    finish=True also returns the finish reasons ("length": cut at max_tokens), same
     shape and order (None where the teacher reports none)."""
     bs = getattr(teacher, "batch_size", None)
     order = list(range(len(prompts)))
@@ -615,11 +650,11 @@ def teacher_complete(teacher, prompts: list[str], n: int, finish: bool = False, 
         order = sorted(order, key=lambda i: len(prompts[i]))
     try:
         outs = teacher.complete([prompts[i] for i in order], n=n, **kw)
-    except C.EndpointError as e:  # DEVIATION(5): raw-text continuation needs /v1/completions
+    except C.EndpointError as e:  # a route that answered the preflight and now refuses (the server changed)
         msg = str(e)
-        if "rejected" in msg or "HTTP 4" in msg:
-            raise C.EndpointError(f"{msg}. The teacher must continue raw text through /v1/completions (vLLM, SGLang, "
-                                  f"llama.cpp server, Ollama serve it); chat-only APIs cannot continue a prefix") from None
+        if ("rejected" in msg or "HTTP 4" in msg) and "/completions" in msg and "/chat/" not in msg:
+            raise C.EndpointError(f"{msg}. If this endpoint serves chat completions only, pass --teacher_api_mode chat "
+                                  f"(or auto, which probes it at start)") from None
         raise
     reasons = getattr(teacher, "last_finish_reasons", None) or [[None] * n for _ in order]
     res, why = [None] * len(prompts), [None] * len(prompts)
@@ -642,6 +677,196 @@ def teacher_continuations(teacher: C.LLM, prefixes: list[str], chunks: list[str]
         outs = teacher_complete(teacher, prefixes, n, temperature=temperature, max_tokens=max_tokens)
         return [[z[:len(s)] for z in zs] for s, zs in zip(chunks, outs)]
     return teacher_complete(teacher, prefixes, n, temperature=temperature, max_tokens=chunk_len)
+
+
+# ---- a black-box teacher behind a chat-only API (/v1/chat/completions) ----
+
+# The start-up probe: a capable model continues "A B C D E F G" with "H"; a server that opens a new
+# reply instead writes "A B C ..." (or "Sure, ...") first.
+PROBE_TASK = "Write the capital letters A to Z in order, separated by spaces, and nothing else."
+PROBE_PARTIAL, PROBE_NEXT = "A B C D E F G", "H"
+# how vLLM / SGLang are told to continue the final assistant message instead of opening a new turn;
+# providers that prefill natively (Anthropic) take the trailing assistant message without these fields
+CONTINUE_FIELDS = {"continue_final_message": True, "add_generation_prompt": False}
+# the instruction fallback: the problem, then the partial answer after a one-line instruction (the wording
+# SmolLM2-135M-Instruct continued from; two other wordings made it restate the beginning and stop)
+INSTRUCTION = "{x}\n\nContinue this answer from where it stops, without repeating it:\n{y}"
+_PREAMBLE = re.compile(r"^\s*(?:sure|ok(?:ay)?|certainly|here(?:'s| is)|continuation|next)\b[^\n]{0,80}:[ \t]*\n+", re.I)
+_FENCE = re.compile(r"^\s*```[\w-]*\n(.*?)\n?```\s*$", re.S)
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u00ab": "\u00bb"}
+
+
+def clean_continuation(reply: str, partial: str, min_overlap: int = 8) -> tuple[str, bool]:
+    """The instruction fallback's reply read as a continuation of `partial` (the student's y[:t0]):
+    drops a leading preamble line ("Sure, here is the continuation:"), a code fence or a pair of quotes
+    around the whole reply, and a restated beginning: the longest start of the reply that `partial`
+    (or `partial` without its trailing whitespace) ends with, when it is at least min(min_overlap,
+    len(partial)) characters long (a shorter match is more likely the continuation itself).
+    -> (continuation, whether a restated beginning was dropped)."""
+    r = _PREAMBLE.sub("", reply, count=1)
+    m = _FENCE.match(r)
+    if m:
+        r = m.group(1)
+    s = r.strip()
+    if len(s) >= 2 and _QUOTES.get(s[0]) == s[-1]:
+        r = s[1:-1]
+    if not partial:
+        return r, False
+    need = max(1, min(min_overlap, len(partial)))
+    for p in (partial, partial.rstrip()):
+        for k in range(min(len(r), len(p)), need - 1, -1):
+            if p.endswith(r[:k]):
+                return r[k:], True
+    return r, False
+
+
+class ChatTeacher:
+    """The black-box teacher behind /v1/chat/completions only (most hosted APIs), with the text-in /
+    text-out interface of `common.LLM` (complete, usage, client, last_finish_reasons). It still sees
+    exactly x + y[:t0] and returns only text. Each prompt is a `Prefix` (x and y = y[:t0] apart):
+      style "continue": messages [user: x, assistant: y] with `extra_body` (e.g. CONTINUE_FIELDS): the
+                        server continues the final assistant message and the reply is the continuation;
+      style "instruct": [user: INSTRUCTION(x, y)], the reply cleaned by `clean_continuation`; a server
+                        that restates the beginning (`restates`, seen at the probe) spends tokens on it,
+                        so max_tokens grows by len(y) (characters: >= tokens for any tokenizer);
+      y == "" (sft's whole replies, a chunk at t0 = 0): [user: x] in either style.
+    `echo` counts the instruction replies (to a non-empty y) and those whose restated beginning was dropped."""
+
+    is_local = False
+
+    def __init__(self, llm: C.LLM, style: str, extra_body: dict | None = None, restates: bool = False):
+        if style not in ("continue", "instruct"):
+            raise ValueError(f"ChatTeacher style must be continue or instruct, not {style}")
+        self.llm, self.client, self.style, self.extra_body, self.restates = llm, llm.client, style, extra_body, restates
+        self.usage = llm.usage  # the same dict: checkpoints save and restore it
+        self.max_workers = llm.max_workers
+        self.last_finish_reasons: list[list[str | None]] = []
+        self.echo = {"replies": 0, "stripped": 0}
+
+    def request(self, p: str, max_tokens: int) -> tuple[list[dict], int, dict | None]:
+        """(messages, max_tokens, extra_body) of one prompt."""
+        x, y = getattr(p, "x", p), getattr(p, "y", "")
+        if not y:
+            return [{"role": "user", "content": x}], max_tokens, None
+        if self.style == "continue":
+            return [{"role": "user", "content": x}, {"role": "assistant", "content": y}], max_tokens, self.extra_body
+        return ([{"role": "user", "content": INSTRUCTION.format(x=x, y=y)}],
+                max_tokens + (len(y) if self.restates else 0), None)
+
+    def complete(self, prompts: Sequence[str], n: int = 1, temperature: float = 1.0, max_tokens: int = 256,
+                 top_p: float = 1.0, stop: Sequence[str] | None = None, return_finish: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+
+        reqs = [self.request(p, max_tokens) for p in prompts]
+        before = dict(self.client.usage)
+
+        def one(req):
+            msgs, mt, eb = req
+            return self.client.chat(msgs, n=n, temperature=temperature, max_tokens=mt, top_p=top_p, stop=stop,
+                                    extra_body=eb, return_finish=True)
+
+        ex = ThreadPoolExecutor(max_workers=self.max_workers)  # concurrent requests, order kept
+        try:
+            res = list(ex.map(one, reqs))
+        except BaseException:  # Ctrl-C or a failed request: drop the queued ones
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+        ex.shutdown(wait=True)
+        for k in self.usage:  # this call's share (a resumed run restored the earlier counts)
+            self.usage[k] += self.client.usage.get(k, 0) - before.get(k, 0)
+        outs = []
+        for p, (texts, _) in zip(prompts, res):
+            if self.style == "instruct" and getattr(p, "y", ""):
+                cleaned = [clean_continuation(t, p.y) for t in texts]
+                self.echo["stripped"] += sum(d for _, d in cleaned)
+                self.echo["replies"] += len(texts)
+                texts = [t for t, _ in cleaned]
+            outs.append(texts)
+        self.last_finish_reasons = [r for _, r in res]
+        return (outs, self.last_finish_reasons) if return_finish else outs
+
+
+def _http_code(e: Exception) -> int | None:
+    m = re.search(r"HTTP (\d{3})", str(e))
+    return int(m.group(1)) if m else None
+
+
+def probe_chat(client: C.ChatClient, want: str) -> dict:
+    """One tiny request per chat style (the capability probe above): does the server continue a trailing
+    assistant message (first with CONTINUE_FIELDS; a 4xx for those fields -> again without them), and
+    does the instruction fallback's cleaned reply continue? want "chat" stops at the first style that
+    works (so does "auto"); "chat_continue" / "chat_instruct" probe that style only. -> {"continue": bool, "extra_body",
+    "instruct": bool | None, "restates": bool, "replies": the raw probe replies}"""
+    out: dict = {"continue": False, "extra_body": None, "instruct": None, "restates": False, "replies": {}}
+    if want in ("auto", "chat", "chat_continue"):
+        msgs = [{"role": "user", "content": PROBE_TASK}, {"role": "assistant", "content": PROBE_PARTIAL}]
+        for eb in (CONTINUE_FIELDS, None):
+            try:
+                r = client.chat(msgs, n=1, temperature=0.0, max_tokens=8, extra_body=eb)[0]
+            except C.EndpointError as e:
+                code = _http_code(e)
+                if eb is not None and code is not None and 400 <= code < 500 and code not in (401, 403, 404, 429):
+                    continue  # the server does not know the fields: a native prefill may still work
+                raise
+            out["extra_body"], out["continue"] = eb, r.lstrip().startswith(PROBE_NEXT)
+            out["replies"]["continue"] = r
+            break
+        if out["continue"] or want == "chat_continue":
+            return out
+    msgs = [{"role": "user", "content": INSTRUCTION.format(x=PROBE_TASK, y=PROBE_PARTIAL)}]
+    r = client.chat(msgs, n=1, temperature=0.0, max_tokens=len(PROBE_PARTIAL) + 16)[0]
+    cleaned, restated = clean_continuation(r, PROBE_PARTIAL)
+    out["replies"]["instruct"] = r
+    out.update(instruct=cleaned.lstrip().startswith(PROBE_NEXT), restates=restated)
+    return out
+
+
+def resolve_teacher_api(args) -> dict | None:
+    """--teacher_api_mode at start, before anything loads: the endpoint answers, the model exists, and
+    the mode works (one tiny request each); one UserError line otherwise. auto tries /v1/completions
+    first and takes chat when that route is missing (a 4xx). -> None (no endpoint) or {"mode":
+    completions | chat_continue | chat_instruct | chat (sft: whole replies only), "extra_body",
+    "restates", "note" (what was found, for the log)}."""
+    if args.teacher_api_base is None:
+        return None
+    mode, deadline = args.teacher_api_mode, min(30.0, args.request_timeout)
+    key = os.environ.get(args.teacher_api_key_env) if args.teacher_api_key_env else None
+    probe = C.ChatClient(args.teacher_api_base, args.teacher_api_model, key, timeout=deadline, deadline=deadline,
+                         max_retries=1, backoff=0.5)
+    url, note = probe.base_url, ""
+    if mode in ("auto", "completions"):
+        try:
+            C.preflight_endpoint(probe, route="completions", deadline=deadline)
+            return {"mode": "completions", "extra_body": None, "restates": False, "note": "serves /v1/completions"}
+        except C.EndpointError as e:
+            code = _http_code(e)
+            if mode == "completions" and code is not None and 400 <= code < 500:
+                raise C.EndpointError(f"{e}; if it serves chat completions only, pass --teacher_api_mode chat") from None
+            if mode == "completions" or code is None or not 400 <= code < 500 or code in (401, 403, 429):
+                raise
+            note = f"no /v1/completions (HTTP {code}); "
+    if args.method == "sft":  # whole replies: any chat endpoint will do
+        C.preflight_endpoint(probe, route="chat", deadline=deadline)
+        return {"mode": "chat", "extra_body": None, "restates": False, "note": note + "chat: whole replies"}
+    p = probe_chat(probe, mode)
+    if p["continue"] or mode == "chat_continue":
+        how = ("with " + ", ".join(f"{k}={str(v).lower()}" for k, v in p["extra_body"].items())
+               if p["extra_body"] else "as a prefill (no extra fields)")
+        seen = ("continues" if p["continue"]
+                else f"did not continue the probe ({p['replies'].get('continue', '')[:40]!r}; forced) in")
+        return {"mode": "chat_continue", "extra_body": p["extra_body"], "restates": False,
+                "note": note + f"chat: {seen} a trailing assistant message {how}"}
+    if p["instruct"] or mode == "chat_instruct":
+        seen = ("the cleaned reply continues the probe" if p["instruct"]
+                else f"the cleaned reply did not continue the probe ({p['replies']['instruct'][:40]!r}; forced)")
+        return {"mode": "chat_instruct", "extra_body": None, "restates": p["restates"],
+                "note": note + "chat: no assistant continuation; instruction fallback, " + seen
+                + ("; the server restates the beginning (max_tokens + len(y[:t0]))" if p["restates"] else "")}
+    raise UserError(f"{url}/chat/completions answers, but continues no partial answer at the start-up probe: a "
+                    f"trailing assistant message gave {p['replies'].get('continue', '')[:40]!r}, the instruction "
+                    f"fallback {p['replies'].get('instruct', '')[:40]!r} (expected '{PROBE_NEXT} ...' after "
+                    f"'{PROBE_PARTIAL}'); a model too weak for the probe can be forced with --teacher_api_mode "
+                    f"chat_continue or chat_instruct")
 
 
 @torch.no_grad()
@@ -707,26 +932,34 @@ def model_paths(args) -> tuple[str, str | None]:
     return student, toy_teacher_path(args.toy_teacher) if args.teacher == "toy" else args.teacher
 
 
-def endpoint_teacher(args) -> C.LLM:
-    """The black-box teacher: --request_timeout is each request's overall deadline (retries included)."""
+def endpoint_teacher(args, api: dict | None = None):
+    """The black-box teacher: --request_timeout is each request's overall deadline (retries included).
+    `api` (resolve_teacher_api) says how it continues text: completions -> common.LLM (/v1/completions),
+    chat_continue / chat_instruct / chat -> ChatTeacher over /v1/chat/completions."""
     key = os.environ.get(args.teacher_api_key_env) if args.teacher_api_key_env else None
-    return C.LLM.from_endpoint(args.teacher_api_base, args.teacher_api_model, key, max_workers=16,
-                               timeout=min(300.0, args.request_timeout), deadline=args.request_timeout)
+    llm = C.LLM.from_endpoint(args.teacher_api_base, args.teacher_api_model, key, max_workers=16,
+                              timeout=min(300.0, args.request_timeout), deadline=args.request_timeout)
+    if api is None or api["mode"] == "completions":
+        return llm
+    return ChatTeacher(llm, "instruct" if api["mode"] == "chat_instruct" else "continue", api.get("extra_body"),
+                       api.get("restates", False))
 
 
 def preflight(args, device) -> dict:
     """Everything the run will use, checked before anything is written: the device, each model path
-    (config loads), the endpoint (one 1-token request on /v1/completions, the route the run uses),
-    opd's shared tokenizer, the data files (file:line on a bad row), sft's token target.
-    Returns the parsed data files."""
+    (config loads), the endpoint (resolve_teacher_api: the route and chat style it serves, one tiny
+    request each), opd's shared tokenizer, the data files (file:line on a bad row), sft's token target.
+    Returns the parsed data files and the endpoint's resolved mode ("teacher_api")."""
     if device.type == "cuda":
         C.require(torch.cuda.is_available(), "--device cuda, but no CUDA GPU is visible; pass --device cpu")
     for flag in ("model_name_or_path", "teacher", "sim_model"):
         v = getattr(args, flag)
         if v and v != "toy" and not (flag == "teacher" and (args.teacher_api_base or args.method in ("grpo", "kl_only"))):
             C.preflight_model(v)
-    if args.teacher_api_base is not None:
-        C.preflight_endpoint(endpoint_teacher(args), route="completions", deadline=min(30.0, args.request_timeout))
+    api = resolve_teacher_api(args)  # the endpoint, its model and the --teacher_api_mode that works
+    if api is not None and C.is_main():
+        print(f"teacher endpoint {args.teacher_api_base} ({args.teacher_api_model}): {api['mode']}: {api['note']}",
+              flush=True)
     if args.method == "opd" and (args.model_name_or_path != "toy" or args.teacher != "toy"):
         from transformers import AutoTokenizer
 
@@ -739,7 +972,8 @@ def preflight(args, device) -> dict:
                             f"than the student ({what}); use --method omniopd or sft")
     if args.method == "sft":
         sft_token_target(args, 1)  # a bad --match_teacher_tokens fails here
-    return {k: load_problems(getattr(args, k)) for k in ("train_file", "eval_file") if getattr(args, k)}
+    data = {k: load_problems(getattr(args, k)) for k in ("train_file", "eval_file") if getattr(args, k)}
+    return {**data, "teacher_api": api}
 
 
 def build(args, device, rank, data: dict | None = None):
@@ -759,19 +993,21 @@ def build(args, device, rank, data: dict | None = None):
     chat = args.chat_template == "auto" and bool(getattr(tok, "chat_template", None))
 
     # teacher: text interface (omniopd, sft), white-box model (opd only)
+    data = data if data is not None else preflight(args, device)
     llm = teacher_model = teacher_tok = None
     if args.method == "opd":
         teacher_model, _ = C.load_lm(teacher_path, dtype=frozen_dtype, device=device)
     elif args.method in ("omniopd", "sft"):
         if args.teacher_api_base is not None:
-            llm = endpoint_teacher(args)
+            llm = endpoint_teacher(args, data.get("teacher_api"))
         else:
             tmodel, teacher_tok = C.load_lm(teacher_path, dtype=frozen_dtype, device=device)
             llm = C.LLM(model=tmodel, tokenizer=teacher_tok, batch_size=args.teacher_batch_size,
                         seed=args.seed * 1000 + 17 + rank)
             # the method code below sees only `llm` (text in, text out): it cannot read teacher logits
     # a local teacher with a chat template reads the prompt in its own template (a teacher of another
-    # family would find the student's markup foreign); an endpoint gets the student's rendering
+    # family would find the student's markup foreign); a /v1/completions endpoint gets the student's
+    # rendering, a chat endpoint the raw prompt as the user message (its server applies its template)
     teacher_chat = args.chat_template == "auto" and bool(getattr(teacher_tok, "chat_template", None))
 
     embedder = None
@@ -779,7 +1015,6 @@ def build(args, device, rank, data: dict | None = None):
         emb_model, emb_tok = (ref, tok) if args.sim_model is None else load_encoder(args.sim_model, frozen_dtype, device)
         embedder = make_embedder(emb_model, emb_tok)
 
-    data = data if data is not None else preflight(args, device)
     train = data.get("train_file") or C.toy_dataset("train", 4096, seed=args.seed, domains=("add",))
     if "eval_file" in data:
         evals = {"id": data["eval_file"][:args.eval_size]}
@@ -789,6 +1024,7 @@ def build(args, device, rank, data: dict | None = None):
     return dict(model=model, tok=tok, ref=ref, chat=chat, llm=llm, teacher_model=teacher_model, embedder=embedder,
                 teacher_tok=teacher_tok, teacher_chat=teacher_chat, train=train, evals=evals, student_path=student_path,
                 teacher_path=teacher_path or args.teacher_api_model, device=device, teacher_tokens=0, student_tokens=0,
+                teacher_prompt_tokens=0, teacher_api=data.get("teacher_api"),
                 anchor_rng=random.Random(args.seed + 99), noise_gen=torch.Generator().manual_seed(args.seed + 5),
                 timer=PhaseTimer(device))
 
@@ -829,10 +1065,13 @@ def load_encoder(name_or_path: str, dtype, device):
 
 def teacher_prompts(w: dict, problems) -> list[str]:
     """The prompts as the teacher reads them: its own chat template when it is a local model with one,
-    else the student's rendering (the toy: the raw prompt either way)."""
+    else the student's rendering (the toy: the raw prompt either way). Each is a `Prefix` that also
+    keeps the raw prompt, which a chat-only endpoint gets as the user message."""
     if w.get("teacher_tok") is not None and w.get("teacher_chat"):
-        return render_prompts(w["teacher_tok"], [p.prompt for p in problems], True)
-    return render_prompts(w["tok"], [p.prompt for p in problems], w["chat"])
+        texts = render_prompts(w["teacher_tok"], [p.prompt for p in problems], True)
+    else:
+        texts = render_prompts(w["tok"], [p.prompt for p in problems], w["chat"])
+    return [Prefix(t, p.prompt) for t, p in zip(texts, problems)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -982,6 +1221,10 @@ def step_omniopd(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tenso
         k = chunk_agreement(chunks, conts, args.similarity, w["embedder"]) if chunks else torch.zeros(0)  # Eq. (5)
         if len(k):
             m.update(verification_diagnostics(chunks, conts, k, args.teacher_samples, args.similarity, w["embedder"]))
+        echo = getattr(w["llm"], "echo", None) if getattr(w["llm"], "style", None) == "instruct" else None
+        if echo is not None and echo["replies"]:  # instruction fallback: share of replies that restated y[:t0]
+            m["teacher_echo"] = echo["stripped"] / echo["replies"]
+            echo.update(replies=0, stripped=0)
     first = np.cumsum([0] + [len(s) for s in starts]).tolist()  # index of each row's first chunk in k
     ref = reference_for(args, w, step, in_loss=args.beta > 0)
 
@@ -1008,16 +1251,30 @@ def step_omniopd(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tenso
 def verify_chunks(args, w, probs, response_ids, starts):
     """Eq. (4): the teacher continues x + y[:t0] N times for every chunk (empty decoded chunks are
     dropped first). Counts the teacher's tokens. -> (starts, chunk texts, continuations)."""
-    prefixes, chunks = verification_requests(teacher_prompts(w, probs), response_ids, starts, args.chunk_tokens, w["tok"])
+    prefixes, chunks = verification_requests(teacher_prompts(w, probs), response_ids, starts, args.chunk_tokens, w["tok"],
+                                             raw_prompts=[p.prompt for p in probs])
     if not all(chunks):
         starts, prefixes, chunks = drop_empty_chunks(starts, prefixes, chunks)
     if not prefixes:
         return starts, chunks, []
-    before = w["llm"].usage["completion_tokens"]
-    conts = teacher_continuations(w["llm"], prefixes, chunks, args.teacher_samples, args.teacher_temperature,
-                                  args.teacher_chunk_unit, args.chunk_tokens)
-    w["teacher_tokens"] += w["llm"].usage["completion_tokens"] - before
+    with count_teacher_tokens(w):
+        conts = teacher_continuations(w["llm"], prefixes, chunks, args.teacher_samples, args.teacher_temperature,
+                                      args.teacher_chunk_unit, args.chunk_tokens)
     return starts, chunks, conts
+
+
+@contextlib.contextmanager
+def count_teacher_tokens(w: dict):
+    """Add the teacher's generated (completion) and read (prompt) tokens of the calls inside to the run's
+    counters: an endpoint's as its server reports them (hosted APIs bill both), a local teacher's as it
+    processes them (every row's prompt)."""
+    u = w["llm"].usage
+    before = (u.get("completion_tokens", 0), u.get("prompt_tokens", 0))
+    try:
+        yield
+    finally:
+        w["teacher_tokens"] += u.get("completion_tokens", 0) - before[0]
+        w["teacher_prompt_tokens"] = w.get("teacher_prompt_tokens", 0) + u.get("prompt_tokens", 0) - before[1]
 
 
 def verification_diagnostics(chunks, conts, k, N: int, kind: str, embedder=None) -> dict:
@@ -1092,7 +1349,7 @@ def step_sft(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tensor, d
     t_prompts = teacher_prompts(w, probs)  # the teacher reads its own template, the student trains on its own
     before = llm.usage["completion_tokens"]
     ps, rs, ends = [], [], []
-    with timer("teacher"):
+    with timer("teacher"), count_teacher_tokens(w):
         while True:
             per_resp = w.get("sft_tokens_per_response", args.max_new_tokens / 2)
             n = max(1, math.ceil((target - (llm.usage["completion_tokens"] - before)) / (len(probs) * per_resp)))
@@ -1104,7 +1361,6 @@ def step_sft(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tensor, d
             w["sft_tokens_per_response"] = max(1.0, used / len(rs))
             if used >= target:
                 break
-    w["teacher_tokens"] += llm.usage["completion_tokens"] - before
     ids, mask, resp = C.encode_pairs(tok, ps, rs, add_eos=ends, device=device, max_response_tokens=args.max_new_tokens)
     n_global = len(rs) * world
     ref = reference_for(args, w, step, in_loss=False)
@@ -1186,6 +1442,7 @@ def save_run(ckpt_dir, w, opt, done: int, before: dict, world: int, elapsed: flo
     llm = w["llm"]
     C.save_checkpoint(ckpt_dir, w["model"], w["tok"], opt, done, extra=dict(
         teacher_tokens=w["teacher_tokens"], student_tokens=w["student_tokens"], before=before,
+        teacher_prompt_tokens=w.get("teacher_prompt_tokens", 0), teacher_api=w.get("teacher_api"),
         rng=gather_rng_states(w, world), sft_tokens_per_response=w.get("sft_tokens_per_response"),
         teacher_usage=dict(llm.usage) if llm is not None else None,
         client_usage=dict(llm.client.usage) if llm is not None and llm.client is not None else None, wall_time_s=elapsed))
@@ -1198,6 +1455,10 @@ def restore_run(ckpt_dir, w, opt, args, world: int, rank: int) -> tuple[int, dic
     C.require(args.max_steps >= start, f"--resume: the checkpoint is at step {start}, past --max_steps {args.max_steps}; "
                                        f"pass --max_steps >= {start}")
     w["teacher_tokens"], w["student_tokens"] = ex["teacher_tokens"], ex["student_tokens"]
+    w["teacher_prompt_tokens"] = ex.get("teacher_prompt_tokens", 0)
+    was, now = (ex.get("teacher_api") or {}).get("mode"), (w.get("teacher_api") or {}).get("mode")
+    C.require(was == now, f"--resume: the run's teacher endpoint was used as {was}, but now resolves to {now}; pass "
+                          f"--teacher_api_mode {was} (or start a new run)")
     rng = ex.get("rng")
     if rng and len(rng) == world:  # the samplers that live across steps continue where they stopped
         w["anchor_rng"].setstate(rng[rank][0])
@@ -1237,13 +1498,14 @@ def update(args, w, opt, step: int, rank: int, world: int, gen, last_ckpt: int |
         C.all_reduce_grads(model, world)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         opt.step()  # DEVIATION(1): one AdamW step per rollout batch
-    tt = torch.tensor([w["teacher_tokens"], w["student_tokens"]], dtype=torch.float64)
+    tt = torch.tensor([w["teacher_tokens"], w["student_tokens"], w.get("teacher_prompt_tokens", 0)], dtype=torch.float64)
     if world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(tt)
     split = {f"time_{k}": round(v, 4) for k, v in timer.take().items()}
-    return dict(loss=loss, grad_norm=gnorm, teacher_tokens=int(tt[0]), student_tokens=int(tt[1]), **m, **split,
+    extra = {"teacher_prompt_tokens": int(tt[2])} if w.get("llm") is not None else {}
+    return dict(loss=loss, grad_norm=gnorm, teacher_tokens=int(tt[0]), student_tokens=int(tt[1]), **extra, **m, **split,
                 time_step=round(time.perf_counter() - t0, 4))
 
 
@@ -1324,6 +1586,7 @@ def finish(args, w, log, before: dict, after: dict, wall: float, device, world: 
                    alpha=args.alpha, beta=args.beta, seed=args.seed, student=w["student_path"], teacher=w["teacher_path"],
                    before=before, after=after, teacher_tokens=last.get("teacher_tokens", 0),
                    student_tokens=last.get("student_tokens", 0), steps=args.max_steps,
+                   teacher_prompt_tokens=last.get("teacher_prompt_tokens", 0), teacher_api=w.get("teacher_api"),
                    wall_time_s=round(wall, 1), time_per_step_s=time_split(rows), device=str(device), world_size=world,
                    teacher_usage=dict(w["llm"].usage) if w["llm"] is not None else None)
     C.write_json(os.path.join(args.output_dir, "summary.json"), summary)
@@ -1338,7 +1601,9 @@ def finish(args, w, log, before: dict, after: dict, wall: float, device, world: 
     print(f"done in {wall / 60:.1f} min: acc_greedy {before['acc_greedy']:.3f} -> {after['acc_greedy']:.3f}"
           f"  acc_sample {before['acc_sample']:.3f} -> {after['acc_sample']:.3f}"
           + (f"  acc_ood {before['acc_ood']:.3f} -> {after['acc_ood']:.3f}" if "acc_ood" in after else "")
-          + f"  teacher_tokens {summary['teacher_tokens']}  ({args.output_dir})", flush=True)
+          + f"  teacher_tokens {summary['teacher_tokens']}"
+          + (f"  teacher_prompt_tokens {summary['teacher_prompt_tokens']}" if w.get("teacher_api") else "")
+          + f"  ({args.output_dir})", flush=True)
     return summary
 
 
@@ -1346,7 +1611,9 @@ def finish(args, w, log, before: dict, after: dict, wall: float, device, world: 
 # ---- the toy table ----
 # ---------------------------------------------------------------------------------------------
 
-TABLE_GRIDS = ("main", "mechanism", "other_tokenizer", "ablations", "noise", "anchor_long")
+TABLE_GRIDS = ("main", "mechanism", "other_tokenizer", "ablations", "noise", "anchor_long", "api")
+# the api grid's simulated hosted teachers (tests/fault_server.py --toy_provider: the toy teacher behind HTTP)
+API_PROVIDERS = {"completions": ["completions"], "continue": ["continue"], "instruct": ["instruct", "--restate"]}
 
 
 def table_arms(grids: Sequence[str], seeds: list[int], abl_seeds: list[int]) -> list[tuple[str, str, list[str], list[int]]]:
@@ -1377,6 +1644,15 @@ def table_arms(grids: Sequence[str], seeds: list[int], abl_seeds: list[int]) -> 
         for lab, fl in [("omniopd ned, 320 updates", ["--max_steps", "320"]),
                         ("omniopd beta=0, 320 updates", ["--max_steps", "320", "--beta", "0"])]:
             arms.append(("same", lab, ["--toy_teacher", "same"] + fl, abl_seeds))
+    if "api" in grids:  # the same toy teacher behind three API channels ("@name": that provider's URL)
+        api = ["--toy_teacher", "same", "--teacher_api_model", "toy-teacher", "--teacher_api_base"]
+        for lab, prov in [("omniopd ned, /v1/completions", "completions"),
+                          ("omniopd ned, chat: assistant continuation", "continue"),
+                          ("omniopd ned, chat: instruction fallback, restating provider", "instruct"),
+                          ("sft, chat: whole replies", "instruct")]:
+            sft = lab.startswith("sft")  # the reference row (as the main table's sft), on the ablation seeds
+            arms.append(("same, API", lab, api + [f"@{prov}"] + (["--method", "sft"] if sft else []),
+                         abl_seeds if sft else seeds))
     if "noise" in grids:
         for s in (2, 4, 8):
             arms.append(("same", f"opd logit noise sigma={s}", ["--toy_teacher", "same", "--method", "opd",
@@ -1397,30 +1673,59 @@ def run_table(args):
     results = []
     arms = table_arms(grids, seeds, abl)
     todo = [(g, lab, fl, s) for g, lab, fl, ss in arms for s in ss]
-    for i, (g, lab, fl, s) in enumerate(todo):
-        slug = re.sub(r"[^A-Za-z0-9=.]+", "_", f"{g}-{lab}").strip("_")
-        out = os.path.join(args.output_dir, "runs", f"{slug}-s{s}")
-        summ = os.path.join(out, "summary.json")
-        if not os.path.isfile(summ):
-            again = []  # an arm killed earlier: continue it from its checkpoint, or start it over
-            if os.path.isfile(os.path.join(out, "args.json")):
-                again = ["--resume"] if C.find_checkpoint(os.path.join(out, "checkpoint")) else ["--overwrite"]
-            cmd = [sys.executable, os.path.abspath(__file__), *common_flags, *fl, "--seed", str(s), "--output_dir", out,
-                   *again]
-            print(f"[table {i + 1}/{len(todo)}] {' '.join(cmd[1:])}", flush=True)
-            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            if r.returncode != 0:
-                print(f"  failed (exit {r.returncode}): {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''}", flush=True)
-                continue
-            print("  " + r.stdout.strip().splitlines()[-1], flush=True)
-        if not os.path.isfile(summ):
-            continue
-        with open(summ) as f:
-            results.append({**json.load(f), "group": g, "label": lab, "seed": s, "kl_ref_end": final_kl_ref(out),
-                            "run_dir": out})
+    servers: dict = {}
+    try:
+        for i, (g, lab, fl, s) in enumerate(todo):
+            run_table_arm(args, common_flags, results, servers, i, len(todo), g, lab, fl, s)
+    finally:
+        for proc in servers.values():
+            proc.terminate()
+            proc.wait()
     write_table(results, args.output_dir)
     if "anchor_long" in grids:
         plot_drift([r for r in results if r["label"].endswith("320 updates")], os.path.join(args.output_dir, "anchor_long.png"))
+
+
+def provider_url(servers: dict, name: str) -> str:
+    """The URL of the api grid's simulated provider `name`, started on first use (tests/fault_server.py
+    --toy_provider, the toy teacher behind HTTP; it prints its URL when it serves)."""
+    if name not in servers:
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fault_server.py")
+        C.require(os.path.isfile(script), f"--table_grid api needs {script} (the simulated API providers)")
+        proc = subprocess.Popen([sys.executable, script, "--toy_provider", *API_PROVIDERS[name]], stdout=subprocess.PIPE,
+                                text=True)
+        servers[name] = proc
+        line = proc.stdout.readline().strip()
+        C.require(line.startswith("http"), f"the toy provider '{name}' did not start (it printed {line!r})")
+        servers[name].url = line
+    return servers[name].url
+
+
+def run_table_arm(args, common_flags, results, servers, i, total, g, lab, fl, s) -> None:
+    """Run one arm x seed of the table (unless finished) and add its summary to `results`."""
+    slug = re.sub(r"[^A-Za-z0-9=.]+", "_", f"{g}-{lab}").strip("_")
+    out = os.path.join(args.output_dir, "runs", f"{slug}-s{s}")
+    summ = os.path.join(out, "summary.json")
+    if not os.path.isfile(summ):
+        again = []  # an arm killed earlier: continue it from its checkpoint, or start it over
+        if os.path.isfile(os.path.join(out, "args.json")):
+            again = ["--resume"] if C.find_checkpoint(os.path.join(out, "checkpoint")) else ["--overwrite"]
+        if any(f.startswith("@") for f in fl):  # an endpoint arm: a fresh server URL, and server-side sampling
+            fl = [provider_url(servers, f[1:]) if f.startswith("@") else f for f in fl]  # cannot be replayed
+            again = ["--overwrite"] if again else []
+        cmd = [sys.executable, os.path.abspath(__file__), *common_flags, *fl, "--seed", str(s), "--output_dir", out,
+               *again]
+        print(f"[table {i + 1}/{total}] {' '.join(cmd[1:])}", flush=True)
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if r.returncode != 0:
+            print(f"  failed (exit {r.returncode}): {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''}", flush=True)
+            return
+        print("  " + r.stdout.strip().splitlines()[-1], flush=True)
+    if not os.path.isfile(summ):
+        return
+    with open(summ) as f:
+        results.append({**json.load(f), "group": g, "label": lab, "seed": s, "kl_ref_end": final_kl_ref(out),
+                        "run_dir": out})
 
 
 def plot_drift(results: list[dict], png: str) -> None:
@@ -1467,6 +1772,12 @@ def _ms(xs):
     return f"{m:.3f} ± {float(np.std(xs, ddof=1)):.3f}" if len(xs) > 1 else f"{m:.3f}"
 
 
+def _per_update(xs, steps: int) -> str:
+    """Mean of the runs' counts per update ("-" where no run logged it: summaries before the count existed)."""
+    xs = [x for x in xs if x is not None]
+    return f"{np.mean(xs) / steps:.0f}" if xs else "-"
+
+
 def write_table(results: list[dict], out_dir: str) -> str:
     import matplotlib
 
@@ -1481,8 +1792,8 @@ def write_table(results: list[dict], out_dir: str) -> str:
             rows[key] = []
         rows[key].append(r)
     lines = ["| teacher world | arm | seeds | greedy acc (id) | T=1 acc (id) | greedy acc (OOD) | teacher tokens / update "
-             "| student rollout tokens / update | KL(π_ref‖π) / token, last 10 updates | minutes / run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| teacher prompt tokens / update | student rollout tokens / update | KL(π_ref‖π) / token, last 10 updates "
+             "| minutes / run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in keys:
         rs = rows[key]
         res = [r["after"] for r in rs]
@@ -1490,6 +1801,7 @@ def write_table(results: list[dict], out_dir: str) -> str:
         lines.append(f"| {key[0]} | {key[1]} | {','.join(str(r['seed']) for r in rs)} | {_ms([x['acc_greedy'] for x in res])} | "
                      f"{_ms([x['acc_sample'] for x in res])} | {_ms([x.get('acc_ood') for x in res])} | "
                      f"{np.mean([r['teacher_tokens'] for r in rs]) / steps:.0f} | "
+                     f"{_per_update([r.get('teacher_prompt_tokens') for r in rs], steps)} | "
                      f"{np.mean([r['student_tokens'] for r in rs]) / steps:.0f} | "
                      f"{_ms([r.get('kl_ref_end') for r in rs])} | "
                      f"{np.mean([r['wall_time_s'] for r in rs]) / 60:.1f} |")

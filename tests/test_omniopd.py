@@ -3,9 +3,11 @@ independent values; teacher prefixes; entropy alignment; one full update of ever
 reference written here (loops over rows and tokens: anchors, teacher prefixes, agreement, posterior, loss,
 gradient, every logged metric, token counts); every arm-defining flag changes the update; the pi_ref forward
 only where the loss needs it; the per-phase time split; bad input (one line, exit 2, nothing written); the
-output-dir / resume policy; endpoint faults against tests/fault_server.py; the CLI (smoke run, a real local
-OpenAI-compatible teacher endpoint, torchrun with 2 CPU processes, kill -9 + --resume, Ctrl-C, the real
-SmolLM2 checkpoint).
+output-dir / resume policy; endpoint faults against tests/fault_server.py; chat-only teachers (every API
+channel against tests/fault_server.py's simulated providers, echo cleaning, the start-up probe and its
+refusals, prompt-token billing); the CLI (smoke run, a real local OpenAI-compatible teacher endpoint,
+torchrun with 2 CPU processes, kill -9 + --resume, Ctrl-C, the real SmolLM2 checkpoint, SmolLM2 as a
+chat-only instruction-following teacher).
 
 Breakages these tests catch (each made by editing one line of omniopd.py and watching a test fail):
   entropy taken one position off in the training step; log-probs one position off; KL(pi_ref || pi) one
@@ -18,6 +20,14 @@ Breakages these tests catch (each made by editing one line of omniopd.py and wat
   diagnostic miscounted; phi = embed through the LM head; --request_timeout not passed as the endpoint's
   deadline; a killed table arm rerun without --overwrite; omniopd's or the student's token counters not
   counted; a data line without 'answer' accepted.
+  Chat-only teachers (issue 10; each also made by editing one line and watching a test fail): the continue
+  style sending the instruction instead of [user: x, assistant: y[:t0]]; the chat prefix losing y[:t0];
+  clean_continuation's overlap threshold ignoring short partials, or accepting any 1-character overlap; quotes
+  around a reply kept; instruction replies not cleaned; the restating provider's max_tokens allowance dropped;
+  prompt tokens not counted; auto skipping the continuation probe; no retry without the vLLM fields after a
+  strict server's 400; the probe reply's content not checked; sft running the continuation probe; a 401 read
+  as a missing route; the table's prompt-token column reading teacher_tokens; summary.json without the mode;
+  a killed endpoint arm of the api table resumed instead of started over.
 """
 import json
 import math
@@ -38,6 +48,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import common as C  # noqa: E402
 import omniopd as O  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 torch.set_num_threads(1)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "NANOPAPERS_THREADS": "1"}
@@ -277,6 +288,12 @@ def test_teacher_gets_exactly_the_prefix_before_the_chunk(tiny):
     prefixes, chunks = O.verification_requests(prompts, ids, starts, 4, tok)
     assert prefixes == ["add 358=033;", "add 358=033;358;", "add 12="]
     assert chunks == ["358;", "886;", "011;"]
+    # a chat-only teacher gets the same text in two parts: the raw prompt x and the partial response y[:t0]
+    rendered = [f"<u>{p}</u>" for p in prompts]
+    pre, _ = O.verification_requests(rendered, ids, starts, 4, tok, raw_prompts=prompts)
+    assert [(str(p), p.x, p.y) for p in pre] == [("<u>add 358=</u>033;", "add 358=", "033;"),
+                                                 ("<u>add 358=</u>033;358;", "add 358=", "033;358;"),
+                                                 ("<u>add 12=</u>", "add 12=", "")]
     t = RecordingTeacher()
     outs = O.teacher_continuations(t, prefixes, chunks, 2, 1.0, "chars", 4)
     assert t.prompts == prefixes and t.kw["max_tokens"] == 4
@@ -358,13 +375,14 @@ def test_table_aggregates_mean_std_and_final_kl(tmp_path):
         rows = [{"step": i, "kl_ref": 9.0} for i in range(5)] + [{"step": 5 + i, "kl_ref": kl} for i in range(10)]
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows + [{"step": 15, "acc_greedy": acc}]))
         runs.append({"group": "same", "label": "arm", "seed": seed, "steps": 10, "teacher_tokens": 100 * (seed + 1),
-                     "student_tokens": 50, "wall_time_s": 60.0, "kl_ref_end": O.final_kl_ref(str(run)),
+                     "student_tokens": 50, **({"teacher_prompt_tokens": 70} if seed else {}), "wall_time_s": 60.0, "kl_ref_end": O.final_kl_ref(str(run)),
                      "after": {"acc_greedy": acc, "acc_sample": acc / 2, "acc_ood": None}})
     assert runs[0]["kl_ref_end"] == pytest.approx(0.1) and O.final_kl_ref(str(tmp_path)) is None
     md = O.write_table(runs, str(tmp_path / "table"))
     row = md.strip().splitlines()[-1]
-    # acc 0.5, 0.7: mean 0.6, sample std 0.1414; teacher tokens (100 + 200) / 2 / 10 updates = 15
-    assert row == "| same | arm | 0,1 | 0.600 ± 0.141 | 0.300 ± 0.071 | - | 15 | 5 | 0.200 ± 0.141 | 1.0 |"
+    # acc 0.5, 0.7: mean 0.6, sample std 0.1414; teacher tokens (100 + 200) / 2 / 10 updates = 15; prompt tokens
+    # 70 / 10 from the one run that logged them (a summary written before the count existed has none)
+    assert row == "| same | arm | 0,1 | 0.600 ± 0.141 | 0.300 ± 0.071 | - | 15 | 7 | 5 | 0.200 ± 0.141 | 1.0 |"
     assert (tmp_path / "table" / "table.png").is_file()
 
 
@@ -513,7 +531,7 @@ def test_endpoint_without_raw_completions_fails_with_the_fix():
         def complete(self, prompts, n=1, **kw):
             raise C.EndpointError("http://h/v1/completions rejected the request (HTTP 404: b'not found')")
 
-    with pytest.raises(C.UserError, match=r"must continue raw text through /v1/completions"):
+    with pytest.raises(C.UserError, match=r"pass --teacher_api_mode chat"):
         O.teacher_continuations(ChatOnly(), ["p"], ["s"], 2, 1.0, "tokens", 4)
 
 
@@ -1057,6 +1075,7 @@ BAD_FLAGS = [
     (["--method", "opd", "--toy_teacher", "other_tokenizer"], "another tokenizer"),
     (["--teacher_logit_noise", "2"], "opd only"), (["--teacher_api_base", "http://127.0.0.1:9"], "--teacher_api_model"),
     (["--method", "grpo", "--teacher_api_base", "http://h", "--teacher_api_model", "m"], "no text teacher"),
+    (["--teacher_api_mode", "chat"], "--teacher_api_mode chat applies to an endpoint"),
     (["--teacher_api_base", "http://h", "--teacher_api_model", "m", "--teacher_api_key_env", "NO_SUCH_VAR_XYZ"],
      "NO_SUCH_VAR_XYZ"), (["--sim_model", "m"], "--sim_model"), (["--match_teacher_tokens", "5"], "match_teacher_tokens"),
     (["--resume", "--overwrite"], "exclude each other"), (["--table", "--table_grid", "main,nope"], "nope"),
@@ -1075,8 +1094,8 @@ def test_validate_args_refuses(tmp_path, flags, msg):
 
 
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
-    """As a user sees it (4 processes at once; every other bad input goes through the same main in
-    test_validate_args_refuses): a bad flag, a missing teacher, a bad data file, a hung endpoint (refused
+    """As a user sees it (the CLI in-process, conftest.run_cli; every other bad input goes through the same main
+    in test_validate_args_refuses): a bad flag, a missing teacher, a bad data file, a hung endpoint (refused
     at the preflight within --request_timeout): exit 2, one line, no output dir."""
     from fault_server import FaultServer
 
@@ -1087,15 +1106,12 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
                  (["--teacher_api_base", srv.url, "--teacher_api_model", "m", "--request_timeout", "2"],
                   "did not answer in time")]
         t = time.time()
-        procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "omniopd.py"), *f, "--output_dir",
-                                   str(tmp_path / f"out{i}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=ENV, cwd=ROOT) for i, (f, _) in enumerate(cases)]
-        for i, (p, (f, words)) in enumerate(zip(procs, cases)):
-            out, err = p.communicate(timeout=120)
-            assert p.returncode == 2, (f, err[-1500:])
-            assert err.count("\n") == 1 and err.startswith("error:") and words in err, (f, err)
+        for i, (f, words) in enumerate(cases):
+            r = run_cli(O, [*f, "--output_dir", str(tmp_path / f"out{i}")])
+            assert r.returncode == 2, (f, r.stderr[-1500:])
+            assert r.stderr.count("\n") == 1 and r.stderr.startswith("error:") and words in r.stderr, (f, r.stderr)
             assert not (tmp_path / f"out{i}").exists(), f
-        assert time.time() - t < 90  # seconds, not the minutes of loading and evaluating before
+        assert time.time() - t < 60  # seconds, not the minutes of loading and evaluating before
 
 
 def test_preflight_names_bad_data_lines_and_missing_models(tmp_path):
@@ -1165,6 +1181,29 @@ def test_table_reruns_a_killed_arm_with_overwrite_or_resume(tmp_path, monkeypatc
     assert "--resume" not in fresh and "--overwrite" not in fresh
 
 
+def test_table_api_arms_get_their_provider_and_restart_instead_of_resuming(tmp_path, monkeypatch):
+    """--table_grid api: each arm gets its simulated provider's URL (started once per provider), and a killed
+    endpoint arm starts over (server-side sampling cannot be replayed, and the URL changed) even with a checkpoint."""
+    cmds, started = [], []
+
+    class Done:
+        returncode, stdout = 1, "x"
+
+    monkeypatch.setattr(O.subprocess, "run", lambda cmd, **kw: cmds.append(cmd) or Done())
+    monkeypatch.setattr(O, "write_table", lambda *a, **kw: "")
+    monkeypatch.setattr(O, "provider_url", lambda servers, name: started.append(name) or f"http://fake/{name}/v1")
+    args = O.parse_args(["--table", "--table_grid", "api", "--table_seeds", "0", "--output_dir", str(tmp_path)])
+    killed = tmp_path / "runs" / "same_API_omniopd_ned_chat_assistant_continuation-s0"
+    C.save_checkpoint(str(killed / "checkpoint"), step=40)
+    (killed / "args.json").write_text("{}")
+    O.run_table(args)
+    base = {c[c.index("--output_dir") + 1]: c[c.index("--teacher_api_base") + 1] for c in cmds}
+    assert sorted(base.values()) == ["http://fake/completions/v1", "http://fake/continue/v1", "http://fake/instruct/v1",
+                                     "http://fake/instruct/v1"]
+    again = [c for c in cmds if c[c.index("--output_dir") + 1] == str(killed)][0]
+    assert "--overwrite" in again and "--resume" not in again
+    assert sum("--method" in c for c in cmds) == 1  # the sft reference row
+
 # ---- endpoint faults, as omniopd's teacher sees them (tests/fault_server.py) ------------------------
 
 
@@ -1201,6 +1240,220 @@ def test_endpoint_faults_end_in_seconds_with_one_line(fault, words):
             O.teacher_continuations(llm, ["add 1="], ["01"], 2, 1.0, "chars", 4)
         assert time.time() - t < 8, fault
     assert "\n" not in str(e.value) and words in str(e.value), str(e.value)
+
+
+# ---- chat-only teachers (issue 10): channels, echo cleaning, the start-up probe, cost accounting ------------
+
+
+def _stub_cont(text: str, i: int) -> str:
+    h = sum(ord(c) * (k + 1) for k, c in enumerate(text)) + 7 * i
+    return "".join(str((h // 10 ** j) % 10) for j in range(6)) + ";"
+
+
+class StubLM:
+    """A deterministic text model for fault_server.ToyProvider: continuation i of text t is _stub_cont(t, i);
+    1 character = 1 token; records every text it continued."""
+
+    def __init__(self):
+        self.usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.seen = []
+
+    def complete(self, prompts, n=1, temperature=1.0, max_tokens=8, return_finish=False, **kw):
+        self.seen += list(prompts)
+        outs = [[_stub_cont(t, i)[:max_tokens] for i in range(n)] for t in prompts]
+        self.usage["completion_tokens"] += sum(len(z) for o in outs for z in o)
+        why = [["length" if len(_stub_cont(t, 0)) > max_tokens else "stop"] * n for t in prompts]
+        return (outs, why) if return_finish else outs
+
+
+def _provider(style, restate=False, strict=False, knows_probe=True):
+    from fault_server import FaultServer, ToyProvider
+
+    lm = StubLM()
+    prov = ToyProvider(lm, style, restate=restate, strict=strict, knows_probe=knows_probe)  # no tokenizer: 1 char = 1 token
+    return FaultServer(reply=prov, routes=prov.routes), lm
+
+
+def _run_requests(srv):
+    """The server's answered requests that were not the start-up probes."""
+    def text(b):
+        return b.get("prompt") or "".join(m["content"] for m in b.get("messages", []))
+    return [q for q in srv.requests if q["fault"] == "ok" and "Say OK." not in text(q["body"])
+            and O.PROBE_TASK not in text(q["body"])]
+
+
+def test_clean_continuation_hand_cases():
+    y = "033;358;"
+    assert O.clean_continuation("033;358;886;", y) == ("886;", True)  # the whole partial restated
+    assert O.clean_continuation("886;", y) == ("886;", False)  # a plain continuation is left alone
+    assert O.clean_continuation("358;886;", y) == ("358;886;", False)  # 4 < 8 characters of overlap: kept
+    assert O.clean_continuation("33;358;886;", "33;358;") == ("886;", True)  # 7 of 7 (< 8): the whole partial
+    assert O.clean_continuation("3;358;886;", "33;358;") == ("3;358;886;", False)  # 6 of 7: not a restatement
+    assert O.clean_continuation("8;1", "03;358") == ("8;1", False)  # "8" ends the partial, but 1 < 6 characters
+    assert O.clean_continuation('"A B C D E F G H I"', "A B C D E F G") == (" H I", True)  # quoted
+    assert O.clean_continuation("```\nA B C D E F G H\n```", "A B C D E F G") == (" H", True)  # fenced
+    assert O.clean_continuation("Sure! Here is the continuation:\n H I J", "A B C D E F G") == (" H I J", False)
+    assert O.clean_continuation("step 1: x = 2\nstep 2", "step 1: x = 2\n") == ("step 2", True)  # with its newline
+    assert O.clean_continuation("Line one.Line two", "Line one.\n") == ("Line two", True)  # restated without the newline
+    assert O.clean_continuation("anything", "") == ("anything", False)
+
+
+def test_every_api_channel_sends_x_plus_prefix_and_returns_the_same_continuations():
+    """The same deterministic model behind /v1/completions, chat continuing an assistant message (vLLM's
+    fields; a strict native-prefill provider, so the fields are dropped after its 400), and the instruction
+    fallback (restating or not): auto-detection picks each channel, the model continues exactly x + y[:t0],
+    the continuations (cleaned) are identical, and the token counts equal hand totals."""
+    prefixes = [O.Prefix("add 358=033;", "add 358=", "033;"), O.Prefix("add 358=033;358;", "add 358=", "033;358;"),
+                O.Prefix("add 12=", "add 12=", "")]
+    want = [[_stub_cont(str(p), i)[:4] for i in range(3)] for p in prefixes]
+    line = "Continue this answer from where it stops, without repeating it:"
+    # prompt tokens: the text of each request (hand counts); completion: 3 samples x 4 characters per prefix,
+    # plus the restated partial (3 x (4 + 8 + 0) characters)
+    prompt_hand = {"completions": 12 + 16 + 7, "continue": 12 + 16 + 7,
+                   "instruct": (8 + 2 + len(line) + 1 + 4) + (8 + 2 + len(line) + 1 + 8) + 7}
+    for style, restate, strict, mode in [("completions", False, False, "completions"),
+                                         ("continue", False, False, "chat_continue"),
+                                         ("prefill", False, True, "chat_continue"),
+                                         ("instruct", True, False, "chat_instruct"),
+                                         ("instruct", False, False, "chat_instruct")]:
+        srv, lm = _provider(style, restate, strict)
+        with srv:
+            args = _endpoint_args(srv.url, 10)  # --teacher_api_mode auto
+            api = O.resolve_teacher_api(args)
+            assert api["mode"] == mode, (style, api)
+            assert api["restates"] == restate and (api["extra_body"] is not None) == (style == "continue"), (style, api)
+            llm = O.endpoint_teacher(args, api)
+            w = {"llm": llm, "teacher_tokens": 0, "teacher_prompt_tokens": 0}
+            with O.count_teacher_tokens(w):
+                outs = O.teacher_continuations(llm, prefixes, ["358;", "886;", "011;"], 3, 1.0, "tokens", 4)
+        assert outs == want, style
+        seen = [t for t in lm.seen if t != "Say OK."]  # the route check of /v1/completions reaches the model
+        assert sorted(seen) == sorted(str(p) for p in prefixes), style  # exactly x + y[:t0], nothing else
+        reqs = sorted(_run_requests(srv), key=lambda q: len(json.dumps(q["body"])))
+        assert len(reqs) == 3
+        kind = "completions" if style == "completions" else "instruct" if style == "instruct" else "continue"
+        assert w["teacher_prompt_tokens"] == prompt_hand[kind], style
+        assert w["teacher_tokens"] == 36 + (36 if restate else 0), style
+        bodies = {json.dumps(q["body"].get("messages", q["body"].get("prompt"))): q["body"] for q in reqs}
+        if kind == "continue":
+            b = bodies[json.dumps([{"role": "user", "content": "add 358="}, {"role": "assistant", "content": "033;358;"}])]
+            assert b.get("continue_final_message") is (True if style == "continue" else None)
+            assert b["max_tokens"] == 4
+        if kind == "instruct":
+            b = bodies[json.dumps([{"role": "user", "content": f"add 358=\n\n{line}\n033;358;"}])]
+            assert b["max_tokens"] == 4 + (8 if restate else 0)  # a restating provider's tokens for the partial
+            assert llm.echo == {"replies": 6, "stripped": 6 if restate else 0}
+        if kind != "completions":  # a chunk at t0 = 0 (no partial): the plain question
+            assert json.dumps([{"role": "user", "content": "add 12="}]) in bodies
+
+
+def test_teacher_api_preflight_refuses_before_anything_loads(tmp_path, monkeypatch):
+    """One line (UserError), nothing loaded, nothing written: a chat-only API with --teacher_api_mode
+    completions, a model that continues nothing at the probe, an unknown model, a bad key; a forced
+    chat style is taken as given."""
+    from fault_server import FaultServer
+
+    monkeypatch.setattr(C, "load_lm", lambda *a, **kw: pytest.fail("a model was loaded before the preflight passed"))
+
+    def refused(url, flags, words):
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+        with pytest.raises(C.UserError) as e:
+            O.main(O.parse_args(["--teacher_api_base", url, "--teacher_api_model", "m", "--request_timeout", "5",
+                                 "--output_dir", str(out), *flags]))
+        assert "\n" not in str(e.value) and all(w_ in str(e.value) for w_ in words), str(e.value)
+        assert not out.exists()
+
+    srv, _ = _provider("continue")
+    with srv:
+        refused(srv.url, ["--teacher_api_mode", "completions"], ["/v1/completions", "--teacher_api_mode chat"])
+    srv, _ = _provider("instruct", knows_probe=False)  # the model writes digits whatever it is asked
+    with srv:
+        refused(srv.url, [], ["continues no partial answer", "chat_continue or chat_instruct"])
+        api = O.resolve_teacher_api(_endpoint_args(srv.url, 5).__class__(**{**vars(_endpoint_args(srv.url, 5)),
+                                                                          "teacher_api_mode": "chat_instruct"}))
+        assert api["mode"] == "chat_instruct" and "forced" in api["note"]
+        sft = O.resolve_teacher_api(O.parse_args(["--method", "sft", "--teacher_api_base", srv.url, "--teacher_api_model",
+                                                  "m", "--output_dir", "x"]))
+        assert sft["mode"] == "chat"  # sft needs whole replies only: no continuation probe
+    with FaultServer([], then="404") as srv:  # neither route knows the model
+        refused(srv.url, [], ["chat/completions", "no such route or model", "'m'"])
+    with FaultServer([], then="401") as srv:
+        refused(srv.url, [], ["API key"])
+        assert len(srv.requests) == 1  # a bad key is not a missing route: chat is not tried
+
+
+def test_chat_only_run_logs_its_mode_and_bills_prompt_and_completion_tokens(tmp_path, monkeypatch):
+    """omniopd end to end (1 update) through a restating chat-only provider: summary.json names the
+    resolved mode; teacher_tokens / teacher_prompt_tokens in metrics.jsonl and summary.json equal the sums
+    the server billed; every restated reply was cleaned (teacher_echo 1)."""
+    monkeypatch.setattr(O, "run_evals", lambda *a, **kw: {"acc_greedy": 0.25, "acc_sample": 0.5})
+    monkeypatch.setattr(C, "plot_metrics", lambda *a, **kw: None)  # not under test here (~2 s)
+    srv, lm = _provider("instruct", restate=True)
+    out = tmp_path / "run"
+    with srv:
+        O.main(O.parse_args(["--teacher_api_base", srv.url, "--teacher_api_model", "m", "--max_steps", "1",
+                             "--per_device_batch_size", "2", "--eval_size", "2", "--max_new_tokens", "8",
+                             "--output_dir", str(out)]))
+    s = json.loads((out / "summary.json").read_text())
+    reqs = _run_requests(srv)
+    assert s["teacher_api"]["mode"] == "chat_instruct" and s["teacher_api"]["restates"] is True
+    assert s["teacher_prompt_tokens"] == sum(q["usage"]["prompt_tokens"] for q in reqs) > 0
+    assert s["teacher_tokens"] == sum(q["usage"]["completion_tokens"] for q in reqs) > 0
+    row = [r for r in C.read_jsonl(str(out / "metrics.jsonl")) if "loss" in r][0]
+    assert row["teacher_prompt_tokens"] == s["teacher_prompt_tokens"] and row["teacher_tokens"] == s["teacher_tokens"]
+    with_partial = [q for q in reqs if "\n\n" in q["body"]["messages"][-1]["content"]]
+    assert with_partial  # T = 8, C = 4: every rollout has a chunk after its first token
+    assert row["teacher_echo"] == 1.0
+    assert all(t.startswith(q["body"]["messages"][-1]["content"].split(":\n", 1)[1]) for q in with_partial
+               for t in q["texts"])  # the provider did restate: the client cleaned it
+
+
+# slow: four whole runs (in one process) with the toy teacher behind the chat-only providers
+@pytest.mark.slow
+def test_chat_only_toy_teacher_end_to_end(tmp_path, capsys):
+    """omniopd and sft, 2 updates each, through a chat-only API that continues a trailing assistant message
+    and through one that does not (a restating instruction follower): the mode is found and logged, no
+    /v1/completions request is answered, tokens are billed, and omniopd's cleaned continuations agree with
+    the student's chunks (k > 0)."""
+    from fault_server import FaultServer, ToyProvider
+
+    teacher = C.LLM.from_hf(C.toy_checkpoint("teacher"), device="cpu")
+    for style, method in [("continue", "omniopd"), ("instruct", "omniopd"), ("continue", "sft"), ("instruct", "sft")]:
+        prov = ToyProvider(teacher, style, restate=style == "instruct")
+        out = tmp_path / f"{style}-{method}"
+        with FaultServer(reply=prov, routes=prov.routes) as srv:
+            O.main(O.parse_args(["--teacher_api_base", srv.url, "--teacher_api_model", "toy-teacher", "--method", method,
+                                 "--max_steps", "2", "--per_device_batch_size", "4", "--eval_size", "16",
+                                 "--output_dir", str(out)]))
+        printed = capsys.readouterr().out
+        s = json.loads((out / "summary.json").read_text())
+        want = "chat" if method == "sft" else {"continue": "chat_continue", "instruct": "chat_instruct"}[style]
+        assert s["teacher_api"]["mode"] == want and f": {want}:" in printed, (style, method)
+        assert s["teacher_tokens"] > 0 and s["teacher_prompt_tokens"] > 0 and "done in" in printed
+        assert not any(q["route"] == "completions" and q["fault"] == "ok" for q in srv.requests)  # chat only
+        if method == "omniopd":
+            rows = [x for x in C.read_jsonl(str(out / "metrics.jsonl")) if "k_mean" in x]
+            assert rows and all(x["k_mean"] > 0 for x in rows)  # cleaned continuations agree with the student's chunks
+
+
+@pytest.mark.slow
+def test_instruction_fallback_with_a_real_instruction_model(smollm2):
+    """SmolLM2-135M-Instruct behind a chat server that opens a new turn after a trailing assistant message
+    (common.serve_openai renders the real chat template): the probe finds no continuation, takes the
+    instruction fallback, sees the model restate the beginning, and the cleaned reply continues the prefix."""
+    server = C.serve_openai(C.LLM.from_hf(smollm2, device="cpu"), model_name="smollm2")
+    try:
+        args = O.parse_args(["--teacher_api_base", server.url, "--teacher_api_model", "smollm2", "--teacher_api_mode",
+                             "chat", "--output_dir", "x"])
+        api = O.resolve_teacher_api(args)
+        assert api["mode"] == "chat_instruct" and api["restates"] is True, api
+        llm = O.endpoint_teacher(args, api)
+        p = O.Prefix(O.PROBE_TASK + O.PROBE_PARTIAL, O.PROBE_TASK, O.PROBE_PARTIAL)
+        (reply,), = llm.complete([p], n=1, temperature=0.0, max_tokens=6)
+    finally:
+        server.shutdown()
+    assert llm.echo == {"replies": 1, "stripped": 1}
+    assert reply.lstrip().startswith("H I"), reply  # the alphabet goes on after G
 
 
 # ---- slow: kill -9 + --resume, Ctrl-C on a hung endpoint, the real checkpoint ---------------------
