@@ -42,15 +42,22 @@ interface, `role(inp: dict) -> dict` (and `role.batch([dict]) -> [dict]`):
     method's LLM, and the toy therefore shows memory mechanics and scheduling (evidence, drift,
     noise, calls), not LLM reasoning quality. The one learned part of the toy is the extractor's
     tagger: a bag-of-words softmax tagger (one head per attribute) trained on generator descriptions.
+    Every reference reads only its input, the same dict an LLM role gets as JSON: the toy puts the
+    tagger's tags of each item ("whodunit (genre)") into every role input that shows an item (events,
+    recent events, candidates), and a reference built without the world gives the same outputs.
 
 Baselines (same ranker, FIFO, candidates, instruction; --method): recency (no memory), flat (one
-statement list rewritten after every event), mem0 (ADD/UPDATE/DELETE/NONE facts per tag), memorybank
-(Ebbinghaus-style random forgetting with strength levels), mars_fixed (all six operations every 3
-events), mars_planner (the paper's method).
+statement list rewritten after every event), mem0 (ADD/UPDATE/DELETE facts per tag; an identical
+repeat UPDATEs, i.e. refreshes, the memory), memorybank (Ebbinghaus-style random forgetting with
+strength levels), mars_fixed (all six operations every 3 events), mars_planner (the paper's method).
+Their free constants (TUNE_GRID) are tuned by one procedure with one budget (--tune: 8
+configurations per arm on validation seeds, HR@1 over all evaluations), so no arm's order rests on
+a hand-set constant; the sensitivity table reports each arm's worst, default and best.
 
 Deviations from the paper:
   1. The toy's roles are rule-based references (above), not an LLM; the LLM path exists and is
-     tested with tiny local models and a local server only (no GPU or large model was available).
+     tested with tiny local models, a local server and SmolLM2-135M-Instruct on CPU (every reply of
+     that model was invalid here; no GPU or large model was available).
   2. The baselines' memory policies (flat, mem0, memorybank) are rules applied to the shared
      extractor role's statements; Mem0's LLM update-decision call and MemoryBank's summaries are
      not LLM calls here, so their call counts include extractor calls only.
@@ -81,6 +88,17 @@ Reconstructed (not in the public abstract / summary; our choices, flags in brack
   * Real data: item descriptions are cut to --max_desc_chars (300) characters in prompts.
   * A ranker miss (the target left out, or a malformed reply) has no rank (None), so it scores 0 in
     HR@k and NDCG@k at every k; the spec's rank = |C| would count as a hit for k > |C|.
+  * The contradict world and its control [--p_contra_impression] (not in the spec): the default
+    world's events are ~91 % positive, so weakening and forgetting are rarely exercised; here every
+    user's likes and dislikes swap at three points and half the events are impressions of items
+    carrying a value the user has an opinion on (now or before). The control has the same users,
+    draws and event mix without the swaps.
+  * --baseline_strength: the strength a baseline's profile line carries (the spec's plain lines
+    weigh +/-1 in the ranker reference); tuned with the other constants.
+  * Tuning [--tune --tune_seeds --tune_users]: TUNE_GRID, 8 configurations per arm (the ranker's
+    recent_weight 0.5 / 2.0 x two constants of the arm's memory; recency 4 x 2 over the ranker's two),
+    scored by HR@1 over all evaluations of the validation seeds' worlds (50 users each by default), the
+    default configuration first and kept on ties.
 
 Runs (the project's run contract). `validate_args` checks every flag's range and every combination
 that cannot work; `preflight` then parses the data files (file:line on a bad row), loads the model's
@@ -97,7 +115,11 @@ cell), so kill -9 + --resume writes the summary.json of an uninterrupted run (ba
 
 Commands:
   toy CPU (drift + noise world, 6 arms, seeds 0,1,2; ~1 min):   python mars.py
-  full table (4 worlds incl. the clean control):               python mars.py --full_table
+  full table (6 worlds incl. the controls), tuned arms:        python mars.py --full_table --tune
+  SmolLM2-135M-Instruct on a laptop CPU (every role, 1 user, ~1.5 CPU-minutes):
+      python mars.py --backend hf --model_name_or_path <folder> --num_users 1 --seeds 0 --stream_len 8 \
+          --history_len 6 --eval_points 6 --curve_start 6 --method mars_planner --num_candidates 4 \
+          --event_fifo 3 --max_retries 1 --role_max_tokens planner=32,extractor=96,synthesiser=96,ranker=48
   one GPU, local HF model for all roles (toy world):
       python mars.py --backend hf --model_name_or_path Qwen/Qwen2.5-7B-Instruct --batch_size 64 \
           --num_users 20 --seeds 0 --curve_start 45
@@ -106,14 +128,18 @@ Commands:
       python mars.py --backend api --api_base http://localhost:8000/v1 --api_model Qwen/Qwen2.5-7B-Instruct \
           --items_file items.jsonl --users_file users.jsonl --num_users 100
   torchrun: not applicable (nothing is trained; users are independent and batched per role instead).
-  Only tiny local models and a local server were used to test the LLM path (no GPU was available).
+  Only tiny local models, a local server and SmolLM2-135M-Instruct were used to test the LLM path.
 
 Logged metrics (metrics.jsonl, one row per (world, seed, arm) cell): hr1, hr3, ndcg10 (table eval
 points), recovery (events after drift until HR@1 is back to 90 % of its pre-drift level),
 pre/post_drift_hr1, mem_calls per user (planner + extractor + merge judge + synthesiser), calls per
-role, ranker calls, malformed, tokens, n_chunks, tagger_acc, skip_rate and op_<name> (how often the
-schedule ran each operation). summary.json: the per-arm mean / std table, per-role LLM statistics, wall
-time. table.md and mars.png: the comparison.
+role, ranker calls, malformed, tokens, n_chunks, tagger_acc, skip_rate, all_hr1 (every evaluation),
+plan_<op> (how often the schedule asked for an operation), op_<op> (what ran: extractor calls, Eq. (3) /
+(4) steps, forgetting passes, synthesiser calls incl. automatic ones), n_created / n_merged /
+n_forgotten, and per LLM role llm_calls / llm_requests / llm_invalid / llm_fallbacks. summary.json: the
+per-arm mean / std table, per-role LLM statistics and reply health, tuning, per-seed verdicts, wall
+time. table.md and mars.png: the comparison, LLM fallback / invalid-reply rates per role (also the
+final stdout line), and with --tune the chosen constants and the sensitivity table.
 """
 from __future__ import annotations
 
@@ -121,6 +147,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -138,7 +165,7 @@ import common
 from common import UserError, exit_on_user_error, first_json_object
 
 ARMS = ("recency", "flat", "mem0", "memorybank", "mars_fixed", "mars_planner")
-WORLDS = ("drift_noise", "drift_only", "noise_only", "clean")
+WORLDS = ("drift_noise", "drift_only", "noise_only", "clean", "contradict", "contradict_control")
 OPS = ("extract", "reinforce", "weaken", "merge", "forget", "synthesize")
 ROLES = ("planner", "extractor", "synthesiser", "ranker")
 
@@ -163,6 +190,12 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="delete a previous run in --output_dir and start fresh (without it such a dir is refused)")
     # toy world
+    p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=False,
+                   help="tune every arm's free constants (TUNE_GRID: 8 configurations each, the same budget for every "
+                        "arm) on --tune_seeds' worlds by HR@1 over all evaluations, then run --seeds with the best")
+    p.add_argument("--tune_seeds", default="100", help="validation seeds for --tune (must differ from --seeds)")
+    p.add_argument("--tune_users", type=int, default=50, help="users of each --tune validation world (the first "
+                   "--tune_users of that seed's world)")
     p.add_argument("--num_items", type=int, default=400, help="items in the catalogue")
     p.add_argument("--num_users", type=int, default=100, help="users (toy) or users read from --users_file")
     p.add_argument("--drift_frac", type=float, default=0.5, help="share of users whose liked genre drifts at t*")
@@ -172,6 +205,8 @@ def parse_args(argv=None):
     p.add_argument("--history_len", type=int, default=45, help="events that may enter memory")
     p.add_argument("--choice_pool", type=int, default=30, help="unseen items a user chooses from")
     p.add_argument("--choice_temp", type=float, default=0.3, help="softmax temperature of the user's choice")
+    p.add_argument("--p_contra_impression", type=float, default=0.5, help="contradict worlds: probability an event is "
+                   "an impression of an item with a value the user has an opinion on (rated by the current u)")
     p.add_argument("--instruction_noise", type=float, default=0.3, help="probability the instruction names a non-liked value")
     p.add_argument("--eval_points", default="25,35,45", help="t of the table's metrics (evaluated before ingesting event t)")
     p.add_argument("--curve_start", type=int, default=10, help="first t of the per-event HR@1 curve")
@@ -199,6 +234,8 @@ def parse_args(argv=None):
     p.add_argument("--instruction_bonus", type=float, default=0.5, help="ranker reference: bonus of instruction matches")
     p.add_argument("--mb_time_scale", type=float, default=5.0, help="memorybank: retention exp(-dt / (S * scale))")
     p.add_argument("--mem0_every", type=int, default=3, help="mem0: events per extraction/update batch")
+    p.add_argument("--baseline_strength", type=float, default=1.0, help="flat / mem0 / memorybank: the strength their "
+                   "profile lines carry (the ranker reference's weight per fact; 1 = the spec's plain lines)")
     # LLM roles
     p.add_argument("--backend", default="ref", choices=("ref", "hf", "api"), help="ref = rule-based references; hf = local "
                    "HF model (--model_name_or_path); api = OpenAI-compatible endpoint (--api_base)")
@@ -211,8 +248,11 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="LLM sampling temperature (0 = greedy)")
     p.add_argument("--max_new_tokens", type=int, default=512, help="max tokens of one role reply")
     p.add_argument("--max_retries", type=int, default=2, help="re-asks of a role after an invalid reply")
-    p.add_argument("--json_mode", action=argparse.BooleanOptionalAction, default=False,
-                   help="ask the endpoint for JSON output (response_format json_object; --backend api only)")
+    p.add_argument("--role_max_tokens", default="", help="per-role reply limits overriding --max_new_tokens, e.g. "
+                   "planner=48,extractor=160,synthesiser=160,ranker=64 (a small local model runs in minutes with these)")
+    p.add_argument("--json_mode", default="auto", choices=("auto", "on", "off"),
+                   help="constrained JSON (response_format json_object) on an endpoint: auto = use it if the preflight "
+                        "probe shows the endpoint accepts it, on = require it, off = never (a local model has none)")
     p.add_argument("--concurrency", type=int, default=8, help="parallel endpoint requests")
     p.add_argument("--request_timeout", type=float, default=300.0, help="seconds one endpoint request may take in all "
                    "(retries included) before the run stops with one error line")
@@ -238,7 +278,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 # flags that do not change a run's results: --resume may differ in them (common.start_run)
 # (seed_list, eval_list, arms, llm_role_set are derived from --seeds, --eval_points, --method, --llm_roles)
 RESUME_IGNORE = ("argv", "concurrency", "request_timeout", "api_key_env", "api_base", "seed_list", "eval_list", "arms",
-                 "llm_role_set")
+                 "llm_role_set", "role_tokens", "json_active", "tune_seed_list")
 
 
 def validate_args(args) -> None:
@@ -254,6 +294,13 @@ def validate_args(args) -> None:
     req(args.arms, "--method is empty; use 'all' or some of " + ",".join(ARMS))
     req(len(set(args.arms)) == len(args.arms), f"--method '{args.method}' names an arm twice; name each once")
     req(args.seed_list, "--seeds is empty; pass e.g. --seeds 0,1,2")
+    args.tune_seed_list = _int_list(args.tune_seeds, "--tune_seeds")
+    if args.tune:
+        req(args.tune_seed_list and all(s >= 0 for s in args.tune_seed_list), f"--tune_seeds '{args.tune_seeds}' must "
+            f"be seeds >= 0, e.g. --tune_seeds 100")
+        req(args.tune_users >= 1, f"--tune_users {args.tune_users} must be >= 1")
+        req(not set(args.tune_seed_list) & set(args.seed_list), f"--tune_seeds {args.tune_seeds} overlap --seeds "
+            f"{args.seeds}: tuning on the test worlds would select on the result; use other seeds")
     req(len(set(args.seed_list)) == len(args.seed_list), f"--seeds '{args.seeds}' repeats a seed; name each once")
     req(all(s >= 0 for s in args.seed_list), f"--seeds '{args.seeds}' has a negative seed; use seeds >= 0")
     roles = list(ROLES) if args.llm_roles == "all" else [r.strip() for r in args.llm_roles.split(",") if r.strip()]
@@ -270,7 +317,16 @@ def validate_args(args) -> None:
             "rule-based reference)")
         req(not args.reply_cache, "--reply_cache needs --backend hf or api (the references make no LLM calls)")
         req(args.model_name_or_path is None, "--model_name_or_path needs --backend hf")
-    req(not args.json_mode or args.backend == "api", "--json_mode needs --backend api (a local model has no JSON mode)")
+        req(not args.role_max_tokens, "--role_max_tokens needs --backend hf or api (the references write no tokens)")
+    req(args.json_mode != "on" or args.backend == "api", "--json_mode on needs --backend api (a local model has no JSON "
+        "mode; use auto or off)")
+    args.json_active = False  # set by preflight: the endpoint accepted response_format (--json_mode auto / on)
+    args.role_tokens = {r: args.max_new_tokens for r in ROLES}
+    for part in [x.strip() for x in str(args.role_max_tokens).split(",") if x.strip()]:
+        name, _, val = part.partition("=")
+        req(name.strip() in ROLES and val.strip().isdigit() and int(val) >= 1,
+            f"--role_max_tokens '{part}' must be role=N with a role of {','.join(ROLES)} and N >= 1, e.g. ranker=64")
+        args.role_tokens[name.strip()] = int(val)
     req(args.temperature >= 0 and math.isfinite(args.temperature), f"--temperature {args.temperature} must be >= 0")
     req(args.max_new_tokens >= 1, f"--max_new_tokens {args.max_new_tokens} must be >= 1")
     req(args.max_retries >= 0, f"--max_retries {args.max_retries} must be >= 0")
@@ -280,16 +336,20 @@ def validate_args(args) -> None:
     # data
     real = args.items_file is not None or args.users_file is not None
     req((args.items_file is None) == (args.users_file is None), "real data needs both --items_file and --users_file")
+    req(not args.tune or args.backend == "ref", "--tune runs 8 configurations per arm; it needs --backend ref (tune "
+        "on the references, then pass the chosen flags to an LLM run)")
     if real:
+        req(not args.tune, "--tune runs on the toy worlds; drop it with --items_file/--users_file")
         req(set(args.llm_role_set) == set(ROLES), "real data has no toy tagger, so every role must be an LLM: pass "
             "--backend hf|api and --llm_roles all")
         req(not args.full_table, "--full_table runs the toy worlds; drop it with --items_file/--users_file")
     req(args.max_desc_chars >= 0, f"--max_desc_chars {args.max_desc_chars} must be >= 0 (0 = no cut)")
     # toy world
     req(args.num_users >= 1, f"--num_users {args.num_users} must be >= 1")
-    for flag in ("drift_frac", "p_ephemeral", "p_impression", "instruction_noise"):
+    for flag in ("drift_frac", "p_ephemeral", "p_impression", "instruction_noise", "p_contra_impression"):
         v = getattr(args, flag)
         req(0.0 <= v <= 1.0, f"--{flag} {v} must be a probability in [0, 1]")
+    req(args.p_contra_impression < 1, "--p_contra_impression 1 leaves no choice events in the contradict worlds; use < 1")
     req(args.p_ephemeral < 1 and args.p_impression < 1, "--p_ephemeral 1 or --p_impression 1 leaves no choice "
         "events, so there is no target to evaluate; use values < 1")
     req(args.stream_len >= 1, f"--stream_len {args.stream_len} must be >= 1")
@@ -322,6 +382,8 @@ def validate_args(args) -> None:
         "--recent_weight and --instruction_bonus must be finite")
     req(args.mb_time_scale > 0, f"--mb_time_scale {args.mb_time_scale} must be > 0")
     req(args.mem0_every >= 1, f"--mem0_every {args.mem0_every} must be >= 1")
+    req(0 < args.baseline_strength <= 1, f"--baseline_strength {args.baseline_strength} must be in (0, 1] (a profile "
+        f"line's strength)")
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", "mars", "real" if real else ("full" if args.full_table else args.world))
 
@@ -836,28 +898,30 @@ def ref_planner(inp: dict, args) -> dict:
     return {"ops": ops, "reason": "novel tags or conflict"}
 
 
-def ref_extractor(inp: dict, world) -> dict:
-    """EXTRACTOR REFERENCE: the learned tagger's tags of each event's item become 'likes|dislikes
-    <surface word> (<category>)'; linking is by exact chunk text (synonyms create duplicates); a tag
-    whose key has an opposite-polarity chunk contradicts it. Dedup mode: the judge is 'same key'."""
+def ref_extractor(inp: dict) -> dict:
+    """EXTRACTOR REFERENCE: the learned tagger's tags of each event's item, as the input lists them
+    ("whodunit (genre)"), become 'likes|dislikes <surface word> (<category>)'; linking is by exact
+    chunk text (synonyms create duplicates); a tag whose key has an opposite-polarity chunk
+    contradicts it. Dedup mode: the judge is 'same key'. Reads nothing but `inp` (and the fixed
+    synonym lexicon): an LLM extractor given the same input has the same information."""
     chunks = inp.get("chunks", [])
     if inp.get("mode") == "dedup":
         by = {}
         for c in chunks:
-            by.setdefault((world.key_of(c["category"], c["text"]), c["polarity"]), []).append(c["id"])
+            by.setdefault((key_of(c["category"], c["text"]), c["polarity"]), []).append(c["id"])
         groups = [g for g in by.values() if len(g) >= 2]
         conflicts = [[a[0], b[0]] for (k, p), a in by.items() for (k2, p2), b in by.items() if k == k2 and p > p2]
         return {"groups": groups, "conflicts": conflicts}
     by_text = {c["text"]: c["id"] for c in chunks}
     by_key = {}
     for c in chunks:
-        by_key.setdefault((world.key_of(c["category"], c["text"]), c["polarity"]), []).append(c["id"])
+        by_key.setdefault((key_of(c["category"], c["text"]), c["polarity"]), []).append(c["id"])
     new, support, contradict = {}, {}, {}
     for e in inp["events"]:
         p = e.get("polarity")
         if p not in (1, -1):
             continue
-        for key, cat, word in world.item_tags.get(e["item_id"], ()):
+        for key, cat, word in parse_tags(e.get("tags", ())):
             text = f"{'likes' if p > 0 else 'dislikes'} {word} ({cat})"
             opp = by_key.get((key, -p), [])
             if opp:
@@ -880,15 +944,17 @@ def ref_synthesiser(inp: dict, args) -> dict:
     return {"profile": "\n".join(lines)}
 
 
-def ref_ranker(inp: dict, world, args) -> dict:
+def ref_ranker(inp: dict, args) -> dict:
     """RANKER REFERENCE: score(c) = sum of profile weights of c's tags + recent_weight * mean over
-    recent events of polarity * |shared tags| + instruction bonus; ties keep the shuffled order."""
-    w = profile_weights(inp.get("profile", ""), world.lexicon)
-    recent = [(e.get("polarity") or 0, world.tag_keys.get(e["item_id"], frozenset())) for e in inp.get("recent", [])]
-    want = world.lexicon.get(world.instruction_word(inp.get("instruction", "")), None)
+    recent events of polarity * |shared tags| + instruction bonus; ties keep the shuffled order.
+    Reads nothing but `inp` (the tags of the recent events and candidates are in it, as an LLM
+    ranker sees them) and the fixed synonym lexicon."""
+    w = profile_weights(inp.get("profile", ""), LEXICON)
+    recent = [(e.get("polarity") or 0, tag_keys(e.get("tags", ()))) for e in inp.get("recent", [])]
+    want = LEXICON.get(instruction_word(inp.get("instruction", "")), None)
     scores = []
     for c in inp["candidates"]:
-        keys = world.tag_keys.get(c["id"], frozenset())
+        keys = tag_keys(c.get("tags", ()))
         s = sum(w.get(k, 0.0) for k in sorted(keys))  # sorted: a set's order (string hashing) must not move floats
         if recent:
             s += args.recent_weight * sum(p * len(keys & ks) for p, ks in recent) / len(recent)
@@ -902,14 +968,15 @@ def ref_ranker(inp: dict, world, args) -> dict:
 def make_roles(args, world, llm=None) -> dict:
     """The four roles: LLMRole for those in --llm_roles (on the hf/api backend), RefRole otherwise."""
     # DEVIATION(1): with --backend ref (the toy default) every role is a rule-based reference.
-    refs = {"planner": lambda x: ref_planner(x, args), "extractor": lambda x: ref_extractor(x, world),
-            "synthesiser": lambda x: ref_synthesiser(x, args), "ranker": lambda x: ref_ranker(x, world, args)}
+    # every reference reads only its input (the same dict an LLM role gets as JSON), never the world
+    refs = {"planner": lambda x: ref_planner(x, args), "extractor": ref_extractor,
+            "synthesiser": lambda x: ref_synthesiser(x, args), "ranker": lambda x: ref_ranker(x, args)}
     roles = {}
     for r in ROLES:
         if r in args.llm_role_set:
             roles[r] = LLMRole(r, llm, PROMPTS[r], VALIDATORS[r], FALLBACK[r], args.max_retries, args.temperature,
-                               args.max_new_tokens, args.reply_cache,
-                               extra_body={"response_format": {"type": "json_object"}} if args.json_mode else None)
+                               args.role_tokens[r], args.reply_cache,
+                               extra_body=JSON_BODY if getattr(args, "json_active", False) else None)
         else:
             roles[r] = RefRole(r, refs[r])
     return roles
@@ -927,24 +994,36 @@ def make_llm(args):
     return None
 
 
+JSON_BODY = {"response_format": {"type": "json_object"}}
+
+
 def preflight(args) -> None:
     """Everything the run will use, checked before anything is written: the data files parse
     (file:line on a bad row), the model path loads its config, the endpoint answers one 1-token
-    request on the chat route (with --json_mode's response_format, so a server that rejects it fails
-    here, not at the first role call of a half-written run)."""
+    request on the chat route (common.preflight_endpoint). Then JSON mode: unless --json_mode off, a
+    second 1-token request carries response_format json_object; accepted -> every role asks for
+    constrained JSON (args.json_active); refused -> --json_mode on stops here with one line, auto
+    goes on without it and says so."""
     if args.items_file:
         read_real_world(args, args.seed_list[0])
     if args.backend == "hf":
         common.preflight_model(args.model_name_or_path)
+    args.json_active = False
     if args.backend == "api":
         key = os.environ.get(args.api_key_env) if args.api_key_env else None
         deadline = min(30.0, args.request_timeout)
-        probe = common.ChatClient(args.api_base, args.api_model, key, timeout=deadline, deadline=deadline,
-                                  max_retries=1, backoff=0.5)
-        common.preflight_endpoint(probe, route="chat", deadline=deadline)
-        if args.json_mode:
-            probe.chat([{"role": "user", "content": 'Reply with the JSON object {}.'}], n=1, temperature=0.0,
-                       max_tokens=1, extra_body={"response_format": {"type": "json_object"}})
+        client = common.ChatClient(args.api_base, args.api_model, key, timeout=deadline, deadline=deadline)
+        common.preflight_endpoint(client, route="chat", deadline=deadline)
+        if args.json_mode != "off":
+            try:
+                common.preflight_endpoint(client, route="chat", deadline=deadline, extra_body=JSON_BODY)
+                args.json_active = True
+            except UserError as e:
+                if args.json_mode == "on":
+                    raise UserError(f"--json_mode on: the endpoint refused response_format json_object ({e}); use "
+                                    f"--json_mode auto or off") from None
+                print(f"note: the endpoint refused response_format json_object ({str(e)[:160]}); the roles ask for "
+                      f"JSON in their prompts only (--json_mode off skips this probe)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -964,6 +1043,7 @@ ATTRS = {  # attribute -> value -> two surface words (synonyms the extractor doe
     "price": {"cheap": ["budget", "bargain"], "mid": ["mid-priced", "affordable"], "premium": ["premium", "deluxe"]},
 }
 ATTR_NAMES = list(ATTRS)
+LEXICON = {w: f"{a}={v}" for a in ATTRS for v in ATTRS[a] for w in ATTRS[a][v]}  # surface word -> key
 VALUES = [(a, v) for a in ATTRS for v in ATTRS[a]]  # 24 values; index = position in w
 VALUE_INDEX = {f"{a}={v}": i for i, (a, v) in enumerate(VALUES)}
 TEMPLATES = [
@@ -980,6 +1060,40 @@ TITLE_A = ["Silent", "Crimson", "Hidden", "Last", "Broken", "Golden", "Distant",
            "Paper", "Iron", "Glass", "Winter", "Summer"]
 TITLE_B = ["Harbor", "Garden", "Signal", "Empire", "Letter", "Orchard", "Engine", "Island", "Mirror", "Station",
            "Frontier", "River", "Archive", "Lantern", "Compass", "Crown"]
+
+
+def key_of(category: str, text: str) -> str:
+    """The tag key of a chunk text or tag word: synonyms share one ('whodunit' -> 'genre=mystery');
+    a word outside the toy lexicon (real data) is its own key."""
+    word = chunk_word(text).lower()
+    return LEXICON.get(word, f"{category}={word}")
+
+
+_TAG = re.compile(r"^\s*(.+?)\s*\(([^()]*)\)\s*$")
+
+
+def parse_tags(tags) -> list:
+    """Role-input tags ["whodunit (genre)", ...] -> [(key, category, word)]."""
+    out = []
+    for t in tags or ():
+        m = _TAG.match(str(t))
+        if m:
+            word, cat = m.group(1), m.group(2).strip()
+            out.append((LEXICON.get(word.lower(), f"{cat}={word.lower()}"), cat, word))
+    return out
+
+
+@functools.lru_cache(maxsize=100_000)
+def _tag_keys(tags: tuple) -> frozenset:
+    return frozenset(k for k, _, _ in parse_tags(tags))
+
+
+def tag_keys(tags) -> frozenset:
+    return _tag_keys(tuple(tags))
+
+
+def instruction_word(instruction: str):
+    return next((w for w in re.findall(r"[a-z][a-z\-]*", instruction.lower()) if w in LEXICON), None)
 
 
 def describe(rng: np.random.Generator, values: dict) -> tuple[str, dict]:
@@ -1098,29 +1212,37 @@ class World:
     def __init__(self, items: dict, users: list, item_tags: dict | None = None, tagger_acc: float | None = None):
         self.items, self.users = items, users
         self.item_tags = item_tags or {}
-        self.tag_keys = {i: frozenset(k for k, _, _ in t) for i, t in self.item_tags.items()}
         self.tagger_acc = tagger_acc
-        self.lexicon = {w: f"{a}={v}" for a in ATTRS for v in ATTRS[a] for w in ATTRS[a][v]}
+        self.lexicon = LEXICON
+        # what every role input shows of an item's tags: "whodunit (genre)" per predicted tag
+        self.tag_strings = {i: [f"{word} ({cat})" for _, cat, word in t] for i, t in self.item_tags.items()}
 
     def key_of(self, category: str, text: str) -> str:
-        word = chunk_word(text).lower()
-        return self.lexicon.get(word, f"{category}={word}")
+        return key_of(category, text)
 
-    def instruction_word(self, instruction: str):
-        return next((w for w in re.findall(r"[a-z][a-z\-]*", instruction.lower()) if w in self.lexicon), None)
+    def tags(self, item_id: str) -> list:
+        return list(self.tag_strings.get(item_id, ()))
 
 
 DRIFT_T = (20, 30)  # t* ~ U{20..30}: the drift point of a drifting user
-WORLD_SETTINGS = {"drift_noise": (True, True), "drift_only": (True, False), "noise_only": (False, True),
-                  "clean": (False, False)}
+# world -> (drift, ephemeral noise, repeated preference flips, opinion impressions)
+WORLD_SETTINGS = {"drift_noise": (True, True, False, False), "drift_only": (True, False, False, False),
+                  "noise_only": (False, True, False, False), "clean": (False, False, False, False),
+                  "contradict": (False, False, True, True), "contradict_control": (False, False, False, True)}
+FLIP_T = (12, 24, 36)  # contradict: flip points (each +/- 2 events per user)
 
 
 def toy_world(args, world_name: str, seed: int) -> World:
     """Simulated users (section 5 of the spec). Utility u = w . a + N(0, 0.1); drift moves the liked
     genre to -0.5 and an unused genre to +1 at t* ~ U{20..30}; events are one-off gifts (rated 4-5),
-    impressions (rated by u) or choices (softmax(u / 0.3) over unseen items)."""
+    impressions (rated by u) or choices (softmax(u / 0.3) over unseen items).
+    contradict: every user's preferences flip at FLIP_T (each +/- 2): one held like becomes a dislike
+    and one dislike a like, and with --p_contra_impression an event is an impression of an item that
+    carries a value the user has an opinion on (liked or disliked, now or before), rated by the current
+    u, so chunks meet contradicting evidence often. contradict_control: the same users, event mix and
+    draws, no flips (contradictions only from items mixing liked and disliked values)."""
     # DEVIATION(3): a simulated world instead of the four InstructRec domains (read_real_world reads those).
-    drift_on, noise_on = WORLD_SETTINGS[world_name]
+    drift_on, noise_on, flips_on, opinion_on = WORLD_SETTINGS[world_name]
     p_eph = args.p_ephemeral if noise_on else 0.0
     drift_frac = args.drift_frac if drift_on else 0.0
     rng = np.random.default_rng(seed)
@@ -1158,13 +1280,39 @@ def toy_world(args, world_name: str, seed: int) -> World:
             w2[g] = -0.5
             w2[int(rng.choice([j for j in genre_idx if w[j] == 0]))] = 1.0
         old_genre_items = np.flatnonzero(A[:, g] > 0)
+        ws = [(0, w)]  # (from t, preference vector)
+        if opinion_on:  # drawn in both contradict worlds (same users and streams); applied only with flips
+            cur = w.copy()
+            for ft in FLIP_T:
+                ft += int(rng.integers(-2, 3))
+                a_ = int(rng.choice(np.flatnonzero(cur > 0)))
+                b_ = int(rng.choice(np.flatnonzero(cur < 0)))
+                cur = cur.copy()
+                cur[a_], cur[b_] = -1.0, 1.0
+                if flips_on:
+                    ws.append((ft, cur))
+            opinion = np.flatnonzero(np.any([wv != 0 for _, wv in ws], axis=0) | (w != 0))
+            opinion_items = np.flatnonzero(A[:, opinion].sum(1) > 0)
         seen, events = set(), []
         for t in range(args.stream_len):
             wt = w2 if drift_t is not None and t >= drift_t else w
+            if opinion_on:
+                wt = next(wv for ft, wv in reversed(ws) if t >= ft)
             util = A @ wt + noise
             unseen = np.array([i for i in range(n_items) if i not in seen])
             r = rng.random()
-            if r < p_eph:
+            if opinion_on and r < args.p_contra_impression:
+                pool = np.array([i for i in opinion_items if i not in seen])
+                it = int(rng.choice(pool)) if len(pool) else int(rng.choice(unseen))
+                kind = "impression"
+                rating = int(np.clip(np.round(3 + 1.5 * util[it] + rng.normal(0, 0.5)), 1, 5))
+            elif opinion_on:
+                pool = rng.choice(unseen, size=min(args.choice_pool, len(unseen)), replace=False)
+                z = util[pool] / args.choice_temp
+                p = np.exp(z - z.max())
+                it, kind = int(rng.choice(pool, p=p / p.sum())), "choice"
+                rating = int(np.clip(np.round(3 + 1.5 * util[it] + rng.normal(0, 0.5)), 1, 5))
+            elif r < p_eph:
                 it, kind, rating = int(rng.choice(unseen)), "ephemeral", int(rng.integers(4, 6))
             elif r < p_eph + (1 - p_eph) * args.p_impression:
                 pool = np.array([i for i in old_genre_items if i not in seen])
@@ -1217,6 +1365,34 @@ def clip_text(text: str, n: int) -> str:
     return cut.rstrip(" ,;:.") + "..."
 
 
+RATING_MIN, RATING_MAX = 1, 5  # the InstructRec rating scale; polarity of Eq. (1) assumes it
+
+
+def _timestamp_key(x, where: str, k: int) -> tuple:
+    """(kind, sort key) of one history timestamp: a finite number, an ISO-8601 string (parsed: text order
+    is not time order for '2024-1-5' vs '2024-01-05', and a non-ISO string is refused), or missing;
+    UserError naming file:line and the entry otherwise."""
+    import datetime
+
+    if x is None:
+        return "missing", 0
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        if not math.isfinite(x):
+            raise UserError(f"{where}: history entry {k} has timestamp {x!r}; use a finite number (e.g. unix seconds)")
+        return "numbers", float(x)
+    if isinstance(x, str):
+        try:
+            d = datetime.datetime.fromisoformat(x.strip())
+        except ValueError:
+            raise UserError(f"{where}: history entry {k} has timestamp {x!r}, not ISO-8601; use e.g. "
+                            f"'2024-01-05T12:00:00' or a number (unix seconds)") from None
+        if d.tzinfo is None:
+            return "ISO strings without a UTC offset", (d - datetime.datetime(1970, 1, 1)).total_seconds()
+        return "ISO strings with a UTC offset", d.timestamp()
+    raise UserError(f"{where}: history entry {k} has a timestamp of type {type(x).__name__}; use a number or an "
+                    f"ISO-8601 string")
+
+
 def read_real_world(args, seed: int) -> World:
     """InstructRec-style jsonl: memory from history[:T-2], T-1 a warm-up target, T the test target."""
     def rows(path):  # missing / unreadable / non-UTF-8 file or a bad JSON line -> UserError naming file:line
@@ -1234,28 +1410,42 @@ def read_real_world(args, seed: int) -> World:
         if not isinstance(r, dict) or "item_id" not in r or not isinstance(r.get("title"), str):
             raise UserError(f"{args.items_file}:{i}: needs item_id and title (and description)")
         iid = str(r["item_id"])
+        if iid in items:
+            raise UserError(f"{args.items_file}:{i}: item_id {iid!r} appeared on an earlier line; give each item once")
         # descriptions only go into prompts (events, candidates): long ones are cut at --max_desc_chars
         items[iid] = {"id": iid, "title": r["title"], "text": clip_text(str(r.get("description", "")), args.max_desc_chars)}
     rng = np.random.default_rng(seed)
-    users = []
+    users, seen_users = [], {}
     for i, r in rows(args.users_file)[:args.num_users]:
         where = f"{args.users_file}:{i}"
         hist = r.get("history") if isinstance(r, dict) else None
         if not isinstance(hist, list) or len(hist) < 3 or "user_id" not in r:
             raise UserError(f"{where}: needs user_id and a history of >= 3 {{item_id, rating, timestamp}}")
+        if str(r["user_id"]) in seen_users:
+            raise UserError(f"{where}: user_id {str(r['user_id'])!r} is also on line {seen_users[str(r['user_id'])]}; "
+                            f"give each user once (one line with the whole history)")
+        seen_users[str(r["user_id"])] = i
+        hist_ids = {}
         for k, h in enumerate(hist):
             if not isinstance(h, dict) or "item_id" not in h:
                 raise UserError(f"{where}: history entry {k} needs item_id (rating, timestamp)")
             rt = h.get("rating")
-            if rt is not None and (isinstance(rt, bool) or not isinstance(rt, (int, float)) or not math.isfinite(rt)):
-                raise UserError(f"{where}: history entry {k} has rating {rt!r}; use a number (1-5) or null for a click")
-        ts = [h.get("timestamp") for h in hist]
-        kinds = {"missing" if x is None else "number" if isinstance(x, (int, float)) and not isinstance(x, bool)
-                 else "string" if isinstance(x, str) else type(x).__name__ for x in ts}
-        if len(kinds) > 1 or not kinds <= {"missing", "number", "string"}:
-            raise UserError(f"{where}: history timestamps mix or use unsortable types ({', '.join(sorted(kinds))}); give "
-                            f"every entry a number or every entry an ISO-8601 string (or none, for file order)")
-        hist = sorted(hist, key=lambda h: h["timestamp"]) if kinds != {"missing"} else list(hist)  # stable
+            if rt is not None and (isinstance(rt, bool) or not isinstance(rt, (int, float)) or not math.isfinite(rt)
+                                   or not RATING_MIN <= rt <= RATING_MAX):
+                raise UserError(f"{where}: history entry {k} has rating {rt!r}; use a number in [{RATING_MIN}, "
+                                f"{RATING_MAX}] or null for a click")
+            if str(h["item_id"]) in hist_ids:
+                raise UserError(f"{where}: history entries {hist_ids[str(h['item_id'])]} and {k} are both item "
+                                f"{h['item_id']!r}; keep one event per item (its target would otherwise be in memory)")
+            hist_ids[str(h["item_id"])] = k
+        keys = [_timestamp_key(h.get("timestamp"), where, k) for k, h in enumerate(hist)]
+        kinds = {kd for kd, _ in keys}
+        if len(kinds) > 1:
+            raise UserError(f"{where}: history timestamps mix {' and '.join(sorted(kinds))}; give every entry a number, "
+                            f"or every entry an ISO-8601 string with (or every one without) a UTC offset, or none "
+                            f"(file order)")
+        order = sorted(range(len(hist)), key=lambda k: keys[k][1]) if kinds != {"missing"} else range(len(hist))
+        hist = [hist[k] for k in order]  # stable: equal timestamps keep file order
         bad = [h["item_id"] for h in hist if str(h["item_id"]) not in items]
         if bad:
             raise UserError(f"{where}: item {bad[0]} is not in {args.items_file}")
@@ -1331,9 +1521,13 @@ class BeliefState:
         return st
 
 
-def event_view(e: dict) -> dict:
-    """What a role sees of an event (no 'kind': the simulator's ground truth stays hidden)."""
-    return {"id": e["id"], "item_id": e["item_id"], "title": e["title"], "text": e["text"], "polarity": e["polarity"]}
+def event_view(e: dict, world: World | None = None) -> dict:
+    """What a role sees of an event (no 'kind': the simulator's ground truth stays hidden): the item's
+    text and, in the toy, the tagger's tags of it ("whodunit (genre)"), which the references read."""
+    v = {"id": e["id"], "item_id": e["item_id"], "title": e["title"], "text": e["text"], "polarity": e["polarity"]}
+    if world is not None and world.tag_strings:
+        v["tags"] = world.tags(e["item_id"])
+    return v
 
 
 def chunk_view(c: Chunk) -> dict:
@@ -1370,15 +1564,18 @@ def planner_input(st: BeliefState, world: World, novelty: str = "text") -> dict:
                 matched.append(texts[text])
             elif not opp and text not in novel:
                 novel.append(text)
-    return {"pending": [{"id": e["id"], "title": e["title"], "tags": [w for _, _, w in world.item_tags.get(e["item_id"], ())],
+    return {"pending": [{"id": e["id"], "title": e["title"], "tags": world.tags(e["item_id"]),
                          "polarity": e["polarity"]} for e in st.pending],
             "chunks": [chunk_view(c) for c in st.chunks.values()], "changes_since_synth": st.changes_since_synth,
             "created_since_merge": st.created_since_merge, "novel_tags": novel, "conflicts": conflicts,
             "matched": sorted(set(matched))}
 
 
-def apply_extraction(st: BeliefState, out: dict, ops, args) -> int:
-    """Eqs. (2)-(4): create new chunks; reinforce / weaken linked chunks if those ops are scheduled."""
+def apply_extraction(st: BeliefState, out: dict, ops, args, counts: dict | None = None) -> int:
+    """Eqs. (2)-(4): create new chunks; reinforce / weaken linked chunks if those ops are scheduled.
+    Returns the chunks changed; `counts` (if given) adds the update steps executed: op_reinforce per
+    Eq. (3) step (incl. a new chunk's extra events), op_weaken per Eq. (4) step, n_created."""
+    counts = counts if counts is not None else {}
     changed = 0
     for x in out["new"]:
         cid = f"c{st.next_id}"
@@ -1386,17 +1583,21 @@ def apply_extraction(st: BeliefState, out: dict, ops, args) -> int:
         st.chunks[cid] = new_chunk(cid, x["category"], x["text"], x["polarity"], x["event_ids"], st.t, args.s0, args.eta_up)
         st.created_since_merge += 1
         changed += 1
+        counts["n_created"] = counts.get("n_created", 0) + 1
+        counts["op_reinforce"] = counts.get("op_reinforce", 0) + len(x["event_ids"]) - 1
     if "reinforce" in ops:
         for x in out["support"]:
             if x["chunk_id"] in st.chunks:
                 for e in x["event_ids"]:
                     reinforce(st.chunks[x["chunk_id"]], e, st.t, args.eta_up)
+                counts["op_reinforce"] = counts.get("op_reinforce", 0) + len(x["event_ids"])
                 changed += 1
     if "weaken" in ops:
         for x in out["contradict"]:
             if x["chunk_id"] in st.chunks:
                 for e in x["event_ids"]:
                     weaken(st.chunks[x["chunk_id"]], e, st.t, args.eta_down)
+                counts["op_weaken"] = counts.get("op_weaken", 0) + len(x["event_ids"])
                 changed += 1
     return changed
 
@@ -1412,7 +1613,11 @@ class MarsArm:
     def __init__(self, name, args, world, roles):
         self.name, self.args, self.world, self.roles = name, args, world, roles
         self.planned = name == "mars_planner"
-        self.counts = {"checks": 0, "skips": 0, **{f"op_{o}": 0 for o in OPS}}
+        # plan_<op>: how often the schedule (planner or fixed) asked for an operation; op_<op>: what ran:
+        # extractor calls (extract, merge judge), Eq. (3) / (4) steps (reinforce, weaken), forgetting passes,
+        # synthesiser calls (incl. the automatic ones); n_created / n_merged / n_forgotten: chunks
+        self.counts = {"checks": 0, "skips": 0, **{f"plan_{o}": 0 for o in OPS}, **{f"op_{o}": 0 for o in OPS},
+                       "n_created": 0, "n_merged": 0, "n_forgotten": 0}
 
     def new_state(self):
         return BeliefState(self.args.event_fifo)
@@ -1460,17 +1665,18 @@ class MarsArm:
             self.counts["checks"] += 1
             self.counts["skips"] += not o
             for op in o:
-                self.counts[f"op_{op}"] += 1
+                self.counts[f"plan_{op}"] += 1
         return ops
 
     def _extract(self, due, ops) -> None:
         ext = [(st, o) for st, o in zip(due, ops) if "extract" in o]
         sig = [(st, o) for st, o in ext if any(e["polarity"] in (1, -1) for e in st.pending)]
-        outs = self.roles["extractor"].batch([{"mode": "extract", "events": [event_view(e) for e in st.pending
+        outs = self.roles["extractor"].batch([{"mode": "extract", "events": [event_view(e, self.world) for e in st.pending
                                                                              if e["polarity"] in (1, -1)],
                                                "chunks": [chunk_view(c) for c in st.chunks.values()]} for st, _ in sig])
+        self.counts["op_extract"] += len(sig)
         for (st, o), out in zip(sig, outs):
-            st.changes_since_synth += apply_extraction(st, out, o, self.args)
+            st.changes_since_synth += apply_extraction(st, out, o, self.args, self.counts)
         for st, _ in ext:
             st.pending = []
 
@@ -1479,16 +1685,24 @@ class MarsArm:
         mrg = [st for st, o in zip(due, ops) if "merge" in o and len(st.chunks) >= 2]
         outs = self.roles["extractor"].batch([{"mode": "dedup", "chunks": [chunk_view(c) for c in st.chunks.values()]}
                                               for st in mrg])
+        self.counts["op_merge"] += len(mrg)
         for st, out in zip(mrg, outs):
+            before = {cid: c.n_against for cid, c in st.chunks.items()}
+            n = len(st.chunks)
             st.changes_since_synth += consolidate(st.chunks, out["groups"], out["conflicts"], st.t, self.args.eta_down)
+            self.counts["n_merged"] += n - len(st.chunks)
+            # a conflict's weakening step: a surviving chunk with one more n_against than its members had
+            self.counts["op_weaken"] += sum(c.n_against for c in st.chunks.values()) - sum(before.values())
             st.created_since_merge = 0
 
     def _forget(self, due, ops) -> None:
         a = self.args
         for st, o in zip(due, ops):
             if "forget" in o:
-                st.changes_since_synth += len(forget(st.chunks, st.t, a.forget_threshold, a.min_evidence,
-                                                     a.stale_events, a.decay_gamma))
+                gone = len(forget(st.chunks, st.t, a.forget_threshold, a.min_evidence, a.stale_events, a.decay_gamma))
+                st.changes_since_synth += gone
+                self.counts["op_forget"] += 1
+                self.counts["n_forgotten"] += gone
 
     def _resynthesize(self, due, ops) -> None:
         """When scheduled or after --synth_every_changes chunk changes; an empty memory has an empty profile."""
@@ -1496,6 +1710,7 @@ class MarsArm:
         syn = [st for st, o in zip(due, ops) if ("synthesize" in o or st.changes_since_synth >= a.synth_every_changes)]
         nonempty = [st for st in syn if st.chunks]
         outs = self.roles["synthesiser"].batch([synth_input(st) for st in nonempty])
+        self.counts["op_synthesize"] += len(nonempty)
         for st, out in zip(nonempty, outs):
             st.profile = out["profile"]
         for st in syn:
@@ -1537,8 +1752,10 @@ class BaselineArm:
             facts.sort(key=lambda f: (-f["S"], -f["order"]))
         else:
             facts.sort(key=lambda f: -f["order"])
-        return "\n".join(chunk_line(f["category"], chunk_word(f["text"]), f["polarity"])
-                         for f in facts[:self.args.profile_max_chunks])
+        b = self.args.baseline_strength  # 1: the spec's plain "Likes X (genre)." lines (weight +/-1)
+        return "\n".join(chunk_line(f["category"], chunk_word(f["text"]), f["polarity"]) if b == 1.0 else
+                         f"{'Likes' if f['polarity'] > 0 else 'Dislikes'} {chunk_word(f['text'])} ({f['category']}; "
+                         f"strength {f['polarity'] * b:+.2f})." for f in facts[:self.args.profile_max_chunks])
 
     def ingest(self, batch):
         for st, e in batch:
@@ -1554,7 +1771,7 @@ class BaselineArm:
                 self._mb_forget(st)
         if not due:
             return
-        outs = self.roles["extractor"].batch([{"mode": "extract", "events": [event_view(e) for e in st.buffer],
+        outs = self.roles["extractor"].batch([{"mode": "extract", "events": [event_view(e, self.world) for e in st.buffer],
                                                "chunks": []} for st in due])
         for st, out in zip(due, outs):
             # apply statements in the order of each one's latest event, so "latest polarity wins" holds
@@ -1574,10 +1791,10 @@ class BaselineArm:
             if len(st.facts) > self.args.profile_max_chunks:
                 oldest = min(st.facts, key=lambda k: st.facts[k]["order"])
                 del st.facts[oldest]
-        elif self.name == "mem0":  # ADD / UPDATE (refresh) / DELETE (opposite: delete old, add new) / NONE
-            old = st.facts.get(key)
-            if old is None or old["polarity"] != pol or old["text"] != x["text"]:
-                st.facts[key] = {"text": x["text"], "category": x["category"], "polarity": pol, "order": st.order}
+        elif self.name == "mem0":  # ADD (new key) / UPDATE (same key and polarity: text and recency refreshed,
+            # as Mem0 updates an existing memory, also for an identical repeat) / DELETE (opposite polarity: the
+            # old fact goes, the new one is added)
+            st.facts[key] = {"text": x["text"], "category": x["category"], "polarity": pol, "order": st.order}
         elif self.name == "memorybank":  # likes and dislikes coexist; a re-mention raises S and resets dt
             k = (key, pol)
             old = st.facts.get(k)
@@ -1608,11 +1825,22 @@ def ranker_input(arm, st, user: User, t: int, cands: list, world: World) -> dict
     """Profile + the FIFO's recent events (all < t) + instruction + shuffled candidates; the chunks
     stay out of the prompt (pitfall 8); nothing about the target or the future is included."""
     return {"user": user.uid, "now": t, "profile": arm.profile(st),
-            "recent": [{"id": e["id"], "item_id": e["item_id"], "title": e["title"], "polarity": e["polarity"]}
-                       for e in st.fifo],
+            "recent": [recent_view(e, world) for e in st.fifo],
             "instruction": user.instruction,
-            "candidates": [{"id": c, "title": world.items[c]["title"], "description": world.items[c]["text"]}
-                           for c in cands]}
+            "candidates": [{"id": c, "title": world.items[c]["title"], "description": world.items[c]["text"],
+                            **({"tags": world.tags(c)} if world.tag_strings else {})} for c in cands]}
+
+
+def recent_view(e: dict, world: World) -> dict:
+    """A recent event in the ranker's prompt: id, title, polarity and what the item is about: the
+    tagger's tags in the toy (what the ranker reference reads: the same information), the (cut)
+    description on real data (no tags)."""
+    v = {"id": e["id"], "item_id": e["item_id"], "title": e["title"], "polarity": e["polarity"]}
+    if world.tag_strings:
+        v["tags"] = world.tags(e["item_id"])
+    else:
+        v["description"] = e["text"]
+    return v
 
 
 def run_arm(arm, world: World, roles: dict) -> dict:
@@ -1657,6 +1885,7 @@ def cell_metrics(records: list, n_users: int, roles: dict, states: list, arm=Non
     pre = [h for d, h in drift if -10 <= d <= -1]
     post = [h for d, h in drift if 0 <= d <= d_max]
     out = {"hr1": hit_rate_at_k(tab, 1), "hr3": hit_rate_at_k(tab, 3), "ndcg10": ndcg_at_k(tab, 10),
+           "all_hr1": hit_rate_at_k([r["rank"] for r in records], 1),  # every evaluation: --tune's objective
            "recovery": rec, "pre_drift_hr1": float(np.mean(pre)) if pre else float("nan"),
            "post_drift_hr1": float(np.mean(post)) if post else float("nan"), "mem_calls": mem_calls / n_users, "ranker_calls": roles["ranker"].stats["calls"] / n_users,
            "malformed": sum(r.stats["malformed"] for r in roles.values()),
@@ -1664,10 +1893,16 @@ def cell_metrics(records: list, n_users: int, roles: dict, states: list, arm=Non
            "n_chunks": float(np.mean([len(getattr(s, "chunks", None) or getattr(s, "facts", {})) for s in states]))}
     for r in ROLES:
         out[f"calls_{r}"] = roles[r].stats["calls"] / n_users
+        if isinstance(roles[r], LLMRole):  # raw counts (summed over cells in the table): every reply judged
+            st = roles[r].stats
+            out[f"llm_calls_{r}"] = st["calls"]          # role calls (each ends valid or in the fallback)
+            out[f"llm_requests_{r}"] = st["requests"]    # model replies, re-asks included
+            out[f"llm_invalid_{r}"] = st["retries"] + st["malformed"]  # invalid replies: re-asked, or the last
+            out[f"llm_fallbacks_{r}"] = st["malformed"]  # calls that ended in the documented fallback
     counts = getattr(arm, "counts", None)
     if counts:  # how often the schedule ran each operation (per user), and the planner's skip rate
         out["skip_rate"] = counts["skips"] / max(1, counts["checks"])
-        out.update({k: v / n_users for k, v in counts.items() if k.startswith("op_")})
+        out.update({k: v / n_users for k, v in counts.items() if k.startswith(("op_", "plan_", "n_"))})
     return out
 
 
@@ -1703,31 +1938,124 @@ def _finite(x):
     return x
 
 
+def reply_health(cells: dict, keys=None) -> dict:
+    """Per LLM role, summed over the given cells: calls, requests, invalid replies, fallbacks and the
+    rates invalid / requests and fallbacks / calls (a fallback = still invalid after the re-asks:
+    planner -> fixed schedule, extractor -> no change, synthesiser -> old profile, ranker -> a miss).
+    Empty when every role was a rule-based reference."""
+    out = {}
+    for r in ROLES:
+        tot = {k: sum(cells[c].get(f"llm_{k}_{r}", 0) for c in (keys or cells)) for k in ("calls", "requests", "invalid",
+                                                                                      "fallbacks")}
+        if any(f"llm_calls_{r}" in cells[c] for c in (keys or cells)):
+            tot["invalid_rate"] = tot["invalid"] / tot["requests"] if tot["requests"] else float("nan")
+            tot["fallback_rate"] = tot["fallbacks"] / tot["calls"] if tot["calls"] else float("nan")
+            out[r] = tot
+    return out
+
+
+def health_line(health: dict) -> str:
+    """'planner fallbacks 3/12 (25 %), invalid replies 5/14; ...' or a note that no LLM replied."""
+    if not health:
+        return "LLM replies: none (every role is a rule-based reference; 0 malformed, 0 fallbacks)"
+    return "LLM replies: " + "; ".join(
+        f"{r} fallbacks {h['fallbacks']}/{h['calls']} ({100 * h['fallback_rate']:.0f} %), invalid replies "
+        f"{h['invalid']}/{h['requests']} ({100 * h['invalid_rate']:.0f} %)" if h["calls"] else f"{r} not called"
+        for r, h in health.items())
+
+
+def per_seed_verdict(cells: dict, w: str, arms: list, seeds: list) -> str:
+    """One line: mars_planner (else mars_fixed) minus the strongest baseline (highest mean HR@1 in this
+    world) and minus recency, HR@1 per seed."""
+    mars = next((a for a in ("mars_planner", "mars_fixed") if a in arms), None)
+    base = [a for a in arms if not a.startswith("mars")]
+    if mars is None or not base:
+        return ""
+    hr = lambda a, s: cells.get((w, s, a), {}).get("hr1", float("nan"))  # noqa: E731
+    best = max(base, key=lambda a: mean_std([hr(a, s) for s in seeds])[0])
+    parts = []
+    for b in dict.fromkeys([best, "recency"] if "recency" in base else [best]):
+        d = [hr(mars, s) - hr(b, s) for s in seeds]
+        wins = sum(x > 0 for x in d)
+        parts.append(f"{mars} − {b}{' (strongest baseline)' if b == best else ''}: "
+                     + " / ".join(f"{x:+.3f}" for x in d) + f" (seeds {','.join(map(str, seeds))}; {wins} of "
+                     f"{len(d)} > 0)")
+    return "HR@1 per seed: " + "; ".join(parts)
+
+
 def write_table(path: str, cells: dict, worlds: list, arms: list, seeds: list, minutes: float, command: str,
-                d_max: int = 15) -> str:
+                d_max: int = 15, tuning: dict | None = None) -> str:
     # DEVIATION(4): mean ± std over seeds (the project's standard), not the spec's 95 % CI.
     rec = (f"recovery = events after drift until HR@1 is back to 90 % of its pre-drift level ({d_max + 1} = not "
            f"within {d_max} events); drifters' HR@1 before / after = mean HR@1 of drifting users at d = t - t* in "
            f"[-10, -1] / [0, {d_max}]" if d_max >= 4 else "recovery: n/a (history too short after the drift)")
-    lines = [f"# MARS toy comparison\n", f"`{command}` — seeds {','.join(map(str, seeds))}, {minutes:.1f} min, "
+    lines = ["# MARS toy comparison\n", f"`{command}` — seeds {','.join(map(str, seeds))}, {minutes:.1f} min, "
              f"mean ± std over seeds; HR/NDCG at t in the table eval points; {rec}; memory calls per user = "
              f"planner + extractor (incl. merge judge) + synthesiser; checks skipped = share of planner checks with no "
-             f"operation.\n"]
+             f"operation; reinforce / weaken / forgotten = Eq. (3) steps, Eq. (4) steps and chunks forgotten per user "
+             f"(executed, not planned); LLM fallbacks = role calls that ended in the fallback / all LLM role calls "
+             f"(refs = rule-based references, no LLM).\n"]
+    if tuning:
+        lines.append("Constants: every arm tuned with --tune (8 configurations each on the validation seeds; the "
+                     "chosen ones are in the column 'tuned').\n")
     for w in worlds:
+        tuned_col = " tuned |" if tuning else ""
         lines += [f"\n## world: {w}\n", "| arm | HR@1 | HR@3 | NDCG@10 | recovery (events) | "
-                  "drifters' HR@1 before / after drift | memory calls / user | checks skipped |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "drifters' HR@1 before / after drift | memory calls / user | checks skipped | "
+                  "reinforce / weaken / forgotten per user | LLM fallbacks |" + tuned_col,
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if tuning else "")]
         for a in arms:
-            rows = [cells[k] for k in cells if k[0] == w and k[2] == a]
-            if not rows:
+            keys = [k for k in cells if k[0] == w and k[2] == a]
+            if not keys:
                 continue
+            rows = [cells[k] for k in keys]
             g = lambda key: mean_std([r.get(key, float("nan")) for r in rows])  # noqa: E731
+            ops = "" if not a.startswith("mars") else " / ".join(f"{g(k)[0]:.1f}" for k in ("op_reinforce", "op_weaken",
+                                                                                            "n_forgotten"))
+            h = reply_health(cells, keys)
+            fb = "refs" if not h else (f"{sum(x['fallbacks'] for x in h.values())}/{sum(x['calls'] for x in h.values())}")
+            tcol = ""
+            if tuning:
+                t = tuning.get(json.dumps([w, a]))
+                tcol = " " + (", ".join(f"{k} {v}" for k, v in t["configs"][t["best"]].items()) if t else "") + " |"
             lines.append(f"| {a} | {fmt(g('hr1'))} | {fmt(g('hr3'))} | {fmt(g('ndcg10'))} | {fmt(g('recovery'), 1)} | "
-                         f"{fmt(g('pre_drift_hr1'))} / {fmt(g('post_drift_hr1'))} | {fmt(g('mem_calls'), 1)} | {fmt(g('skip_rate'), 2)} |")
+                         f"{fmt(g('pre_drift_hr1'))} / {fmt(g('post_drift_hr1'))} | {fmt(g('mem_calls'), 1)} | "
+                         f"{fmt(g('skip_rate'), 2)} | {ops} | {fb} |{tcol}")
+        verdict = per_seed_verdict(cells, w, arms, seeds)
+        if verdict:
+            lines.append(f"\n{verdict}")
+        wk = [k for k in cells if k[0] == w]
+        lines.append(f"\n{health_line(reply_health(cells, wk))}")
+    if tuning:
+        lines += ["\n## sensitivity (validation seeds: HR@1 over all evaluations, one value per configuration)\n",
+                  "| world | arm | default constants | worst | best | chosen configuration |", "|---|---|---|---|---|---|"]
+        for key, t in tuning.items():
+            w, a = json.loads(key)
+            sc = t["scores"]
+            lines.append(f"| {w} | {a} | {sc[0]:.3f} | {min(sc):.3f} | {max(sc):.3f} | "
+                         f"{', '.join(f'{k} {v}' for k, v in t['configs'][t['best']].items())} |")
     text = "\n".join(lines) + "\n"
     with open(path, "w") as f:
         f.write(text)
     return text
+
+
+def smoothed_recovery(curves: dict, dw: str, seeds: list, arm: str, window: int = 5, lo: int = -10, hi: int = 15):
+    """The recovery panel's points: per seed, HR@1 of drifting users at d, averaged over a centred
+    `window` of d values (each raw point has ~50 users, noise about +/-0.07); then mean and std over
+    seeds. Returns (d list, means, stds)."""
+    per_seed = []
+    for s in seeds:
+        c = {int(k): v for k, v in curves.get((dw, s, arm), {}).items()}
+        if c:
+            per_seed.append({d: np.mean([c[x] for x in range(d - window // 2, d + window // 2 + 1) if x in c])
+                             for d in range(lo, hi + 1) if any(x in c for x in range(d - window // 2, d + window // 2 + 1))})
+    if not per_seed:
+        return [], [], []
+    ds = sorted(set.intersection(*[set(p) for p in per_seed]))
+    ms = [float(np.mean([p[d] for p in per_seed])) for d in ds]
+    sd = [float(np.std([p[d] for p in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0 for d in ds]
+    return ds, ms, sd
 
 
 def plot(path: str, cells: dict, curves: dict, worlds: list, arms: list, seeds: list, model: str) -> None:
@@ -1736,33 +2064,31 @@ def plot(path: str, cells: dict, curves: dict, worlds: list, arms: list, seeds: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
+    fig, ax = plt.subplots(1, 4, figsize=(21, 5.2), gridspec_kw={"width_ratios": [1.6, 1.2, 1, 1]})
     width = 0.8 / max(1, len(arms))
     for j, a in enumerate(arms):
         ms = [mean_std([cells[k]["hr1"] for k in cells if k[0] == w and k[2] == a]) for w in worlds]
         ax[0].bar(np.arange(len(worlds)) + j * width, [m for m, _ in ms], width, yerr=[s for _, s in ms], label=a,
                   capsize=2)
     ax[0].set_xticks(np.arange(len(worlds)) + 0.4 - width / 2)
-    ax[0].set_xticklabels(worlds)
+    ax[0].set_xticklabels([w.replace("_", "\n") for w in worlds], fontsize=8)
     ax[0].set_ylabel("HR@1 (mean ± std over seeds)")
     ax[0].set_title("HR@1 by world")
-    ax[0].legend(fontsize=7)
+    # the legend below the axes: inside, it covered the bars
+    ax[0].legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     dw = next((w for w in worlds if w.startswith("drift")), None)
     for a in arms:
-        pts = {}
-        for s in seeds:
-            for d, v in curves.get((dw, s, a), {}).items():
-                if -10 <= d <= 15:
-                    pts.setdefault(d, []).append(v)
-        if pts:
-            xs = sorted(pts)
-            ax[1].plot(xs, [np.mean(pts[x]) for x in xs], label=a)
+        ds, ms, sd = smoothed_recovery(curves, dw, seeds, a) if dw else ([], [], [])
+        if ds:
+            line, = ax[1].plot(ds, ms, label=a)
+            ax[1].fill_between(ds, np.array(ms) - np.array(sd), np.array(ms) + np.array(sd), color=line.get_color(),
+                               alpha=0.12)
     ax[1].axvline(0, color="k", lw=0.8, ls="--")
-    ax[1].set_xlabel("events since drift d = t - t*")
-    ax[1].set_ylabel("HR@1 of drifting users")
+    ax[1].set_xlabel("events since drift d = t - t* (5-point centred mean)")
+    ax[1].set_ylabel("HR@1 of drifting users (mean ± std over seeds)")
     ax[1].set_title(f"recovery after drift ({dw})" if dw else "no drift world in this run")
     if ax[1].get_legend_handles_labels()[0]:
-        ax[1].legend(fontsize=7)
+        ax[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     w0 = worlds[0]
     calls = [mean_std([cells[k]["mem_calls"] for k in cells if k[0] == w0 and k[2] == a]) for a in arms]
     ax[2].bar(range(len(arms)), [m for m, _ in calls], yerr=[s for _, s in calls], capsize=2)
@@ -1770,12 +2096,64 @@ def plot(path: str, cells: dict, curves: dict, worlds: list, arms: list, seeds: 
     ax[2].set_xticklabels(arms, rotation=30, fontsize=8)
     ax[2].set_ylabel("memory role calls per user")
     ax[2].set_title(f"cost ({w0})")
-    for x in ax:
-        x.grid(alpha=0.3)
+    health = reply_health(cells)
+    if health:
+        rs = list(health)
+        x = np.arange(len(rs))
+        ax[3].bar(x - 0.2, [health[r]["invalid_rate"] for r in rs], 0.4, label="invalid replies / requests")
+        ax[3].bar(x + 0.2, [health[r]["fallback_rate"] for r in rs], 0.4, label="fallbacks / calls")
+        for i, r in enumerate(rs):
+            ax[3].text(i + 0.2, health[r]["fallback_rate"] + 0.02, f"{health[r]['fallbacks']}/{health[r]['calls']}",
+                       ha="center", fontsize=7)
+        ax[3].set_xticks(x)
+        ax[3].set_xticklabels(rs, fontsize=8)
+        ax[3].set_ylim(0, 1.1)
+        ax[3].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    else:
+        ax[3].text(0.5, 0.5, "every role is a rule-based reference:\nno LLM replies, 0 malformed, 0 fallbacks",
+                   ha="center", va="center", fontsize=9, transform=ax[3].transAxes)
+        ax[3].set_xticks([])
+    ax[3].set_title("LLM replies per role (all cells)")
+    for x_ in ax[:3]:
+        x_.grid(alpha=0.3)
     fig.suptitle(f"mars | {model} | seed {','.join(map(str, seeds))}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- tuning: every arm's free constants, the same procedure and budget ----
+# ---------------------------------------------------------------------------------------------
+
+_MARS_GRID = {"recent_weight": (0.5, 2.0), "s0": (0.3, 0.5), "eta_down": (0.35, 0.6)}
+# arm -> constant -> values; the first value of each is the default, so configuration 0 is the default run.
+# Every arm gets 8 configurations: the memory arms the ranker's recent_weight (0.5, 2.0) x two constants of
+# their memory; recency, which has no memory, its two ranker constants (4 x 2). The ranker's instruction bonus
+# relative to the recent term (bonus / recent_weight 1 or 0.25) is reachable by every arm.
+TUNE_GRID = {
+    "recency": {"recent_weight": (0.5, 0.25, 1.0, 2.0), "instruction_bonus": (0.5, 1.0)},
+    "flat": {"recent_weight": (0.5, 2.0), "baseline_strength": (1.0, 0.3), "profile_max_chunks": (12, 6)},
+    "mem0": {"recent_weight": (0.5, 2.0), "baseline_strength": (1.0, 0.3), "mem0_every": (3, 1)},
+    "memorybank": {"recent_weight": (0.5, 2.0), "baseline_strength": (1.0, 0.3), "mb_time_scale": (5.0, 20.0)},
+    "mars_fixed": _MARS_GRID,
+    "mars_planner": _MARS_GRID,
+}
+
+
+def tune_configs(arm: str) -> list:
+    """TUNE_GRID[arm] as a list of {flag: value}; the default configuration first."""
+    g = TUNE_GRID[arm]
+    return [dict(zip(g, vals)) for vals in itertools.product(*g.values())]
+
+
+def with_constants(args, cfg: dict):
+    """A copy of args with an arm's constants replaced (memory and ranker flags only: the world and
+    its candidates do not change)."""
+    out = argparse.Namespace(**vars(args))
+    for k, v in cfg.items():
+        setattr(out, k, type(getattr(args, k))(v))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1815,8 +2193,9 @@ def write_outputs(args, worlds, state: dict, llm, minutes: float) -> dict:
     model_name = "rule-based references" if llm is None else \
         f"{getattr(llm, 'name', type(llm).__name__)} ({','.join(args.llm_role_set)})"
     command = run_command(args)
+    tuning = state.get("tune") or None
     table = write_table(os.path.join(out_dir, "table.md"), cells, worlds, args.arms, args.seed_list, minutes, command,
-                        drift_window(args))
+                        drift_window(args), tuning)
     print(table)
     plot(os.path.join(out_dir, "mars.png"), cells, curves, worlds, args.arms, args.seed_list, model_name)
     memories = {k[2]: c["memories"] for k, c in state["cells"].items() if "memories" in c}
@@ -1824,13 +2203,16 @@ def write_outputs(args, worlds, state: dict, llm, minutes: float) -> dict:
     role_stats = {f"{w}/{s}/{a}": c["roles"] for (w, s, a), c in state["cells"].items()}
     summary = {"table": {w: {a: {k: mean_std([cells[(w, s, a)].get(k, float("nan")) for s in args.seed_list if (w, s, a) in cells])
                                  for k in ("hr1", "hr3", "ndcg10", "recovery", "mem_calls", "ranker_calls", "malformed",
-                                           "tokens", "n_chunks", "warmup_hr1", "skip_rate",
-                                           "pre_drift_hr1", "post_drift_hr1")}
+                                           "tokens", "n_chunks", "warmup_hr1", "skip_rate", "all_hr1",
+                                           "pre_drift_hr1", "post_drift_hr1", "op_reinforce", "op_weaken",
+                                           "n_forgotten", "op_synthesize", "op_extract", "op_merge", "op_forget")}
                              for a in args.arms} for w in worlds},
                "cells": {f"{w}/{s}/{a}": m for (w, s, a), m in cells.items()},
                "llm": {"backend": args.backend, "model": model_name, "roles_on_llm": list(args.llm_role_set),
                        "usage": dict(llm.usage) if llm is not None else None, "per_cell_roles": role_stats},
                "tagger_acc": {f"{w}/{s}": v for (w, s), v in state["tagger_acc"].items()},
+               "reply_health": reply_health(cells), "tuning": tuning,
+               "per_seed_verdict": {w: per_seed_verdict(cells, w, args.arms, args.seed_list) for w in worlds},
                "wall_time_s": minutes * 60, "minutes": minutes, "device": str(next(llm._model.parameters()).device)
                if getattr(llm, "is_local", False) else "cpu", "seed": args.seed_list, "command": command}
     totals = {r: {} for r in ROLES}
@@ -1852,7 +2234,7 @@ def _checkpoint(ckpt: str, state: dict, llm) -> None:
     """Everything the remaining cells and the outputs depend on: the finished cells (metrics, curve,
     role statistics, memories), the tagger accuracies, the LLM usage counters and the elapsed time.
     The worlds are rebuilt from their seeds, and each cell starts from fresh memory and roles."""
-    extra = {"cells": {json.dumps(list(k)): v for k, v in state["cells"].items()},
+    extra = {"cells": {json.dumps(list(k)): v for k, v in state["cells"].items()}, "tune": state["tune"],
              "tagger_acc": {json.dumps(list(k)): v for k, v in state["tagger_acc"].items()},
              "usage": dict(_usage_counters(llm)) if llm is not None else None, "seconds": state["seconds"]}
     common.save_checkpoint(ckpt, step=len(state["cells"]), extra=extra)
@@ -1863,11 +2245,33 @@ def _restore(ckpt: str, llm) -> dict:
     extra = st["extra"]
     state = {"cells": {tuple(json.loads(k)): v for k, v in extra["cells"].items()},
              "tagger_acc": {tuple(json.loads(k)): v for k, v in extra["tagger_acc"].items()},
-             "seconds": extra["seconds"]}
+             "seconds": extra["seconds"], "tune": extra.get("tune", {})}
     if llm is not None and extra.get("usage"):  # usage counts every process of the run
         _usage_counters(llm).update(extra["usage"])
         llm.usage.update({k: v for k, v in extra["usage"].items() if k in llm.usage})
     return state
+
+
+def tune_world(args, w: str, state: dict, ckpt: str, llm) -> None:
+    """--tune: for every arm of this world not yet tuned, its 8 configurations (TUNE_GRID) on the
+    --tune_seeds worlds (fresh memory per cell, like the test cells), scored by HR@1 over all
+    evaluations; the best (first on ties, so the default wins a tie) is kept in state["tune"] and
+    checkpointed per arm."""
+    todo = [a for a in args.arms if json.dumps([w, a]) not in state["tune"]]
+    if not todo:
+        return
+    worlds = {vs: toy_world(with_constants(args, {"num_users": args.tune_users}), w, vs) for vs in args.tune_seed_list}
+    for a in todo:
+        cfgs, scores = tune_configs(a), []
+        for cfg in cfgs:
+            vals = [run_cell(with_constants(args, cfg), worlds[vs], llm, w, vs, a, False)["metrics"]["all_hr1"]
+                    for vs in args.tune_seed_list]
+            scores.append(float(np.mean(vals)))
+        best = int(np.argmax(scores))
+        state["tune"][json.dumps([w, a])] = {"configs": cfgs, "scores": scores, "best": best}
+        _checkpoint(ckpt, state, llm)
+        tqdm.write(f"[tune {w}] {a}: validation HR@1 {min(scores):.3f}-{max(scores):.3f}, default {scores[0]:.3f}, "
+                   f"chosen " + ", ".join(f"{k} {v}" for k, v in cfgs[best].items()))
 
 
 def main(args):
@@ -1879,13 +2283,15 @@ def main(args):
     real = args.items_file is not None
     worlds = ["real"] if real else (list(WORLDS) if args.full_table else [args.world])
     llm = make_llm(args)
-    state = _restore(ckpt, llm) if args.resume else {"cells": {}, "tagger_acc": {}, "seconds": 0.0}
+    state = _restore(ckpt, llm) if args.resume else {"cells": {}, "tagger_acc": {}, "seconds": 0.0, "tune": {}}
     t0 = time.time() - state["seconds"]
     grid = [(w, s, a) for w in worlds for s in args.seed_list for a in args.arms]
     bar = tqdm(total=len(grid), initial=len(state["cells"]), desc="mars cells", dynamic_ncols=True)
     # rows logged after the checkpoint (a killed run's last cell) are cut
     log = common.MetricLogger(args.output_dir, pbar=None, resume_step=len(state["cells"]) - 1 if args.resume else None)
     for w in worlds:
+        if args.tune:
+            tune_world(args, w, state, ckpt, llm)
         for s in args.seed_list:
             todo = [a for a in args.arms if (w, s, a) not in state["cells"]]
             if not todo:
@@ -1894,7 +2300,10 @@ def main(args):
             world = read_real_world(args, s) if real else toy_world(args, w, s)
             state["tagger_acc"][(w, s)] = world.tagger_acc
             for a in todo:
-                cell = run_cell(args, world, llm, w, s, a, s == args.seed_list[0] and w == worlds[0] and a.startswith("mars"))
+                t = state["tune"].get(json.dumps([w, a]))
+                cell_args = with_constants(args, t["configs"][t["best"]]) if t else args
+                cell = run_cell(cell_args, world, llm, w, s, a,
+                                s == args.seed_list[0] and w == worlds[0] and a.startswith("mars"))
                 m = cell["metrics"]
                 log.log(grid.index((w, s, a)), world=w, seed=s, arm=a,
                         **{k: v for k, v in m.items() if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))})
@@ -1908,6 +2317,7 @@ def main(args):
     bar.close()
     minutes = (time.time() - t0) / 60
     summary = write_outputs(args, worlds, state, llm, minutes)
+    tqdm.write(health_line(summary["reply_health"]))
     tqdm.write(f"wrote {args.output_dir}/summary.json, table.md, mars.png ({minutes:.1f} min)")
     return summary
 
