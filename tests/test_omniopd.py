@@ -1503,7 +1503,9 @@ def test_ctrl_c_on_a_hung_endpoint_ends_with_one_line(tmp_path):
         p = subprocess.Popen([sys.executable, os.path.join(ROOT, "omniopd.py"), "--teacher_api_base", srv.url,
                               "--teacher_api_model", "m", "--per_device_batch_size", "2", "--eval_size", "2",
                               "--output_dir", str(tmp_path / "o")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=ENV, cwd=ROOT)
+                             text=True, env=ENV, cwd=ROOT,
+                             # a user's Ctrl-C even where this test runs as a background job (SIGINT inherited ignored)
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         t = time.time()
         while len(srv.requests) < 2 and p.poll() is None and time.time() - t < 300:
             time.sleep(0.05)
