@@ -34,9 +34,15 @@ Parts:
     a square invertible 3-layer LeakyReLU(0.2) MLP with orthogonal weights; standardised; N = 10,000.
     2 agents: [A-private | shared | B-private], k = 4 each. 3 agents (`--num_agents 3`): all-shared 2,
     pairwise 3 x 2, private 3 x 2 (true alpha histogram {3: 2, 2: 6, 1: 6}).
-  B (`--part B`): tiny HF agents on an erased-facts task (see `facts_world`); debate, states, AE, routing,
-    prefix adapter, every arm.
-  real (`--model_name_or_path ... --train_file ... --eval_file ...`): the same pipeline on any HF causal LM.
+  B (`--part B`): tiny HF agents on an erased-facts task (`FactsWorld`): 10 facts with the 3-agent sharing
+    pattern, each value erased with p = 0.4 per agent; agent i answers the sum of its 6 true values; debate,
+    states, AE, routing, prefix adapter, every arm; counting bounds per run (`facts_bounds`).
+  real (`--model_name_or_path ... --train_file ... --eval_file ...`): the same pipeline (`QAWorld`) on any HF
+    causal LM: the tokenizer's chat template applied once per prompt (Qwen3 thinking off), all agents and
+    problems of a round in one batched generate (chunks of --gen_batch_size rows), states from one extra
+    forward, prefixes through inputs_embeds, bf16 autocast on GPUs, gradient checkpointing while the adapter
+    trains, the answer parsed from the last \\boxed{}, majority vote. torchrun shards the problems: states are
+    gathered, rank 0 trains the AE and broadcasts it, the adapter trains data-parallel (gradients averaged).
 
 Deviations from the paper:
   1. Part A and Part B are toys of our own (the spec's); the paper's synthetic setup is not public.
@@ -47,6 +53,14 @@ Deviations from the paper:
   3. Part B's agent was pretrained with a fixed random prefix code A * onehot(true values) on half of its
      examples, so that a frozen tiny agent can read a prefix at all (a real LLM reads soft prompts without it).
      `# DEVIATION(3)`
+  4. Part B's agent answers the integer sum of its 6 true values (0..36), not the spec's sum mod 7: a sum mod 7
+     of 6 values is independent of any 5 of them (parity-like), so SGD gets no signal; measured: the spec's
+     agent (2000 steps) scored 0.13 / 0.13 / 0.14 per agent with every value visible, with or without the oracle
+     prefix (chance 1/7), while the integer-sum agent read the oracle prefix at 0.99 after 2000 steps.
+     The counting bounds barely move (`facts_bounds` on the 500 evaluation problems of seeds 0-2: single
+     0.16-0.17, perfect use of shared facts 0.37-0.38; the spec had 0.18 and 0.38).
+     `# DEVIATION(4)`
+  5. `maft` (Multiagent Finetuning) is not implemented (refused with exit 2).
 
 Reconstructed (the record is silent; our choice):
   per-batch standardisation of Zhat (closes the l1 scale loophole: shrink the decoder, inflate Z); the lambda
@@ -55,17 +69,22 @@ Reconstructed (the record is silent; our choice):
   `--refit` (an AE whose per-agent decoder heads read only that agent's latents); one AE per round; gradient
   clipping 1.0 and best-checkpoint selection (by held-out reconstruction + penalty after the ramp); RBF kernel
   ridge for block R^2 (median-distance bandwidth, ridge 1e-3, 2000 train / 1000 test); n_latent for the toys
-  (12 and 14 = the true count); Part B's task, prompts and `--adapter_loss task`.
+  (12 and 14 = the true count); Part B's task, prompts and `--adapter_loss task`; the AE reads states
+  standardised per dimension with the training problems' statistics (Part B / real); the real debate prompt
+  (question + instruction, round r > 1 adds the other agents' full responses, Du et al.) and the `task`
+  target "The answer is \\boxed{a}."; raw_state sends every agent the same prefix (no routing).
 
 Commands:
   toy A, CPU (~4-6 min under this machine's load, ~30 s unloaded):  python thoughtcomm.py
   toy A, 3 agents:                                                 python thoughtcomm.py --num_agents 3
   lambda = 0 control:                                              python thoughtcomm.py --lambda_jac 0
   toy A table (arms x seeds):                python thoughtcomm.py --table --table_seeds 0,1,2
-  toy B:                                     python thoughtcomm.py --part B --method thoughtcomm
+  toy B:                                     python thoughtcomm.py --part B --num_agents 3 --method thoughtcomm
+  several GPUs (problems sharded):           torchrun --nproc_per_node 8 thoughtcomm.py --model_name_or_path ... (as below)
   one GPU, real model:  python thoughtcomm.py --model_name_or_path Qwen/Qwen3-0.6B --train_file data/math_l3_train500.jsonl \
                           --eval_file data/math_l3_eval500.jsonl --num_agents 3 --rounds 2 --n_latent 1024 \
-                          --ae_width 2048 --prefix_len 1 --max_new_tokens 512
+                          --ae_width 2048 --prefix_len 1 --max_new_tokens 512 --jac_cols 64 --ae_steps 3000 \
+                          --gen_batch_size 512
 
 Outputs: args.json, metrics.jsonl (AE / refit losses, lambda_t, time per phase), summary.json, thoughtcomm.png,
 checkpoint/ (resume with the same command plus --resume; kill -9 + --resume reaches the same summary.json).
@@ -73,7 +92,6 @@ checkpoint/ (resume with the same command plus --resume; kill -9 + --resume reac
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -95,8 +113,8 @@ import common as C
 # ---------------------------------------------------------------------------------------------
 
 METHODS_A = ("thoughtcomm", "oracle_mask")
-METHODS_B = ("single", "debate", "thoughtcomm", "broadcast", "random_mask", "raw_state", "oracle")
-METHODS_REAL = METHODS_B[:-1] + ("maft",)
+METHODS_B = ("single", "debate", "thoughtcomm", "broadcast", "random_mask", "raw_state", "oracle_latent", "oracle")
+METHODS_REAL = METHODS_B[:-2]  # maft (Multiagent Finetuning) is not implemented in this version
 
 
 def parse_args(argv=None):
@@ -105,8 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--part", default="A", choices=["A", "B"], help="toy world: A = synthetic identifiability, "
                    "B = tiny HF agents on the erased-facts task (ignored with --model_name_or_path)")
     p.add_argument("--method", default="thoughtcomm", help="A: thoughtcomm | oracle_mask (refit with the true M); "
-                   "B: single | debate | thoughtcomm | broadcast | random_mask | raw_state | oracle; real: B's minus "
-                   "oracle, plus maft")
+                   "B: single | debate | thoughtcomm | broadcast | random_mask | raw_state | oracle_latent (the adapter "
+                   "fed perfectly recovered thoughts) | oracle (the true prefix code); real: B's minus the two oracles")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
     p.add_argument("--output_dir", default=None, help="default runs/thoughtcomm/<part>-<method>-seed<seed>")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue the same run")
@@ -117,6 +135,7 @@ def parse_args(argv=None):
     p.add_argument("--table", action=argparse.BooleanOptionalAction, default=False,
                    help="run the toy table (arms x --table_seeds) into --output_dir and write table.md")
     p.add_argument("--table_seeds", default="0,1,2", help="seeds of --table")
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write thoughtcomm.png")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: best available)")
     # debate (Eq. 1)
     p.add_argument("--num_agents", type=int, default=2, help="n_a: agents (Part A: 2 or 3; Part B: 3)")
@@ -157,12 +176,22 @@ def parse_args(argv=None):
     p.add_argument("--per_device_batch_size", type=int, default=32, help="adapter batch (problems)")
     p.add_argument("--train_size", type=int, default=500, help="training problems (AE and adapter)")
     p.add_argument("--eval_size", type=int, default=500, help="evaluation problems (never encoded in training)")
-    p.add_argument("--agent_steps", type=int, default=2000, help="pretraining steps of Part B's toy agent (cached per value)")
+    p.add_argument("--gate_min", type=float, default=0.9, help="Part B probe gate: stop unless a linear probe decodes "
+                   "every observed fact from the states with at least this accuracy (0 = no gate)")
+    p.add_argument("--agent_steps", type=int, default=3000, help="pretraining steps of Part B's toy agent (cached per value)")
     # real models
     p.add_argument("--model_name_or_path", default=None, help="HF causal LM (path or hub id); none = toy")
     p.add_argument("--train_file", default=None, help="jsonl with question / answer per line (real models)")
     p.add_argument("--eval_file", default=None, help="jsonl with question / answer per line (real models)")
+    p.add_argument("--gen_batch_size", type=int, default=0,
+                   help="rows per generate call (0 = all agents x problems of a round in one call)")
+    p.add_argument("--ref_tokens", type=int, default=32, help="length of y_ref / y_gen of Eq. (12) (the toy caps at 3)")
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation checkpointing of the frozen LLM while the adapter trains (default: on for real "
+                        "models, off for the toy)")
     args = p.parse_args(argv)
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = args.model_name_or_path is not None
     if args.output_dir is None:
         part = "real" if args.model_name_or_path else args.part
         args.output_dir = os.path.join("runs", "thoughtcomm", f"{part}-{args.method}-n{args.num_agents}-seed{args.seed}")
@@ -170,18 +199,20 @@ def parse_args(argv=None):
 
 
 # Flags that do not change results (everything else must match on --resume).
-RESUME_IGNORES = ("save_every", "device", "table_seeds")
+RESUME_IGNORES = ("save_every", "device", "table_seeds", "plot", "gen_batch_size", "gradient_checkpointing", "log_every")
 
 
 def validate_args(args) -> None:
     """Every flag's range and every combination that cannot work; nothing loaded or written."""
     req = C.require
     real = args.model_name_or_path is not None
-    req(not real, "the real-model path (--model_name_or_path) is not implemented in this version of thoughtcomm.py; "
-                  "run the toys: --part A (default) or --part B")
-    if real:
+    if real:  # DEVIATION(5): no maft
+        req(args.method != "maft", "--method maft (Multiagent Finetuning) is not implemented in this version of "
+                                   f"thoughtcomm.py; real models run one of {', '.join(METHODS_REAL)}")
         req(args.method in METHODS_REAL, f"--method {args.method}: real models run one of {', '.join(METHODS_REAL)}")
-        req(args.train_file and args.eval_file, "real models need --train_file and --eval_file (jsonl, question/answer)")
+        req(args.train_file and args.eval_file, "real models need --train_file and --eval_file (jsonl, one "
+                                                "{\"question\": ..., \"answer\": ...} per line)")
+        req(args.num_agents >= 2 or args.method == "single", f"--num_agents {args.num_agents}: debate needs >= 2")
     elif args.part == "A":
         req(args.method in METHODS_A, f"--method {args.method}: Part A runs one of {', '.join(METHODS_A)}")
         req(args.num_agents in (2, 3), f"--num_agents {args.num_agents}: Part A has sharing patterns for 2 or 3 agents")
@@ -214,6 +245,10 @@ def validate_args(args) -> None:
     req(args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature must be >= 0 and --top_p in (0, 1]")
     req(args.max_new_tokens >= 1, f"--max_new_tokens {args.max_new_tokens}: must be >= 1")
     req(args.agent_steps >= 1, f"--agent_steps {args.agent_steps}: must be >= 1")
+    req(0 <= args.gate_min <= 1, f"--gate_min {args.gate_min}: must be in [0, 1]")
+    req(args.gen_batch_size >= 0 and args.ref_tokens >= 1, "--gen_batch_size must be >= 0 and --ref_tokens >= 1")
+    req(not (args.part == "A" and not real and int(os.environ.get("WORLD_SIZE", 1)) > 1),
+        "Part A is a one-process CPU toy; run it without torchrun (torchrun shards Part B / real problems)")
     req(args.save_every >= 1 and args.log_every >= 1, "--save_every and --log_every must be >= 1")
     if args.table:
         try:
@@ -710,7 +745,8 @@ def finish_part_a(args, res: dict, wall: float) -> dict:
                    seed=args.seed, refit_on=args.refit, wall_time_s=round(wall, 1),
                    time_per_step_s=time_split(C.read_jsonl(log.path)), **{k: v for k, v in res.items() if k != "elapsed_before"})
     C.write_json(os.path.join(args.output_dir, "summary.json"), summary)
-    plot_part_a(args, summary, os.path.join(args.output_dir, "thoughtcomm.png"), log.path)
+    if args.plot:
+        plot_part_a(args, summary, os.path.join(args.output_dir, "thoughtcomm.png"), log.path)
     sizes = " / ".join(f"{k}:{v}" for k, v in head["group_sizes"].items())
     print(f"done in {wall / 60:.1f} min: {'refit' if args.refit else 'sparse AE'} block R^2 diag "
           f"{' / '.join(f'{x:.2f}' for x in head['r2_diag'])}  offdiag max {head['r2_offdiag_max']:.2f}  "
@@ -768,18 +804,18 @@ N_FACTS, MOD, ERASE_P = 10, 7, 0.4
 # fact 0: all agents; facts 1-2: agents 0+1; 3-4: 0+2; 5-6: 1+2; 7, 8, 9: private to agent 0, 1, 2
 AGENT_FACTS = ((0, 1, 2, 3, 4, 7), (0, 1, 2, 5, 6, 8), (0, 3, 4, 5, 6, 9))
 AGENT_RECIPE = dict(n_layer=2, d_model=64, n_head=4, steps=3000, batch_size=64, lr=3e-3, prefix_share=0.5, seed=0,
-                    version=1)
+                    task="sum", version=2)
 
 
 def facts_problems(n: int, seed: int) -> list[dict]:
-    """n problems: true values (10,) in Z_7 and erasures (3, 10) with probability 0.4 per agent and fact."""
+    """n problems: true values (10,) in {0..6} and erasures (3, 10) with probability 0.4 per agent and fact."""
     g = np.random.default_rng(seed)
     return [dict(values=g.integers(0, MOD, N_FACTS).tolist(), erased=(g.random((3, N_FACTS)) < ERASE_P).tolist())
             for _ in range(n)]
 
 
 def facts_prompt(prob: dict, agent: int, others: Sequence[str | None] | None = None) -> str:
-    """Round 1: '0=3 1=? 2=5 3=1 4=? 7=2>'; round r > 1 appends the other agents' previous answers: '|4 ?>'."""
+    """Round 1: '0=3 1=? 2=5 3=1 4=? 7=2>'; round r > 1 appends the other agents' previous answers: '|14 ?>'."""
     body = " ".join(f"{f}={'?' if prob['erased'][agent][f] else prob['values'][f]}" for f in AGENT_FACTS[agent])
     if others is not None:
         body += "|" + " ".join(a if a is not None else "?" for a in others)
@@ -787,17 +823,61 @@ def facts_prompt(prob: dict, agent: int, others: Sequence[str | None] | None = N
 
 
 def facts_answer(prob: dict, agent: int) -> str:
-    return str(sum(prob["values"][f] for f in AGENT_FACTS[agent]) % MOD)
+    """Agent i's target: the sum of the true values of its 6 facts (0..36). DEVIATION(4): the spec's sum mod 7
+    was not learnable by the toy agent (see the docstring)."""
+    return str(sum(prob["values"][f] for f in AGENT_FACTS[agent]))  # DEVIATION(4)
 
 
-def parse_digit(text: str) -> str | None:
-    """The toy agent's answer: its first character if it is a digit 0-6, else unparsable (None)."""
+def parse_number(text: str) -> str | None:
+    """The toy agent's answer: the integer its response starts with (leading digits), else None (unparsable)."""
     t = text.strip()
-    return t[0] if t[:1].isdigit() and int(t[0]) < MOD else None
+    n = len(t) - len(t.lstrip("0123456789"))
+    return str(int(t[:n])) if n else None
+
+
+def mode_prob(k: int) -> float:
+    """max_s P(sum of k i.i.d. uniform{0..6} = s): the chance that the best guess of k unknown values' sum is right."""
+    dist = np.array([1.0])
+    for _ in range(k):
+        dist = np.convolve(dist, np.full(MOD, 1.0 / MOD))
+    return float(dist.max())
+
+
+def facts_bounds(probs: Sequence[dict]) -> dict:
+    """Counting bounds of Part B on these problems: `single` = an agent that knows its visible values and guesses
+    the sum of its erased ones; `shared` = an agent that also recovers every erased fact some other agent sees
+    (private erasures stay lost); oracle = 1."""
+    single, shared = [], []
+    for p in probs:
+        for i, facts in enumerate(AGENT_FACTS):
+            single.append(mode_prob(sum(p["erased"][i][f] for f in facts)))
+            holders = [[j for j in range(3) if f in AGENT_FACTS[j]] for f in facts]
+            shared.append(mode_prob(sum(all(p["erased"][j][f] for j in h) for f, h in zip(facts, holders))))
+    return dict(single=float(np.mean(single)), shared=float(np.mean(shared)), oracle=1.0)
+
+
+def recoverable_facts(probs: Sequence[dict]) -> torch.Tensor:
+    """(B, 10 * 7) one-hot value of each fact that at least one of its holders saw (zeros where every holder has
+    it erased): the latent thoughts a perfect AE could recover from all agents' states (`oracle_latent`)."""
+    out = torch.zeros(len(probs), N_FACTS * MOD)
+    for b, p in enumerate(probs):
+        for f in range(N_FACTS):
+            if any(not p["erased"][i][f] for i, facts in enumerate(AGENT_FACTS) if f in facts):
+                out[b, f * MOD + p["values"][f]] = 1.0
+    return out
+
+
+def fact_mask() -> torch.Tensor:
+    """True M (3, 10 * 7) of recoverable_facts: agent i depends on the 7 latents of each of its facts."""
+    M = torch.zeros(len(AGENT_FACTS), N_FACTS * MOD, dtype=torch.bool)
+    for i, facts in enumerate(AGENT_FACTS):
+        for f in facts:
+            M[i, f * MOD:(f + 1) * MOD] = True
+    return M
 
 
 def prefix_code(d: int, seed: int = 0) -> torch.Tensor:
-    """A (6 * 7, d): the fixed random code the agent was pretrained to read (DEVIATION 3); row norm ~ 1."""
+    """A (6 * 7, d): the fixed random code the agent was pretrained to read (DEVIATION 3); row norm ~ 4."""
     g = torch.Generator().manual_seed(1234 + seed)
     return torch.randn(len(AGENT_FACTS[0]) * MOD, d, generator=g) / math.sqrt(d) * 4.0
 
@@ -811,11 +891,85 @@ def oracle_prefix(probs: Sequence[dict], agent: int, A: torch.Tensor) -> torch.T
     return (oh @ A)[:, None, :]
 
 
-def simulated_guess(prob: dict, agent: int, rng: np.random.Generator) -> str:
-    """A round-1 answer as a lone agent gives it (erased values guessed uniformly): the pretraining stand-in for the
-    other agents' answers in round-2 prompts."""
-    vals = [rng.integers(0, MOD) if prob["erased"][agent][f] else prob["values"][f] for f in AGENT_FACTS[agent]]
-    return str(int(sum(vals)) % MOD)
+def lone_answer(prob: dict, agent: int) -> str:
+    """The answer of a lone agent that guesses its erased values' sum by its mode (3 per value): the stand-in for
+    the other agents' answers in round-2 pretraining prompts."""
+    return str(sum(3 if prob["erased"][agent][f] else prob["values"][f] for f in AGENT_FACTS[agent]))
+
+
+class FactsWorld:
+    """Part B as a world of the debate pipeline: 3 agents, each with its own question (its own 6 facts)."""
+
+    vote = False  # agents answer different questions: accuracy = mean over agents, no majority vote
+
+    def __init__(self):
+        self.n_agents = len(AGENT_FACTS)
+
+    def prompt(self, prob: dict, agent: int, others: Sequence[str] | None = None) -> str:
+        return facts_prompt(prob, agent, None if others is None else [parse_number(t) for t in others])
+
+    def target(self, prob: dict, agent: int) -> str:
+        return facts_answer(prob, agent)
+
+    parse = staticmethod(parse_number)
+
+    def correct(self, prob: dict, agent: int, ans: str | None) -> bool:
+        return ans is not None and ans == facts_answer(prob, agent)
+
+
+INSTRUCTION = "Solve the problem. Put your final answer in \\boxed{}."
+
+
+def chat_prompt(tok, content: str) -> str:
+    """One user turn through the tokenizer's own chat template (assistant turn opened, Qwen3 thinking off), applied
+    once here and nowhere else; a plain 'user: ...' rendering for a tokenizer without a template."""
+    msgs = [{"role": "user", "content": content}]
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    return C.render_chat(tok, msgs)
+
+
+class QAWorld:
+    """Real models: question / answer rows (jsonl); final answer = last \\boxed{}; debate prompt = the question plus
+    the other agents' previous responses (Du et al.); final answer of a problem = majority vote (Eq. 1)."""
+
+    vote = True
+
+    def __init__(self, tok, n_agents: int):
+        self.tok, self.n_agents = tok, n_agents
+
+    def prompt(self, prob: dict, agent: int, others: Sequence[str] | None = None) -> str:
+        text = f"{prob['question']}\n\n{INSTRUCTION}"
+        if others is not None:
+            text += "\n\nThese are the solutions of the other agents:\n" + "\n".join(
+                f"\nAgent {k + 1}: {o.strip()}" for k, o in enumerate(others)) + (
+                "\n\nUsing their solutions as additional advice, give your updated answer. " + INSTRUCTION)
+        return chat_prompt(self.tok, text)
+
+    def target(self, prob: dict, agent: int) -> str:
+        return f"The answer is \\boxed{{{prob['answer']}}}."
+
+    parse = staticmethod(C.extract_answer)
+
+    def correct(self, prob: dict, agent: int, ans: str | None) -> bool:
+        return ans is not None and C.is_correct(f"\\boxed{{{ans}}}", prob["answer"])
+
+
+def score_round(world, probs: Sequence[dict], answers: list[list[str | None]]) -> dict:
+    """accuracy (majority vote where world.vote, else the mean over agents), agent_accuracy (mean over agents and
+    problems), consensus (all agents agree; unparsable = disagree; None where agents answer different questions)
+    and the unparsable count."""
+    n_a = len(answers)
+    ok = [[world.correct(p, i, answers[i][b]) for b, p in enumerate(probs)] for i in range(n_a)]
+    agent_acc = float(np.mean(ok))
+    out = dict(agent_accuracy=agent_acc, unparsable=sum(a is None for row in answers for a in row))
+    if world.vote:
+        cv = [consensus_and_vote([answers[i][b] for i in range(n_a)]) for b in range(len(probs))]
+        out.update(accuracy=float(np.mean([world.correct(p, 0, v) for p, (_, v) in zip(probs, cv)])),
+                   consensus=float(np.mean([c for c, _ in cv])))
+    else:
+        out.update(accuracy=agent_acc, consensus=None)
+    return out
 
 
 def embed_with_prefix(model, ids: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None):
@@ -828,25 +982,23 @@ def embed_with_prefix(model, ids: torch.Tensor, mask: torch.Tensor, prefix: torc
     return emb, mask, C.position_ids(mask)
 
 
-def _agent_batch(tok, prompts, answers, device):
-    ids, mask, resp = C.encode_pairs(tok, prompts, answers, device=device)
-    return ids, mask, resp
-
-
 def answer_nll(model, tok, prompts: list[str], answers: list[str], prefix: torch.Tensor | None) -> torch.Tensor:
-    """Mean NLL of the answer tokens (and EOS) given prompt and prefix: --adapter_loss task and pretraining."""
+    """Mean over rows of each row's mean NLL of its answer tokens (and EOS) given prompt and prefix (--adapter_loss
+    task and the toy agent's pretraining). Per-row means, so equal shards over ranks average to the global value."""
     device = next(model.parameters()).device
-    ids, mask, resp = _agent_batch(tok, prompts, answers, device)
+    ids, mask, resp = C.encode_pairs(tok, prompts, answers, device=device)
     emb, m2, pos = embed_with_prefix(model, ids, mask, prefix)
-    logits = model(inputs_embeds=emb, attention_mask=m2, position_ids=pos).logits[:, -ids.shape[1]:-1].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    w = resp[:, 1:].reshape(-1).float()
-    return (nll * w).sum() / w.sum()
+    with C.autocast(device):
+        logits = model(inputs_embeds=emb, attention_mask=m2, position_ids=pos).logits[:, -ids.shape[1]:-1]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, L-1), fp32
+    w = resp[:, 1:].float()
+    return ((nll * w).sum(1) / w.sum(1).clamp_min(1)).mean()
 
 
 def pretrain_agent(recipe: dict, path: str) -> None:
-    """The toy agent: a tiny Llama trained to answer the true sum from round-1 and round-2 prompts, half of the
-    examples with the oracle prefix A^T onehot(true values) (DEVIATION 3)."""
+    """The toy agent: a tiny Llama trained to answer its true sum from round-1 and round-2 prompts; a share of the
+    batches carry the oracle prefix A^T onehot(true values) (DEVIATION 3), the others no prefix slot at all (as
+    the text-only arms see it)."""
     model, tok = C.tiny_lm(n_layer=recipe["n_layer"], d_model=recipe["d_model"], n_head=recipe["n_head"], seed=recipe["seed"])
     A = prefix_code(recipe["d_model"], recipe["seed"])
     rng = np.random.default_rng(recipe["seed"])
@@ -861,12 +1013,10 @@ def pretrain_agent(recipe: dict, path: str) -> None:
         agent = int(rng.integers(3))
         prompts = []
         for p in probs:
-            others = [simulated_guess(p, j, rng) for j in range(3) if j != agent] if rng.random() < 0.5 else None
+            others = [lone_answer(p, j) for j in range(3) if j != agent] if rng.random() < 0.5 else None
             prompts.append(facts_prompt(p, agent, others))
-        pre = oracle_prefix(probs, agent, A)
-        use = torch.from_numpy(rng.random(len(probs)) < recipe["prefix_share"])[:, None, None].float()
-        # rows without the prefix get a zero vector (a prefix slot that carries nothing)
-        loss = answer_nll(model, tok, prompts, [facts_answer(p, agent) for p in probs], pre * use)
+        pre = oracle_prefix(probs, agent, A) if rng.random() < recipe["prefix_share"] else None
+        loss = answer_nll(model, tok, prompts, [facts_answer(p, agent) for p in probs], pre)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -885,6 +1035,7 @@ def agent_checkpoint(recipe: dict = AGENT_RECIPE) -> str:
     builder trains on common's arithmetic world only, so this file builds its own agent."""
     import fcntl
     import hashlib
+    import shutil
 
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     root = C.toy_cache_dir()
@@ -896,8 +1047,6 @@ def agent_checkpoint(recipe: dict = AGENT_RECIPE) -> str:
             t0 = time.time()
             print(f"[toy] building the thoughtcomm agent ({recipe['steps']} steps) -> {path}", file=sys.stderr, flush=True)
             tmp = path + f".tmp{os.getpid()}"
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             C.set_cpu_threads()
             pretrain_agent(recipe, tmp)
@@ -907,7 +1056,7 @@ def agent_checkpoint(recipe: dict = AGENT_RECIPE) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- agents: decoding with a prefix, states, debate rounds ----
+# ---- agents: decoding with a prefix, states, debate rounds (Part B and real models) ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -923,10 +1072,12 @@ def generate_with_prefix(model, tok, prompts: list[str], prefix: torch.Tensor | 
         return g.texts, g.sequences, g.attention_mask, g.prompt_len
     from transformers import DynamicCache
 
+    gen = C.device_generator(gen, device)
     ids, mask = C.encode_prompts(tok, prompts, device)
     emb, m2, pos = embed_with_prefix(model, ids, mask, prefix.to(device))
-    cache, ckw = DynamicCache(), C._cache_kw(model)
-    out = model(inputs_embeds=emb, attention_mask=m2, position_ids=pos, use_cache=True, **{ckw: cache})
+    cache, ckw = DynamicCache(), C.cache_kwarg(model)
+    with C.autocast(device):
+        out = model(inputs_embeds=emb, attention_mask=m2, position_ids=pos, use_cache=True, logits_to_keep=1, **{ckw: cache})
     stop = torch.tensor(C._stop_ids(model, tok), device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     toks, alive, nxt_pos = [], [], pos[:, -1:] + 1
@@ -938,21 +1089,28 @@ def generate_with_prefix(model, tok, prompts: list[str], prefix: torch.Tensor | 
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
         m2 = torch.cat([m2, torch.ones_like(m2[:, :1])], 1)
-        out = model(input_ids=nxt[:, None], attention_mask=m2, position_ids=nxt_pos, use_cache=True, **{ckw: cache})
+        with C.autocast(device):
+            out = model(input_ids=nxt[:, None], attention_mask=m2, position_ids=nxt_pos, use_cache=True, **{ckw: cache})
         nxt_pos = nxt_pos + 1
     resp, rmask = torch.stack(toks, 1), torch.stack(alive, 1).long()
     texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp.cpu(), rmask.cpu())]
     return texts, torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1]
 
 
+def backbone(model):
+    """The decoder stack of a HF causal LM (returns last_hidden_state, after the final norm)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") and model.get_decoder() is not None else model.base_model
+
+
 @torch.no_grad()
 def agent_states(model, seqs: torch.Tensor, mask: torch.Tensor, prompt_len: int, kind: str,
                  prefix: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. (2): one extra forward over the finished sequences (B, L) -> (B, d) last-layer states: of the last
+    """Eq. (2): one extra forward over the finished sequences (B, L) -> (B, d) fp32 last-layer states: of the last
     attended token (`last`), or the mean over the prompt tokens (`mean`, DEVIATION 2)."""
     emb, m2, pos = embed_with_prefix(model, seqs, mask, prefix)
-    h = model.model(inputs_embeds=emb, attention_mask=m2, position_ids=pos).last_hidden_state[:, -seqs.shape[1]:]
-    h = h.float()  # (B, L, d)
+    with C.autocast(seqs.device):
+        h = backbone(model)(inputs_embeds=emb, attention_mask=m2, position_ids=pos).last_hidden_state
+    h = h[:, -seqs.shape[1]:].float()  # (B, L, d)
     if kind == "last":
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # last attended position
         return h[torch.arange(len(h)), last]
@@ -960,33 +1118,38 @@ def agent_states(model, seqs: torch.Tensor, mask: torch.Tensor, prompt_len: int,
     return (h[:, :prompt_len] * pm).sum(1) / pm.sum(1)
 
 
-def run_round(model, tok, probs: list[dict], prev: list[list[str | None]] | None, prefixes: list | None, args,
-              gen: torch.Generator, max_new_tokens: int = 3):
-    """One debate round of all agents on all problems. prev[i][b]: agent i's previous answer; prefixes[i]:
-    (B, m, d) or None. Returns answers [agent][problem] and states [agent] (B, d)."""
-    answers, states = [], []
-    n_a = len(AGENT_FACTS)
-    for i in range(n_a):
-        prompts = [facts_prompt(p, i, None if prev is None else [prev[j][b] for j in range(n_a) if j != i])
-                   for b, p in enumerate(probs)]
-        pre = prefixes[i] if prefixes is not None else None
-        texts, seqs, mask, P = generate_with_prefix(model, tok, prompts, pre, max_new_tokens, args.temperature,
-                                                    args.top_p, gen)
-        answers.append([parse_digit(t) for t in texts])
-        states.append(agent_states(model, seqs, mask, P, args.state, pre))
-    return answers, states
+def round_prompts(world, probs: Sequence[dict], prev: list[list[str]] | None) -> list[str]:
+    """Agent-major prompts of one round: row i * B + b = agent i on problem b (round 1: prev None; later rounds:
+    the other agents' previous responses)."""
+    n_a = world.n_agents
+    return [world.prompt(p, i, None if prev is None else [prev[j][b] for j in range(n_a) if j != i])
+            for i in range(n_a) for b, p in enumerate(probs)]
 
 
-def facts_accuracy(probs: list[dict], answers: list[list[str | None]]) -> tuple[float, int]:
-    """Mean over agents and problems of 'agent i's answer is its true sum'; and the unparsable count."""
-    ok = [a == facts_answer(p, i) for i, row in enumerate(answers) for p, a in zip(probs, row)]
-    return float(np.mean(ok)), sum(a is None for row in answers for a in row)
+def run_round(model, tok, world, probs: list[dict], prev: list[list[str]] | None, prefix: torch.Tensor | None, args,
+              gen: torch.Generator, max_new_tokens: int):
+    """One debate round of all agents on all problems: one batched generate (chunks of --gen_batch_size rows) and
+    one extra forward for the states. prefix: (n_a * B, m, d) agent-major or None. Returns texts[i][b],
+    answers[i][b] (parsed, None = unparsable) and states [n_a] x (B, d) on the CPU."""
+    n_a, B = world.n_agents, len(probs)
+    prompts = round_prompts(world, probs, prev)
+    chunk = args.gen_batch_size or len(prompts)
+    texts, states = [], []
+    for s in range(0, len(prompts), chunk):
+        pre = prefix[s:s + chunk] if prefix is not None else None
+        t, seqs, mask, P = generate_with_prefix(model, tok, prompts[s:s + chunk], pre, max_new_tokens, args.temperature,
+                                                args.top_p, gen)
+        texts += t
+        states.append(agent_states(model, seqs, mask, P, args.state, pre).cpu())
+    H = torch.cat(states)
+    rows = [texts[i * B:(i + 1) * B] for i in range(n_a)]
+    return rows, [[world.parse(x) for x in r] for r in rows], [H[i * B:(i + 1) * B] for i in range(n_a)]
 
 
-def probe_gate(states: list[torch.Tensor], probs: list[dict], steps: int = 300) -> float:
+def probe_gate(states: list[torch.Tensor], probs: list[dict], steps: int = 300) -> tuple[float, float]:
     """Linear probe (softmax regression, fit on half, scored on the other half) that decodes each observed visible
-    value of agent i from H^(i); returns the worst accuracy over the (agent, fact) slots."""
-    worst = 1.0
+    value of agent i from H^(i); returns (worst, mean) accuracy over the (agent, fact) slots."""
+    accs = []
     n = len(probs)
     half = n // 2
     for i, H in enumerate(states):
@@ -1004,8 +1167,8 @@ def probe_gate(states: list[torch.Tensor], probs: list[dict], steps: int = 300) 
                 loss = F.cross_entropy(lin(Hs[tr]), y[tr]) + 1e-3 * lin.weight.pow(2).sum()
                 opt.zero_grad(), loss.backward(), opt.step()
             with torch.no_grad():
-                worst = min(worst, float((lin(Hs[te]).argmax(-1) == y[te]).float().mean()))
-    return worst
+                accs.append(float((lin(Hs[te]).argmax(-1) == y[te]).float().mean()))
+    return (min(accs), float(np.mean(accs))) if accs else (1.0, 1.0)
 
 
 class PrefixAdapter(nn.Module):
@@ -1038,94 +1201,66 @@ def random_mask_like(M: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- Part B: phases ----
+# ---- Part B / real: phases ----
 # ---------------------------------------------------------------------------------------------
 
-STATE_ARMS = ("thoughtcomm", "broadcast", "random_mask", "raw_state")
+STATE_ARMS = ("thoughtcomm", "broadcast", "random_mask", "raw_state", "oracle_latent")
+AE_ARMS = ("thoughtcomm", "broadcast", "random_mask")
 
 
-def round1(model, tok, probs, args, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return run_round(model, tok, probs, None, None, args, gen)
-
-
-def fit_ae(H: torch.Tensor, slices, args, ckpt_state, save) -> tuple[AutoEncoder, torch.Tensor]:
-    """Sparse AE on the training problems' round-1 states (Eqs. 6-8) -> (AE, M)."""
+def fit_ae(H: torch.Tensor, slices, args, ckpt_state, save, device) -> tuple[Stage, torch.Tensor]:
+    """Sparse AE on the training problems' round-1 states (Eqs. 6-8) -> (stage, M). H: (N, n_h) standardised."""
     torch.manual_seed(args.seed)
-    n_z = args.n_latent or 30
-    stage = Stage("ae", AutoEncoder(H.shape[1], n_z, args.ae_width), args.ae_steps, args.lambda_jac, args, args.seed + 1)
+    n_z = args.n_latent or (30 if args.model_name_or_path is None else 1024)
+    stage = Stage("ae", AutoEncoder(H.shape[1], n_z, args.ae_width).to(device), args.ae_steps, args.lambda_jac, args,
+                  args.seed + 1)
     if ckpt_state is not None:
         stage.load(ckpt_state)
+    save.stage = stage  # the AE stage's checkpoints carry it
+    H = H.to(device)
     h_val = H[: min(len(H), 512)]
-    train_stage(stage, H, h_val, args, save.log, 0, min(save.step, args.ae_steps), lambda name, done: save(stage, None, done))
+    train_stage(stage, H, h_val, args, save.log, 0, min(save.step, args.ae_steps), lambda name, done: save(done))
     jabs = jacobian_abs_mean(stage.ae.dec, stage.ae.encode(H).detach(), args.jac)
-    _, M, alpha = structure(jabs, slices, args.tau)
+    _, M, alpha = structure(jabs.cpu(), slices, args.tau)  # Eq. (8)
     return stage, M
 
 
-def prefixes_for(arm: str, adapter: PrefixAdapter | None, z: torch.Tensor | None, Hraw: torch.Tensor | None, M, probs,
-                 A: torch.Tensor) -> list | None:
-    """Round-2 prefixes of each agent for an arm (None = text only)."""
-    n_a = len(AGENT_FACTS)
+def prefixes_for(arm: str, adapter: PrefixAdapter | None, src: torch.Tensor | None, M, probs, A, n_a: int) -> torch.Tensor | None:
+    """Round r+1 prefixes of all agents, agent-major (n_a * B, m, d), for an arm (None = text only). src: the
+    round-r latents Zhat (B, n_z) or, for raw_state, the standardised raw states (B, n_h)."""
     if arm in ("single", "debate"):
         return None
     if arm == "oracle":
-        return [oracle_prefix(probs, i, A) for i in range(n_a)]
-    if arm == "raw_state":
-        return [adapter(Hraw, None, i) for i in range(n_a)]
-    return [adapter(z, M, i) for i in range(n_a)]
+        return torch.cat([oracle_prefix(probs, i, A) for i in range(n_a)])
+    return torch.cat([adapter(src, None if arm == "raw_state" else M, i) for i in range(n_a)])
 
 
-def train_adapter(model, tok, adapter, probs, ans1, z, Hraw, M, args, log, start: int, save) -> None:
-    """Adapter steps on the training problems (only g and w train; the LLM is frozen). Eq. (12) or `task`."""
-    opt = save.adapter_opt
-    gen = save.gen
-    n_a = len(AGENT_FACTS)
-    bar = tqdm(range(start, args.max_steps), desc=f"thoughtcomm[adapter {args.method}]", initial=start,
-               total=args.max_steps, leave=False)
-    for step in bar:
-        t0 = time.perf_counter()
-        idx = torch.randint(0, len(probs), (args.per_device_batch_size,), generator=gen).tolist()
-        agent = int(torch.randint(0, n_a, (1,), generator=gen))
-        bp = [probs[b] for b in idx]
-        prompts = [facts_prompt(probs[b], agent, [ans1[j][b] for j in range(n_a) if j != agent]) for b in idx]
-        src = Hraw[idx] if args.method == "raw_state" else z[idx]
-        pre = adapter(src, None if args.method == "raw_state" else M, agent)
-        t1 = time.perf_counter()
-        if args.adapter_loss == "task":
-            loss = answer_nll(model, tok, prompts, [facts_answer(p, agent) for p in bp], pre)
-            t_gen = 0.0
-        else:
-            loss, t_gen = eq12_loss(model, tok, prompts, pre, args, gen)
-        t2 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        t3 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-        opt.step()
-        t4 = time.perf_counter()
-        done = step + 1
-        if done % max(1, args.log_every // 4) == 0 or done == args.max_steps:
-            log.log(args.ae_steps + done, adapter_loss=loss.detach(), **{f"w{a}": float(adapter.w[a].detach()) for a in range(1, n_a + 1)},
-                    time_generation=t_gen, time_forward=t2 - t1 - t_gen + (t1 - t0), time_backward=t3 - t2,
-                    time_optimizer=t4 - t3, time_step=t4 - t0)
-        if done % args.save_every == 0 and done < args.max_steps:
-            save(None, adapter, args.ae_steps + done)
+def adapter_loss(model, tok, world, adapter, probs, texts1, src, M, idx, agent, args, sgen) -> tuple[torch.Tensor, float]:
+    """The adapter objective on problems idx for one agent: `task` (NLL of the reference answer given the round-2
+    prompt and the prefix) or Eq. (12). Returns (loss, seconds spent generating)."""
+    n_a = world.n_agents
+    prompts = [world.prompt(probs[b], agent, [texts1[j][b] for j in range(n_a) if j != agent]) for b in idx]
+    pre = adapter(src[idx], None if args.method == "raw_state" else M, agent)
+    if args.adapter_loss == "task":
+        return answer_nll(model, tok, prompts, [world.target(probs[b], agent) for b in idx], pre), 0.0
+    return eq12_loss(model, tok, prompts, pre, args, sgen)
 
 
 def eq12_loss(model, tok, prompts, pre, args, gen):
     """Eq. (12): [1 - cos(e(y_gen), e(y_ref))] - log p(y_gen | context, P), e = mean teacher-forced last-layer
-    state of the response; y_ref without prefix, y_gen with it (both sampled, no gradient through sampling)."""
+    state of the response; y_ref without prefix, y_gen with it (both sampled, --ref_tokens long; no gradient
+    through sampling). Returns (loss, seconds spent generating)."""
     t0 = time.perf_counter()
-    ref, _, _, _ = generate_with_prefix(model, tok, prompts, None, 3, args.temperature, args.top_p, gen)
-    y, _, _, _ = generate_with_prefix(model, tok, prompts, pre.detach(), 3, args.temperature, args.top_p, gen)
+    ref, _, _, _ = generate_with_prefix(model, tok, prompts, None, args.ref_tokens, args.temperature, args.top_p, gen)
+    y, _, _, _ = generate_with_prefix(model, tok, prompts, pre.detach(), args.ref_tokens, args.temperature, args.top_p, gen)
     t_gen = time.perf_counter() - t0
     device = next(model.parameters()).device
 
     def emb_and_logp(resps, prefix):
         ids, mask, resp = C.encode_pairs(tok, prompts, resps, device=device)
         emb, m2, pos = embed_with_prefix(model, ids, mask, prefix)
-        out = model(inputs_embeds=emb, attention_mask=m2, position_ids=pos, output_hidden_states=True)
+        with C.autocast(device):
+            out = model(inputs_embeds=emb, attention_mask=m2, position_ids=pos, output_hidden_states=True)
         h = out.hidden_states[-1][:, -ids.shape[1]:].float()
         r = resp.float()[..., None]
         e = (h * r).sum(1) / r.sum(1).clamp_min(1)
@@ -1138,117 +1273,289 @@ def eq12_loss(model, tok, prompts, pre, args, gen):
     return (1 - F.cosine_similarity(e_gen, e_ref, dim=-1) - logp).mean(), t_gen
 
 
-def run_agents(args, ckpt_dir: str, t0: float):
-    """Part B (and, with --model_name_or_path, the real path: not implemented in this version)."""
-    if args.model_name_or_path is not None:
-        raise C.UserError("the real-model path (--model_name_or_path) is not implemented in this version of "
-                          "thoughtcomm.py; run the toys (--part A / --part B)")
-    C.start_run(args, has_checkpoint=C.find_checkpoint(ckpt_dir) is not None, ignore=RESUME_IGNORES)
-    path = agent_checkpoint({**AGENT_RECIPE, "steps": args.agent_steps})
-    model, tok = C.load_lm(path)
+def train_adapter(model, tok, world, adapter, probs, texts1, src, M, args, log, start: int, save, rank: int,
+                  world_size: int) -> None:
+    """Adapter steps on the training problems (only g and w train; the LLM is frozen). Every rank draws the same
+    global batch (per_device_batch_size x world_size problems, one agent) from the shared generator and scores its
+    own slice; gradients are averaged over ranks (== one process on the whole batch)."""
+    opt, gen, sgen = save.adapter_opt, save.gen, save.sgen
+    bs = args.per_device_batch_size
+    bar = tqdm(range(start, args.max_steps), desc=f"thoughtcomm[adapter {args.method}]", initial=start,
+               total=args.max_steps, leave=False, disable=not C.is_main())
+    if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # HF checkpoints only in train mode; the frozen LLM has no dropout in use (p = 0 or eval-free)
+    for step in bar:
+        t0 = time.perf_counter()
+        idx = torch.randint(0, len(probs), (bs * world_size,), generator=gen).tolist()[rank * bs:(rank + 1) * bs]
+        agent = int(torch.randint(0, world.n_agents, (1,), generator=gen))
+        loss, t_gen = adapter_loss(model, tok, world, adapter, probs, texts1, src, M, idx, agent, args, sgen)
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        C.all_reduce_grads(adapter, world_size)
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+        opt.step()
+        t4 = time.perf_counter()
+        done = step + 1
+        if done % max(1, args.log_every // 4) == 0 or done == args.max_steps:
+            log.log(args.ae_steps + done, adapter_loss=loss.detach(),
+                    **{f"w{a}": float(adapter.w[a].detach()) for a in range(1, world.n_agents + 1)},
+                    time_generation=t_gen, time_forward=t2 - t0 - t_gen, time_backward=t3 - t2,
+                    time_optimizer=t4 - t3, time_step=t4 - t0)
+        if done % args.save_every == 0 and done < args.max_steps:
+            save(args.ae_steps + done)
+    if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+    model.eval()
+
+
+# ---- distributed helpers (torchrun shards problems; no-ops in one process) ----
+
+
+def shard(xs: Sequence, rank: int, world_size: int) -> list:
+    """Problems of this rank: every world_size-th from rank (interleaved, so unshard restores the order)."""
+    return list(xs[rank::world_size])
+
+
+def gather(obj, world_size: int) -> list:
+    """all_gather_object: [obj of rank 0, obj of rank 1, ...] on every rank ([obj] in one process)."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def unshard(parts: list[list]) -> list:
+    """Inverse of shard: parts[r] = xs[r::W] -> xs."""
+    n = sum(len(p) for p in parts)
+    out = [None] * n
+    for r, p in enumerate(parts):
+        out[r::len(parts)] = p
+    return out
+
+
+def gather_round(texts, answers, states, world_size: int):
+    """A round run on this rank's shard -> the whole round on every rank (problem order restored)."""
+    if world_size == 1:
+        return texts, answers, states
+    parts = gather((texts, answers, [s.cpu() for s in states]), world_size)
+    n_a = len(texts)
+    return ([unshard([p[0][i] for p in parts]) for i in range(n_a)], [unshard([p[1][i] for p in parts]) for i in range(n_a)],
+            [torch.stack(unshard([list(p[2][i]) for p in parts])) for i in range(n_a)])
+
+
+def broadcast(obj, world_size: int):
+    """Rank 0's obj on every rank."""
+    if world_size == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- Part B / real: the run ----
+
+
+def load_agents(args, device):
+    """(model, tokenizer, world, prefix code A or None, problems train / eval) of Part B or the real path; the LLM
+    is frozen."""
+    if args.model_name_or_path is None:
+        path = agent_checkpoint({**AGENT_RECIPE, "steps": args.agent_steps})
+        model, tok = C.load_lm(path, device=device)
+        A = torch.load(os.path.join(path, "prefix_code.pt"))
+        world = FactsWorld()
+        train = facts_problems(args.train_size, 1000 + args.seed)
+        evals = facts_problems(args.eval_size, 2000 + args.seed)  # never encoded during training (pitfall 10)
+    else:
+        model, tok = C.load_lm(args.model_name_or_path, device=device)
+        A, world = None, QAWorld(tok, args.num_agents)
+        train = read_problems(args.train_file)[:args.train_size]
+        evals = read_problems(args.eval_file)[:args.eval_size]
     for p in model.parameters():
         p.requires_grad_(False)
-    A = torch.load(os.path.join(path, "prefix_code.pt"))
-    train = facts_problems(args.train_size, 1000 + args.seed)
-    evals = facts_problems(args.eval_size, 2000 + args.seed)  # never encoded during training (pitfall 10)
+    return model, tok, world, A, train, evals
+
+
+def read_problems(path: str) -> list[dict]:
+    """question / answer rows of a jsonl file (UserError naming file:line on a bad row)."""
+    rows = C.read_jsonl(path, keys=("question", "answer"))
+    C.require(rows, f"{path} holds no problems; each line needs a JSON object with question and answer")
+    return [dict(question=str(r["question"]), answer=str(r["answer"])) for r in rows]
+
+
+def run_agents(args, ckpt_dir: str, t0: float, rank: int = 0, world_size: int = 1, device=None):
+    """Part B and the real path: round 1 on both splits (sharded over ranks) -> AE on the training states (rank 0,
+    broadcast) -> structure -> adapter (data-parallel) -> rounds 2.. on the evaluation problems with prefixes."""
+    device = device or torch.device("cpu")
+    model, tok, world, A, train, evals = load_agents(args, device)
+    n_a = world.n_agents
     st = C.load_checkpoint(ckpt_dir) if args.resume else None
     step = st["step"] if st else 0
     log = C.MetricLogger(args.output_dir, resume_step=step if st else None)
-    summary = dict(part="B", method=args.method, seed=args.seed, state=args.state, lambda_jac=args.lambda_jac,
-                   agreement_weights=args.agreement_weights, adapter_loss=args.adapter_loss, agent=path)
-    # round 1 on both splits (the same for every arm: same seed)
-    ans_tr, H_tr = round1(model, tok, train, args, args.seed)
-    ans_ev, H_ev = round1(model, tok, evals, args, args.seed + 1)
-    acc1, unp1 = facts_accuracy(evals, ans_ev)
-    summary.update(acc_round1=acc1, unparsable_round1=unp1)
-    adapter = M = z_tr = z_ev = None
-    if args.method in STATE_ARMS:
-        gate = probe_gate(H_tr, train)
-        summary["probe_min_acc"] = gate
-        if gate < 0.9:
+    mnt = 3 if args.model_name_or_path is None else args.max_new_tokens
+    summary = dict(part="real" if args.model_name_or_path else "B", method=args.method, seed=args.seed, state=args.state,
+                   lambda_jac=args.lambda_jac, agreement_weights=args.agreement_weights, adapter_loss=args.adapter_loss,
+                   model=args.model_name_or_path or "toy agent", world_size=world_size, n_train=len(train),
+                   n_eval=len(evals))
+    if A is not None:
+        summary["bounds"] = facts_bounds(evals)
+    summary["emb_norm"] = round(float(model.get_input_embeddings().weight.norm(dim=-1).mean()), 4)
+    t_r1 = time.time()
+    # round 1 on both splits (the same for every arm: same seed); each rank its shard, then gathered
+    r1 = [run_round(model, tok, world, shard(ps, rank, world_size), None, None, args,
+                    torch.Generator().manual_seed(args.seed * 1000 + s * 100 + rank), mnt) for s, ps in ((1, train), (2, evals))]
+    (txt_tr, ans_tr, H_tr), (txt_ev, ans_ev, H_ev) = (gather_round(*r, world_size) for r in r1)
+    summary["time_round1_s"] = round(time.time() - t_r1, 1)
+    summary["round1"] = score_round(world, evals, ans_ev)
+    if args.method in STATE_ARMS and args.method != "oracle_latent" and A is not None and args.gate_min > 0:
+        gate, gate_mean = probe_gate(H_tr, train)
+        summary["probe_min_acc"], summary["probe_mean_acc"] = gate, gate_mean
+        if gate < args.gate_min:
             summary["gate"] = "failed"
-            C.write_json(os.path.join(args.output_dir, "summary.json"), summary)
+            if C.is_main():
+                C.write_json(os.path.join(args.output_dir, "summary.json"), summary)
             print(f"gate failed: a linear probe decodes the observed facts from the --state {args.state} states with "
-                  f"accuracy {gate:.2f} < 0.9 in the worst (agent, fact) slot; the states do not hold the facts, so "
-                  f"thought communication cannot be tested here"
-                  + (" (try --state mean)" if args.state == "last" else "")
-                  + "; a better-trained agent (--agent_steps) may hold them", flush=True)
+                  f"accuracy {gate:.2f} < --gate_min {args.gate_min} in the worst (agent, fact) slot (mean {gate_mean:.2f}); the states do not hold the facts, so "
+                  f"thought communication cannot be tested here" + (" (try --state mean)" if args.state == "last" else ""),
+                  flush=True)
+            C.ddp_cleanup()
             sys.exit(3)
+    # standardised states (training statistics for both splits): the AE's and raw_state's input
     Hcat_tr, Hcat_ev = torch.cat(H_tr, 1), torch.cat(H_ev, 1)
+    mu, sd = Hcat_tr.mean(0), Hcat_tr.std(0) + 1e-6
+    Hn_tr, Hn_ev = (Hcat_tr - mu) / sd, (Hcat_ev - mu) / sd
     d = H_tr[0].shape[1]
-    slices = [(i * d, (i + 1) * d) for i in range(len(AGENT_FACTS))]
-    gen = torch.Generator().manual_seed(args.seed + 5)
-
-    class Saver:  # checkpoint of the AE stage and the adapter
-        def __call__(self, stage, ad, done):
-            C.save_checkpoint(ckpt_dir, step=done, extra=dict(
-                ae=(stage or self.stage).state() if (stage or self.stage) is not None else None,
-                adapter=ad.state_dict() if ad is not None else None,
-                adapter_opt=self.adapter_opt.state_dict() if self.adapter_opt is not None else None,
-                gen=self.gen.get_state()))
-
-    save = Saver()
-    save.log, save.step, save.stage, save.adapter_opt, save.gen = log, step, None, None, gen
+    slices = [(i * d, (i + 1) * d) for i in range(n_a)]
+    save = Saver(ckpt_dir, log, step, rank, world_size, args)
     if st:
-        gen.set_state(st["extra"]["gen"])
-    if args.method in ("thoughtcomm", "broadcast", "random_mask"):
-        stage, M = fit_ae(Hcat_tr, slices, args, st["extra"]["ae"] if st else None, save)
+        save.gen.set_state(st["extra"]["gen"])
+        if rank < len(st["extra"]["sgens"]):  # saved once the adapter trains (its only user)
+            save.sgen.set_state(st["extra"]["sgens"][rank])
+    stage = M = adapter = src_tr = src_ev = None
+    if args.method in AE_ARMS:
+        if rank == 0:  # the AE is small: rank 0 trains it on the gathered states, then broadcasts it
+            stage, M = fit_ae(Hn_tr, slices, args, st["extra"]["ae"] if st else None, save, device)
+            box = (stage.ae.cpu().state_dict(), M)
+        else:
+            box = None
+        ae_state, M = broadcast(box, world_size)
+        ae = AutoEncoder(Hn_tr.shape[1], ae_state["enc.4.weight"].shape[0], args.ae_width)
+        ae.z_mean, ae.z_std = torch.zeros_like(ae_state["z_mean"]), torch.zeros_like(ae_state["z_std"])
+        ae.load_state_dict(ae_state)
+        ae.eval()
         save.stage = stage
         summary.update(alpha_hist=alpha_histogram(agreement(M)), M=M.long().tolist())
         if args.method == "broadcast":
             M = torch.ones_like(M)
         elif args.method == "random_mask":
             M = random_mask_like(M, torch.Generator().manual_seed(args.seed + 9))
+        summary["M_routed"] = M.long().tolist()  # the mask the prefixes are routed with
         with torch.no_grad():
-            z_tr, z_ev = stage.ae.encode(Hcat_tr), stage.ae.encode(Hcat_ev)
+            src_tr, src_ev = ae.encode(Hn_tr), ae.encode(Hn_ev)
+    if args.method == "raw_state":
+        src_tr, src_ev = Hn_tr, Hn_ev
+    if args.method == "oracle_latent":  # the thoughts an ideal AE could recover, routed with the true structure
+        src_tr, src_ev, M = recoverable_facts(train), recoverable_facts(evals), fact_mask()
+        summary["M_routed"] = M.long().tolist()
     if args.method in STATE_ARMS:
         emb_norm = float(model.get_input_embeddings().weight.norm(dim=-1).mean())
-        n_in = Hcat_tr.shape[1] if args.method == "raw_state" else z_tr.shape[1]
         torch.manual_seed(args.seed + 11)
-        adapter = PrefixAdapter(n_in, args.adapter_width, args.prefix_len, d, len(AGENT_FACTS), emb_norm,
-                                args.agreement_weights)
-        save.adapter_opt = torch.optim.Adam([p for p in adapter.parameters() if p.requires_grad], lr=args.learning_rate)
+        adapter = PrefixAdapter(src_tr.shape[1], args.adapter_width, args.prefix_len, d, n_a, emb_norm,
+                                args.agreement_weights).to(device)
+        save.adapter, save.adapter_opt = adapter, torch.optim.Adam([p for p in adapter.parameters() if p.requires_grad],
+                                                                   lr=args.learning_rate)
         if st and st["extra"].get("adapter") is not None:
             adapter.load_state_dict(st["extra"]["adapter"])
             save.adapter_opt.load_state_dict(st["extra"]["adapter_opt"])
-        Hn_tr = (Hcat_tr - Hcat_tr.mean(0)) / (Hcat_tr.std(0) + 1e-6)
-        Hn_ev = (Hcat_ev - Hcat_tr.mean(0)) / (Hcat_tr.std(0) + 1e-6)
-        train_adapter(model, tok, adapter, train, ans_tr, z_tr, Hn_tr, M, args, log,
-                      max(0, step - args.ae_steps), save)
-        save(None, adapter, args.ae_steps + args.max_steps)
-        Hraw_ev = Hn_ev
-    else:
-        Hraw_ev = None
-    # evaluation: round 2 (and further rounds) on the held-out problems
-    final, unp = acc1, unp1
-    if args.method != "single":
-        with torch.no_grad():
-            prev = ans_ev
-            for r in range(2, args.rounds + 1):
-                pre = prefixes_for(args.method, adapter, z_ev, Hraw_ev, M, evals, A)
-                prev, H_r = run_round(model, tok, evals, prev, pre, args, torch.Generator().manual_seed(args.seed + 100 + r))
-                final, unp = facts_accuracy(evals, prev)
-                summary[f"acc_round{r}"], summary[f"unparsable_round{r}"] = final, unp
-                if adapter is not None and args.method != "raw_state" and r < args.rounds:
-                    with torch.no_grad():
-                        z_ev = stage.ae.encode(torch.cat(H_r, 1))
+        src_tr, src_ev = src_tr.to(device), src_ev.to(device)
+        t_ad = time.time()
+        train_adapter(model, tok, world, adapter, train, txt_tr, src_tr, M, args, log, max(0, step - args.ae_steps), save,
+                      rank, world_size)
+        summary["time_adapter_s"] = round(time.time() - t_ad, 1)
+        save(args.ae_steps + args.max_steps)
+    final = summary["round1"]
+    if args.method != "single":  # rounds 2.. on this rank's evaluation shard, with prefixes from the round before
+        final = evaluate_rounds(model, tok, world, evals, txt_ev, src_ev, adapter, M, A, args, summary, rank, world_size,
+                                ae if args.method in AE_ARMS else None, (mu, sd), mnt, device)
     wall = time.time() - t0
-    summary.update(accuracy=final, unparsable=unp, eval_size=len(evals), wall_time_s=round(wall, 1),
-                   time_per_step_s=time_split(C.read_jsonl(log.path)))
+    summary.update(accuracy=final["accuracy"], consensus=final["consensus"], unparsable=final["unparsable"],
+                   wall_time_s=round(wall, 1), time_per_step_s=time_split(C.read_jsonl(log.path)) if C.is_main() else {})
     if adapter is not None:
-        summary["weights"] = [round(float(x), 4) for x in adapter.w[1:]]
-    C.write_json(os.path.join(args.output_dir, "summary.json"), summary)
-    if any(True for _ in open(log.path)):
-        C.plot_metrics(log.path, os.path.join(args.output_dir, "thoughtcomm.png"),
-                       title=f"thoughtcomm | part B {args.method} | seed {args.seed}")
-    else:
-        log.log(0, accuracy=final)
-        C.plot_metrics(log.path, os.path.join(args.output_dir, "thoughtcomm.png"),
-                       title=f"thoughtcomm | part B {args.method} | seed {args.seed}")
-    print(f"done in {wall / 60:.1f} min: part B {args.method} accuracy {final:.3f} (round 1 {acc1:.3f}; counting bounds: "
-          f"single ~0.18, shared facts ~0.38, oracle 1.0)  unparsable {unp}/{len(evals) * 3}"
-          + (f"  alpha {summary['alpha_hist']}" if "alpha_hist" in summary else "") + f"  ({args.output_dir})", flush=True)
+        summary["weights"] = [round(float(x), 4) for x in adapter.w.detach()[1:]]
+        summary["adapter_norm"] = float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in adapter.parameters())))
+    if C.is_main():
+        finish_agents(args, summary, log, wall)
     return summary
+
+
+def evaluate_rounds(model, tok, world, evals, txt_ev, src_ev, adapter, M, A, args, summary, rank, world_size, ae,
+                    norm, mnt, device) -> dict:
+    """Rounds 2..R on the evaluation problems (each rank its shard); the prefix of round r + 1 comes from the
+    round-r states (re-encoded by the AE after every round)."""
+    n_a = world.n_agents
+    mine = shard(range(len(evals)), rank, world_size)
+    probs = [evals[b] for b in mine]
+    prev = [[txt_ev[i][b] for b in mine] for i in range(n_a)]
+    src = src_ev[mine] if src_ev is not None else None
+    final = summary["round1"]
+    with torch.no_grad():
+        for r in range(2, args.rounds + 1):
+            pre = prefixes_for(args.method, adapter, src, M, probs, A, n_a)
+            if pre is not None:  # ||P|| against the mean embedding norm (pitfall 8), over all ranks' rows
+                norms = sum(gather(pre.norm(dim=-1).flatten().tolist(), world_size), [])
+                summary[f"prefix_norm_round{r}"] = round(float(np.mean(norms)), 4)
+            gen = torch.Generator().manual_seed(args.seed * 1000 + 100 * r + rank)
+            prev, ans, H = run_round(model, tok, world, probs, prev, pre, args, gen, mnt)
+            _, ans_all, H_all = gather_round(prev, ans, H, world_size)
+            final = summary[f"round{r}"] = score_round(world, evals, ans_all)
+            if src is not None and r < args.rounds:
+                Hn = (torch.cat(H, 1) - norm[0]) / norm[1]  # CPU, as the AE
+                src = (ae.encode(Hn) if ae is not None else Hn).to(device)
+    return final
+
+
+class Saver:
+    """Checkpoint of Part B / real runs: the AE stage, the adapter and its optimizer, the shared batch generator and
+    every rank's sampling generator (rank 0 writes)."""
+
+    def __init__(self, ckpt_dir, log, step, rank, world_size, args):
+        self.ckpt_dir, self.log, self.step, self.rank, self.world_size = ckpt_dir, log, step, rank, world_size
+        self.stage = self.adapter = self.adapter_opt = None
+        self.gen = torch.Generator().manual_seed(args.seed + 5)  # batches: the same on every rank
+        self.sgen = torch.Generator().manual_seed(args.seed * 1000 + 7 + rank)  # Eq. 12 sampling: per rank
+
+    def __call__(self, done: int) -> None:
+        sgens = gather(self.sgen.get_state(), self.world_size) if self.adapter is not None else [self.sgen.get_state()]
+        if self.rank == 0:
+            C.save_checkpoint(self.ckpt_dir, step=done, extra=dict(
+                ae=self.stage.state() if self.stage is not None else None,
+                adapter=self.adapter.state_dict() if self.adapter is not None else None,
+                adapter_opt=self.adapter_opt.state_dict() if self.adapter_opt is not None else None,
+                gen=self.gen.get_state(), sgens=sgens))
+
+
+def finish_agents(args, summary: dict, log, wall: float) -> None:
+    """summary.json, the PNG and the final line (rank 0)."""
+    C.write_json(os.path.join(args.output_dir, "summary.json"), summary)
+    if not any(True for _ in open(log.path)):
+        log.log(0, accuracy=summary["accuracy"])
+    if args.plot:
+        C.plot_metrics(log.path, os.path.join(args.output_dir, "thoughtcomm.png"),
+                       title=f"thoughtcomm | {summary['part']} {args.method} | seed {args.seed}")
+    b = summary.get("bounds")
+    bounds = f"; counting bounds: single {b['single']:.2f}, shared facts {b['shared']:.2f}, oracle 1.0" if b else ""
+    r1 = summary["round1"]["accuracy"]
+    print(f"done in {wall / 60:.1f} min: {summary['part']} {args.method} accuracy {summary['accuracy']:.3f} (round 1 "
+          f"{r1:.3f}{bounds})  unparsable {summary['unparsable']}"
+          + (f"  consensus {summary['consensus']:.3f}" if summary.get("consensus") is not None else "")
+          + (f"  alpha {summary['alpha_hist']}" if "alpha_hist" in summary else "") + f"  ({args.output_dir})", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1279,8 +1586,9 @@ def run_table(args) -> list[dict]:
             with open(os.path.join(d, "args.json")) as f:
                 old = json.load(f)
             skip = RESUME_IGNORES + ("resume", "overwrite", "output_dir")
-            diff = [f"--{k} {old.get(k)} -> {v}" for k, v in vars(parse_args(flags)).items()
-                    if k not in skip and old.get(k) != v]
+            defaults = vars(parse_args([]))  # a flag newer than the stored run counts as its default
+            diff = [f"--{k} {old.get(k, defaults[k])} -> {v}" for k, v in vars(parse_args(flags)).items()
+                    if k not in skip and old.get(k, defaults[k]) != v]
             C.require(not diff, f"{d} holds a finished run with other flags ({', '.join(diff)}); give the table "
                                 f"another --output_dir or remove that run")
         else:
@@ -1343,7 +1651,23 @@ def main(args):
         C.start_run(args, has_checkpoint=C.find_checkpoint(ckpt_dir) is not None, ignore=RESUME_IGNORES)
         res = run_part_a(args, ckpt_dir, t0)
         return finish_part_a(args, res, res["elapsed_before"] + time.time() - t0)
-    return run_agents(args, ckpt_dir, t0)
+    preflight_agents(args)  # model path and data files, still writing nothing
+    rank, world_size, device = C.ddp_setup()
+    if args.device:
+        device = C.pick_device(args.device)
+    # every rank calls it: rank 0 decides, the others stop on its refusal
+    C.start_run(args, has_checkpoint=C.find_checkpoint(ckpt_dir) is not None, ignore=RESUME_IGNORES)
+    summary = run_agents(args, ckpt_dir, t0, rank, world_size, device)
+    C.ddp_cleanup()
+    return summary
+
+
+def preflight_agents(args) -> None:
+    """Before any write: the real model's path / hub id and config, and both data files parse (file:line)."""
+    if args.model_name_or_path is not None:
+        C.preflight_model(args.model_name_or_path)
+        for f in (args.train_file, args.eval_file):
+            read_problems(f)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Tests of thoughtcomm.py: the math against hand values, one AE update against a plain reference, the wiring of
-routing / prefix / structure, validation, smoke runs, and (slow) kill -9 + resume and several seeds.
+"""Tests of thoughtcomm.py: the math against hand values, one AE update and one adapter update against plain
+references, the wiring of routing / prefix / structure / arms, validation, smoke runs, and (slow) kill -9 + resume
+(Part A and Part B), several seeds, torchrun with 2 CPU processes and the real SmolLM2-135M-Instruct checkpoint.
 
 Breakages these tests catch (each made on a scratch copy and seen to fail the named test):
   - agreement summing over latents instead of agents                         -> test_agreement_hand_value
@@ -10,30 +11,45 @@ Breakages these tests catch (each made on a scratch copy and seen to fail the na
   - structure() thresholding the absolute S instead of S / max_i S            -> test_structure_block_sparse
   - block R^2 scored on the rows it was fitted on; MCC without the matching   -> test_block_r2_and_mcc
   - the prefix placed after the prompt; positions counting the pads          -> test_prefix_equals_token
-  - ties broken by the highest index; unparsable counted as an answer        -> test_consensus_and_vote
+  - ties broken by the highest index; unparsable counted as an answer;
+    the real world scoring the mean over agents instead of the majority vote  -> test_consensus_and_vote
+  - the shared-facts bound counting a fact lost when any (not every) holder
+    has it erased                                                             -> test_facts_world_counts
   - the Jacobian term on all rows instead of jac_samples, or not divided by
     n_h; gradient clipping or the optimizer step skipped                      -> test_one_ae_update_matches_reference
+  - answer_nll as one token mean over the batch instead of a mean of per-row
+    means; the adapter ignoring w; the adapter's gradient clipping removed;
+    w frozen under --agreement_weights learn                                 -> test_one_adapter_update_matches_reference
   - the lambda ramp over half instead of a third of training                 -> test_lambda_ramp
   - refit heads reading every latent instead of their agent's                -> test_refit_heads_read_only_their_latents
   - --lambda_jac, --refit, --method oracle_mask read nowhere                 -> test_flags_change_results
   - --agreement_weights fixed ignored, or w trainable outside `learn`        -> test_partb_arm_wiring
+  - broadcast routing with the estimated M instead of all ones; random_mask
+    routing with M itself                                                     -> test_partb_state_arms_end_to_end
   - a flag range check removed (--tau)                                       -> test_validation_refuses
   - --table reusing a finished run whose flags differ                        -> test_table_refuses_stale_run
-Not covered by a default test: that run_agents applies the broadcast / random_mask masks (only the mask
-functions are tested), and the Part B adapter arms end to end (the toy agent fails the probe gate).
-Slow: kill -9 in the AE stage and again in the refit stage + two --resume reach the uninterrupted summary.json
-(a Stage.load that does not restore the sampling generator fails it: the summaries differ); two seeds of the
-default AE each find >= 4 private latents.
+Slow:
+  - kill -9 in the AE stage and again in the refit stage + two --resume reach the uninterrupted summary.json
+    (a Stage.load that does not restore the sampling generator fails it)      -> test_kill9_resume_same_summary
+  - Part B: kill -9 while the adapter trains + --resume (the batch generator
+    not restored fails it)                                                    -> test_partb_kill9_resume_same_summary
+  - two seeds of the default AE each find >= 4 private latents               -> test_seeds_differ_and_structure_found
+  - torchrun, 2 CPU processes == 1 process (gradients not averaged over
+    ranks; rank shards gathered in the wrong order)                          -> test_torchrun_two_processes_match_one_process
+  - the real checkpoint: chat template applied twice (round-2 prompt built
+    from a rendered round-1 prompt); LLM weights left trainable               -> test_real_smollm2_checkpoint
 """
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -166,8 +182,16 @@ def test_consensus_and_vote():
     probs = T.facts_problems(4, 0)
     answers = [[T.facts_answer(p, i) for p in probs] for i in range(3)]
     answers[1][2] = None
-    acc, unp = T.facts_accuracy(probs, answers)
-    assert (acc, unp) == (pytest.approx(11 / 12), 1)
+    sc = T.score_round(T.FactsWorld(), probs, answers)
+    assert (sc["accuracy"], sc["unparsable"], sc["consensus"]) == (pytest.approx(11 / 12), 1, None)
+    # real world: the majority vote is scored, consensus = all agents agree
+    qa = T.QAWorld(None, 3)
+    probs = [dict(question="q", answer="5"), dict(question="q", answer="7"), dict(question="q", answer="3")]
+    answers = [["5", "7", "3"], ["5.0", "6", None], ["4", "6", "3"]]  # votes: 5 (tie -> agent 0), 6, 3
+    sc = T.score_round(qa, probs, answers)
+    assert sc["accuracy"] == pytest.approx(2 / 3) and sc["consensus"] == 0 and sc["unparsable"] == 1
+    assert sc["agent_accuracy"] == pytest.approx(5 / 9)  # "5", "7", "3", "5.0" (== 5 as numbers), "3"
+    assert T.score_round(qa, probs[:1], [["5"], ["5"], ["5"]])["consensus"] == 1
 
 
 def test_prefix_equals_token():
@@ -191,17 +215,35 @@ def test_facts_world_counts():
     p = dict(values=[1, 2, 3, 4, 5, 6, 0, 1, 2, 3], erased=[[False] * 10, [True] + [False] * 9, [False] * 10])
     assert T.facts_prompt(p, 0) == "0=1 1=2 2=3 3=4 4=5 7=1>"
     assert T.facts_prompt(p, 1, ["4", None]) == "0=? 1=2 2=3 5=6 6=0 8=2|4 ?>"
-    assert T.facts_answer(p, 0) == str((1 + 2 + 3 + 4 + 5 + 1) % 7)
-    assert T.facts_answer(p, 2) == str((1 + 4 + 5 + 6 + 0 + 3) % 7)
-    # the spec's counting bounds: single (0.6^6 + (1 - 0.6^6) / 7) ~ 0.18, shared facts ~ 0.38
-    probs = T.facts_problems(4000, 1)
-    erased = np.array([p["erased"] for p in probs])
-    assert erased.mean() == pytest.approx(0.4, abs=0.01)
-    single = np.mean([not any(p["erased"][i][f] for f in T.AGENT_FACTS[i]) for p in probs for i in range(3)])
-    shared = np.mean([all(any(not p["erased"][j][f] for j in range(3) if f in T.AGENT_FACTS[j]) for f in T.AGENT_FACTS[i])
-                      for p in probs for i in range(3)])
-    assert single + (1 - single) / 7 == pytest.approx(0.18, abs=0.02)
-    assert shared + (1 - shared) / 7 == pytest.approx(0.38, abs=0.02)
+    assert T.FactsWorld().prompt(p, 1, ["14 ", "x"]) == "0=? 1=2 2=3 5=6 6=0 8=2|14 ?>"  # others' texts parsed
+    assert T.facts_answer(p, 0) == str(1 + 2 + 3 + 4 + 5 + 1)
+    assert T.facts_answer(p, 2) == str(1 + 4 + 5 + 6 + 0 + 3)
+    assert T.lone_answer(p, 1) == str(3 + 2 + 3 + 6 + 0 + 2)  # the erased fact 0 guessed by its mode, 3
+    assert [T.parse_number(t) for t in ("17", " 5</s>", "07x", "x5", "")] == ["17", "5", "7", None, None]
+    # hand values of the best-guess probability of the sum of k unknown values in {0..6}
+    assert [T.mode_prob(k) for k in (0, 1, 2)] == pytest.approx([1.0, 1 / 7, 7 / 49])
+    assert T.mode_prob(3) == pytest.approx(37 / 343)  # sum 9 (or 10): 37 of the 7^3 triples
+    # the bounds on one hand problem: agent 1 has fact 0 erased, agents 0 and 2 see it
+    b = T.facts_bounds([p])
+    assert b["single"] == pytest.approx((1 + 1 / 7 + 1) / 3) and b["shared"] == 1.0
+    # and on many problems, against a plain count (sums of k unknowns by enumeration)
+    probs = T.facts_problems(600, 1)
+    erased = np.array([q["erased"] for q in probs])
+    assert erased.mean() == pytest.approx(0.4, abs=0.02)
+    best = {k: max(Counter(sum(c) for c in itertools.product(range(7), repeat=k)).values()) / 7 ** k for k in range(7)}
+    single = np.mean([best[sum(q["erased"][i][f] for f in T.AGENT_FACTS[i])] for q in probs for i in range(3)])
+    shared = np.mean([best[sum(all(q["erased"][j][f] for j in range(3) if f in T.AGENT_FACTS[j]) for f in T.AGENT_FACTS[i])]
+                      for q in probs for i in range(3)])
+    b = T.facts_bounds(probs)
+    assert b["single"] == pytest.approx(single) and b["shared"] == pytest.approx(shared)
+    assert 0.15 < single < 0.25 and 0.3 < shared < 0.45
+    # oracle_latent's thoughts: a fact's value one-hot when some holder saw it; fact 0 erased for all -> zeros
+    q = dict(values=[1, 2, 3, 4, 5, 6, 0, 1, 2, 3], erased=[[True] * 10, [True] * 10, [True] * 9 + [False]])
+    r = T.recoverable_facts([q])[0].view(10, 7)
+    assert r.sum(1).tolist() == [0] * 9 + [1] and r[9, 3] == 1  # only fact 9 (agent 2's, seen) survives
+    Mf = T.fact_mask()
+    assert Mf.sum(1).tolist() == [42, 42, 42] and T.agreement(Mf)[::7].tolist() == [3, 2, 2, 2, 2, 2, 2, 1, 1, 1]
+    assert Mf[0, 7 * 7:8 * 7].all() and not Mf[0, 8 * 7:].any()  # agent 0: its private fact 7, not 8 or 9
 
 
 # ---- wiring: one AE update against a plain reference ----
@@ -293,11 +335,16 @@ def test_partb_arm_wiring():
     assert T.agreement(R).tolist() == T.agreement(M).tolist() and not torch.equal(R, M)
     A = T.prefix_code(d)
     probs = T.facts_problems(3, 0)
-    pre = T.prefixes_for("oracle", None, None, None, None, probs, A)
-    assert len(pre) == 3 and pre[0].shape == (3, 1, d)
-    k = T.AGENT_FACTS[1][2]
-    assert torch.allclose(pre[1][0, 0], A[[j * 7 + probs[0]["values"][f] for j, f in enumerate(T.AGENT_FACTS[1])]].sum(0))
-    assert T.prefixes_for("debate", None, None, None, None, probs, A) is None and k == 2
+    pre = T.prefixes_for("oracle", None, None, None, probs, A, 3)
+    assert pre.shape == (9, 1, d)  # agent-major: row 3 * i + b
+    assert torch.allclose(pre[3 + 0, 0], A[[j * 7 + probs[0]["values"][f] for j, f in enumerate(T.AGENT_FACTS[1])]].sum(0))
+    assert T.prefixes_for("debate", None, None, None, probs, A, 3) is None
+    torch.manual_seed(1)
+    ad = T.PrefixAdapter(5, 16, 2, d, n_a, emb_norm=1.0, weights="learn")
+    tc = T.prefixes_for("thoughtcomm", ad, z[:3], M, probs, A, 3)
+    assert tc.shape == (9, 2, d) and torch.allclose(tc[3:6], ad(z[:3], M, 1))
+    raw = T.prefixes_for("raw_state", T.PrefixAdapter(5, 16, 2, d, n_a, 1.0, "learn"), z[:3], M, probs, A, 3)
+    assert raw.shape == (9, 2, d) and torch.allclose(raw[:3], raw[3:6])  # raw_state: no routing, same for all agents
 
 
 # ---- validation and smoke ----
@@ -364,8 +411,8 @@ def test_smoke_part_b(tmp_path):
     sm = T.main(T.parse_args(["--part", "B", "--num_agents", "3", "--method", "debate", "--agent_steps", "20",
                               "--max_steps", "2", "--eval_size", "8", "--train_size", "8", "--output_dir", str(out)]))
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(sm))
-    assert (out / "thoughtcomm.png").is_file() and sm["eval_size"] == 8 and 0 <= sm["unparsable"] <= 24
-    assert sm["accuracy"] == sm["acc_round2"] and "acc_round1" in sm
+    assert (out / "thoughtcomm.png").is_file() and sm["n_eval"] == 8 and 0 <= sm["unparsable"] <= 24
+    assert sm["accuracy"] == sm["round2"]["accuracy"] and "round1" in sm and sm["bounds"]["oracle"] == 1.0
 
 
 # ---- slow ----
@@ -429,3 +476,220 @@ def test_seeds_differ_and_structure_found(tmp_path):
     for sm in res:
         assert "refit" not in sm and sm["steps"] == 6000
         assert sm["sparse"]["alpha_hist"].get("1", 0) >= 4, sm["sparse"]["alpha_hist"]
+
+
+# ---- Part B / real pipeline: one adapter update against a plain reference; arms end to end ----
+
+
+def test_shard_unshard():
+    xs = list(range(11))
+    parts = [T.shard(xs, r, 3) for r in range(3)]
+    assert parts[1] == [1, 4, 7, 10] and T.unshard(parts) == xs
+    texts = [[f"a{b}" for b in range(5)], [f"b{b}" for b in range(5)]]
+    H = [torch.arange(10.0).view(5, 2), -torch.arange(10.0).view(5, 2)]
+    assert T.gather_round(texts, texts, H, 1)[0] is texts  # one process: unchanged
+
+
+class _Save:  # what train_adapter reads of the run's Saver
+    def __init__(self, opt):
+        self.adapter_opt, self.gen, self.sgen = opt, torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+
+
+def test_one_adapter_update_matches_reference(tmp_path):
+    """train_adapter, one step of --adapter_loss task, against a plain reference: route by hand (z * M_i * w[alpha]),
+    g, then one unpadded forward per problem with the prefix vector before the prompt's embeddings; NLL of the
+    answer tokens and EOS, mean per row, mean over rows; SGD step after clipping to norm 1."""
+    import common as C
+
+    model, tok = C.tiny_lm(n_layer=2, d_model=32, n_head=4, seed=0)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    world = T.FactsWorld()
+    probs = T.facts_problems(6, 5)
+    texts1 = [[str(10 + i + b) for b in range(6)] for i in range(3)]
+    M = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 1, 1, 0], [0, 0, 1, 1, 1]]).bool()
+    z = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(2)
+    # a tiny prefix (norm 1e-3): the first RMSNorm scales its gradient up, past the clip at 1
+    ad = T.PrefixAdapter(5, 16, 1, 32, 3, emb_norm=1e-3, weights="learn")
+    with torch.no_grad():
+        ad.w.copy_(torch.tensor([0.0, 0.5, 1.5, 2.0]))
+    ref = T.PrefixAdapter(5, 16, 1, 32, 3, emb_norm=1e-3, weights="learn")
+    ref.load_state_dict(ad.state_dict())
+    args = T.parse_args(["--part", "B", "--num_agents", "3", "--max_steps", "1", "--per_device_batch_size", "4",
+                         "--adapter_loss", "task", "--log_every", "4"])
+    save = _Save(torch.optim.SGD(ad.parameters(), lr=0.5))
+    g = torch.Generator().manual_seed(3)  # the batch the step draws: the same calls on a copy of its generator
+    idx = torch.randint(0, 6, (4,), generator=g).tolist()
+    agent = int(torch.randint(0, 3, (1,), generator=g))
+    T.train_adapter(model, tok, world, ad, probs, texts1, z, M, args, C.MetricLogger(str(tmp_path)), 0, save, 0, 1)
+    # plain reference
+    alpha = M.long().sum(0)
+    total = 0.0
+    for b in idx:
+        zt = torch.stack([z[b, j] * float(M[agent, j]) * ref.w[alpha[j]] for j in range(5)])
+        pre = ref.g(zt[None])[0]  # (d,)
+        prompt = T.facts_prompt(probs[b], agent, [texts1[j][b] for j in range(3) if j != agent])
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]  # the byte tokenizer adds no BOS; no EOS after a prompt
+        a_ids = tok(T.facts_answer(probs[b], agent), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([p_ids + a_ids])
+        emb = torch.cat([pre[None, None], model.get_input_embeddings()(ids)], 1)
+        logits = model(inputs_embeds=emb).logits[0]
+        nll = 0.0
+        for k in range(len(a_ids)):
+            pos = 1 + len(p_ids) + k  # position of answer token k in the prefixed sequence
+            nll = nll - torch.log_softmax(logits[pos - 1].float(), -1)[a_ids[k]]
+        total = total + nll / len(a_ids)
+    loss = total / len(idx)
+    rows = C.read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert rows[-1]["adapter_loss"] == pytest.approx(loss.item(), rel=1e-4)
+    loss.backward()
+    assert float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)) > 1.0  # the clip is active
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+    for (k, a), b_ in zip(ad.state_dict().items(), ref.state_dict().values()):
+        assert torch.allclose(a, b_, atol=1e-5), k
+    assert not torch.equal(ad.w.detach(), torch.tensor([0.0, 0.5, 1.5, 2.0]))  # w learns (--agreement_weights learn)
+    assert all(p.grad is None for p in model.parameters())  # the LLM stays frozen
+
+
+PARTB = ["--part", "B", "--num_agents", "3", "--agent_steps", "20", "--ae_steps", "30", "--max_steps", "2",
+         "--train_size", "12", "--eval_size", "6", "--per_device_batch_size", "4", "--gate_min", "0", "--n_latent", "6",
+         "--ae_width", "16", "--adapter_width", "16", "--log_every", "4", "--temperature", "0"]
+
+
+def test_partb_state_arms_end_to_end(tmp_path, monkeypatch):
+    """The ablation arms run end to end on the tiny agent (probe gate off) and route with the mask that defines
+    them: all ones (broadcast), the same alpha per latent on other agents (random_mask), while the estimated M is
+    reported; their prefixes differ; both share round 1. (thoughtcomm itself runs end to end in the slow torchrun
+    and kill -9 tests.)"""
+    # the structure a 30-step AE of a 20-step agent finds is all-shared; a fixed sparse one makes the arms differ
+    M_fixed = torch.tensor([[1, 1, 0, 1, 1, 0], [1, 1, 1, 0, 0, 1], [1, 0, 1, 1, 0, 0]]).bool()
+    monkeypatch.setattr(T, "structure", lambda jabs, slices, tau: (None, M_fixed.clone(), T.agreement(M_fixed)))
+    small = [*PARTB, "--train_size", "8", "--eval_size", "4", "--ae_steps", "10", "--no-plot"]
+    bc, rm = (T.main(T.parse_args([*small, "--method", arm, "--output_dir", str(tmp_path / arm)]))
+              for arm in ("broadcast", "random_mask"))
+    assert bc["M"] == rm["M"] == M_fixed.long().tolist() and bc["alpha_hist"] == {3: 1, 2: 3, 1: 2}
+    assert all(all(r) for r in bc["M_routed"])
+    assert np.array(rm["M_routed"]).sum(0).tolist() == [3, 2, 2, 2, 1, 1] and rm["M_routed"] != rm["M"]
+    assert bc["round1"] == rm["round1"] and bc["prefix_norm_round2"] != rm["prefix_norm_round2"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """torchrun with 2 CPU processes (problems sharded, states gathered, rank 0 trains the AE and broadcasts it,
+    data-parallel adapter on half the batch each) reaches the one-process run on the whole batch: same round 1,
+    same structure, same round 2, the same learned weights (greedy decoding, so sampling cannot differ)."""
+    one = tmp_path / "one"
+    r = run([*PARTB, "--method", "thoughtcomm", "--per_device_batch_size", "4", "--output_dir", str(one)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                        os.path.join(ROOT, "thoughtcomm.py"), *PARTB, "--method", "thoughtcomm", "--per_device_batch_size",
+                        "2", "--output_dir", str(two)], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    for k in ("round1", "M", "M_routed", "round2", "accuracy"):
+        assert a[k] == b[k], k
+    assert b["weights"] == pytest.approx(a["weights"], abs=1e-3) and a["weights"] != [1.0, 1.0, 1.0]
+    assert b["adapter_norm"] == pytest.approx(a["adapter_norm"], rel=1e-7)  # one Adam step off moves it by ~1e-5
+    assert b["prefix_norm_round2"] == pytest.approx(a["prefix_norm_round2"], rel=1e-3)
+    rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if "adapter_loss" in x] == [31, 32]  # logged once (rank 0), after the AE's 30
+
+
+@pytest.mark.slow
+def test_real_smollm2_checkpoint(smollm2, tmp_path):
+    """The real path on SmolLM2-135M-Instruct: the chat template applied once per prompt, round-2 prompts carry
+    the other agents' responses, a prefix through inputs_embeds equals prepending that token on the real model
+    (GQA, RoPE, left padding), one adapter step of Eq. (12) is finite and reaches only the adapter (the LLM stays
+    frozen), and a whole run (2 agents, AE, adapter with gradient checkpointing, round 2 with prefixes) writes a
+    summary whose checkpointed adapter moved away from its initialisation."""
+    import common as C
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rows_ in (("train", [("What is 2 + 3?", "5"), ("What is 7 times 6?", "42"), ("What is 4 * 4?", "16")]),
+                        ("eval", [("What is 3 * 3?", "9"), ("What is 10 - 4?", "6")])):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(dict(question=q, answer=a_)) + "\n" for q, a_ in rows_))
+    out = tmp_path / "run"
+    flags = ["--model_name_or_path", smollm2, "--train_file", str(data / "train.jsonl"), "--eval_file",
+             str(data / "eval.jsonl"), "--num_agents", "2", "--max_new_tokens", "12", "--ae_steps", "10", "--max_steps",
+             "2", "--per_device_batch_size", "2", "--n_latent", "8", "--ae_width", "16", "--adapter_width", "16",
+             "--adapter_loss", "eq12", "--ref_tokens", "4", "--jac_samples", "2", "--ae_batch_size", "3",
+             "--log_every", "4", "--output_dir", str(out)]
+    args = T.parse_args(flags)
+    model, tok, world, A, train, evals = T.load_agents(args, torch.device("cpu"))
+    assert A is None and len(train) == 3 and len(evals) == 2 and args.gradient_checkpointing
+    assert not any(p.requires_grad for p in model.parameters())  # the LLM is frozen
+    probs = train[:2]
+    r1 = T.round_prompts(world, probs, None)
+    assert len(r1) == 4 and r1[0] == r1[2]  # agent-major; round 1 is the same prompt for every agent
+    ids, mask = C.encode_prompts(tok, r1)
+    for row, m in zip(ids, mask):
+        text = tok.decode(row[m.bool()])
+        assert text.count("<|im_start|>user") == 1 and text.rstrip().endswith("<|im_start|>assistant")
+    r2 = T.round_prompts(world, probs, [["first: \\boxed{5}", "x"], ["second: \\boxed{4}", "y"]])
+    assert "second: \\boxed{4}" in r2[0] and "first" not in r2[0] and "first: \\boxed{5}" in r2[2]
+    assert all(x.count("<|im_start|>user") == 1 for x in r2)
+    # prefix == prepended token on the real model
+    tid = tok(" answer", add_special_tokens=False)["input_ids"][0]
+    prefix = model.get_input_embeddings().weight[tid].expand(4, 1, -1)
+    emb, m2, pos = T.embed_with_prefix(model, ids, mask, prefix)
+    with torch.no_grad():
+        a = model(inputs_embeds=emb, attention_mask=m2, position_ids=pos).logits[:, -1]
+        rows = [[tid] + row[m.bool()].tolist() for row, m in zip(ids, mask)]
+        ids2, mask2 = C.left_pad(rows, tok.pad_token_id)
+        b = model(input_ids=ids2, attention_mask=mask2, position_ids=C.position_ids(mask2)).logits[:, -1]
+    assert torch.allclose(a, b, atol=1e-3), (a - b).abs().max()
+    # one Eq. (12) step: finite, gradient only in the adapter
+    d = model.config.hidden_size
+    ad = T.PrefixAdapter(6, 16, 1, d, 2, emb_norm=float(model.get_input_embeddings().weight.norm(dim=-1).mean()),
+                         weights="learn")
+    M = torch.tensor([[1, 1, 0, 1, 1, 0], [0, 1, 1, 1, 0, 1]]).bool()
+    loss, t_gen = T.adapter_loss(model, tok, world, ad, probs, [["\\boxed{5}", "\\boxed{41}"], ["\\boxed{6}", "\\boxed{42}"]],
+                                 torch.randn(2, 6), M, [0, 1], 1, args, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and t_gen > 0
+    assert all(p.grad is None for p in model.parameters())
+    assert ad.g[0].weight.grad.abs().sum() > 0 and ad.w.grad is not None  # the adapter and w learn
+    # a whole run
+    del model
+    sm = T.main(T.parse_args(flags))
+    assert sm["part"] == "real" and sm["n_train"] == 3 and sm["n_eval"] == 2 and 0 <= sm["accuracy"] <= 1
+    assert sm["round1"]["unparsable"] <= 4 and "round2" in sm and len(sm["M"]) == 2
+    assert {"generation", "forward", "backward", "optimizer"} <= set(sm["time_per_step_s"])
+    rows = C.read_jsonl(str(out / "metrics.jsonl"))
+    assert all(math.isfinite(r_["adapter_loss"]) for r_ in rows if "adapter_loss" in r_)
+    st = C.load_checkpoint(str(out / "checkpoint"))
+    assert st["step"] == 12
+    torch.manual_seed(args.seed + 11)
+    init = T.PrefixAdapter(8, 16, 1, d, 2, sm["emb_norm"], "learn")
+    assert not torch.allclose(init.g[0].weight, st["extra"]["adapter"]["g.0.weight"])
+    assert (out / "thoughtcomm.png").is_file()
+
+
+@pytest.mark.slow
+def test_partb_kill9_resume_same_summary(tmp_path):
+    """Part B: kill -9 while the adapter trains; --resume (AE stage, adapter, its optimizer, the batch and sampling
+    generators restored; round 1 recomputed from its seed) reaches the uninterrupted summary.json."""
+    flags = [*PARTB, "--method", "thoughtcomm", "--temperature", "0.7", "--ae_steps", "100", "--max_steps", "60",
+             "--save_every", "5"]
+    full = tmp_path / "full"
+    r = run([*flags, "--output_dir", str(full)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    part = tmp_path / "part"
+    cmd = [sys.executable, os.path.join(ROOT, "thoughtcomm.py"), *flags, "--output_dir", str(part)]
+    p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    s1 = _kill_at(p, part / "checkpoint", 105)
+    assert 105 <= s1 < 160  # killed while the adapter trains
+    r = run([*flags, "--output_dir", str(part), "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (full, part))
+    for k in ("wall_time_s", "time_per_step_s", "time_round1_s", "time_adapter_s"):
+        a.pop(k, None), b.pop(k, None)
+    assert a == b
