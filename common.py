@@ -501,7 +501,8 @@ def _decode_fn(model, compile_: bool):
 def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: int = 64, temperature: float = 1.0,
              top_p: float = 1.0, generator: torch.Generator | None = None, return_entropy: bool = False,
              input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-             static_cache: bool | None = None, compile: bool | None = None, stop_strings: Sequence[str] = ()) -> Generation:
+             static_cache: bool | None = None, compile: bool | None = None, stop_strings: Sequence[str] = (),
+             prefix_embeds: torch.Tensor | None = None) -> Generation:
     """Batched sampling with a KV cache.
 
     Prompts are given as text (`prompts`) or as left-padded ids (`input_ids`, `attention_mask`).
@@ -512,6 +513,9 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
     or any id of model.generation_config.eos_token_id, e.g. Llama-3's <|eot_id|>), that token
     included in response_mask, or at any of `stop_strings`, checked on the decoded text; the loop
     ends when every row has stopped. `finish_reasons` says which rows ran out of max_new_tokens.
+    `prefix_embeds` (B, m, d): vectors placed before each row's (left-padded) prompt through inputs_embeds in
+    the first forward (soft prompts, latent prefixes), attended and counted in the positions; `sequences`,
+    `attention_mask` and `prompt_len` describe the token ids only (the prefix is not in them).
     """
     device = next(model.parameters()).device
     if input_ids is None:
@@ -532,6 +536,13 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
     was_training = model.training
     model.eval()
 
+    n_pre = 0 if prefix_embeds is None else prefix_embeds.shape[1]
+    first = dict(input_ids=input_ids)
+    if n_pre:
+        emb = model.get_input_embeddings()(input_ids)
+        first = dict(inputs_embeds=torch.cat([prefix_embeds.to(device=device, dtype=emb.dtype), emb], 1))
+        attention_mask = torch.cat([attention_mask.new_ones(B, n_pre), attention_mask], 1)
+        P += n_pre
     pos = position_ids(attention_mask)
     ckw = cache_kwarg(model)
     if static_cache:
@@ -540,13 +551,13 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
         cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
         full_mask = torch.zeros((B, P + max_new_tokens), dtype=attention_mask.dtype, device=device)
         full_mask[:, :P] = attention_mask
-        out = model(input_ids=input_ids, attention_mask=full_mask[:, :P], position_ids=pos, **{ckw: cache},
+        out = model(**first, attention_mask=full_mask[:, :P], position_ids=pos, **{ckw: cache},
                     cache_position=torch.arange(P, device=device), use_cache=True, logits_to_keep=1)
     else:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, **{ckw: cache},
+        out = model(**first, attention_mask=attention_mask, position_ids=pos, **{ckw: cache},
                     use_cache=True, logits_to_keep=1)
     step_fn = _decode_fn(model, compile)
     logits = out.logits[:, -1].float()
@@ -589,6 +600,8 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
         model.train()
     resp = torch.stack(tokens, 1)  # (B, T)
     resp_mask = torch.stack(alive, 1).long()
+    if n_pre:  # report token ids only
+        attention_mask, P = attention_mask[:, n_pre:], P - n_pre
     seq = torch.cat([input_ids, resp], 1)
     attn = torch.cat([attention_mask, resp_mask], 1)
     texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp.cpu(), resp_mask.cpu())]

@@ -1063,38 +1063,13 @@ def agent_checkpoint(recipe: dict = AGENT_RECIPE) -> str:
 @torch.no_grad()
 def generate_with_prefix(model, tok, prompts: list[str], prefix: torch.Tensor | None, max_new_tokens: int,
                          temperature: float, top_p: float, gen: torch.Generator | None):
-    """Sampling with a KV cache whose first forward reads inputs_embeds (prefix + prompt). Without a prefix it is
-    common.generate. Returns (texts, sequences (B, L) ids without the prefix, attention_mask (B, L), prompt_len)."""
+    """Sampling with a KV cache whose first forward reads inputs_embeds (prefix + prompt): common.generate with
+    prefix_embeds. Returns (texts, sequences (B, L) ids without the prefix, attention_mask (B, L), prompt_len)."""
     device = next(model.parameters()).device
-    if prefix is None:
-        g = C.generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       generator=gen)
-        return g.texts, g.sequences, g.attention_mask, g.prompt_len
-    from transformers import DynamicCache
-
-    gen = C.device_generator(gen, device)
-    ids, mask = C.encode_prompts(tok, prompts, device)
-    emb, m2, pos = embed_with_prefix(model, ids, mask, prefix.to(device))
-    cache, ckw = DynamicCache(), C.cache_kwarg(model)
     with C.autocast(device):
-        out = model(inputs_embeds=emb, attention_mask=m2, position_ids=pos, use_cache=True, logits_to_keep=1, **{ckw: cache})
-    stop = torch.tensor(C._stop_ids(model, tok), device=device)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    toks, alive, nxt_pos = [], [], pos[:, -1:] + 1
-    for t in range(max_new_tokens):
-        nxt = C._sample(out.logits[:, -1].float(), temperature, top_p, gen)
-        nxt = torch.where(finished, torch.full_like(nxt, tok.pad_token_id), nxt)
-        toks.append(nxt), alive.append(~finished)
-        finished = finished | torch.isin(nxt, stop)
-        if bool(finished.all()) or t == max_new_tokens - 1:
-            break
-        m2 = torch.cat([m2, torch.ones_like(m2[:, :1])], 1)
-        with C.autocast(device):
-            out = model(input_ids=nxt[:, None], attention_mask=m2, position_ids=nxt_pos, use_cache=True, **{ckw: cache})
-        nxt_pos = nxt_pos + 1
-    resp, rmask = torch.stack(toks, 1), torch.stack(alive, 1).long()
-    texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp.cpu(), rmask.cpu())]
-    return texts, torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1]
+        g = C.generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       generator=gen, prefix_embeds=prefix)
+    return g.texts, g.sequences, g.attention_mask, g.prompt_len
 
 
 def backbone(model):

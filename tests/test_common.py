@@ -89,6 +89,35 @@ def test_generate_logprobs_entropy_consistent_with_teacher_forcing(tiny):
     assert (g.logprobs[~m] == 0).all()
 
 
+def test_generate_prefix_embeds_equal_the_same_tokens_as_ids(tiny):
+    """prefix_embeds = the embeddings of each prompt's first k tokens samples exactly what those tokens as ids
+    sample (same seed) in the same layout [k tokens, padding, rest of the prompt], through a dynamic and a static
+    cache; the returned sequences / mask / prompt_len hold the token ids only; a zero prefix changes the result."""
+    model, tok = tiny
+    k, pad = 3, tok.pad_token_id
+    rows = [C.encode_prompts(tok, [p])[0][0].tolist() for p in ("add 12+7=", "sub 98765-4321=")]
+    L = max(len(r) - k for r in rows)
+    tail = torch.tensor([[pad] * (L - len(r) + k) + r[k:] for r in rows])
+    tail_mask = torch.tensor([[0] * (L - len(r) + k) + [1] * (len(r) - k) for r in rows])
+    head = torch.tensor([r[:k] for r in rows])
+    ref_ids, ref_mask = torch.cat([head, tail], 1), torch.cat([torch.ones_like(head), tail_mask], 1)
+    assert (tail_mask == 0).any()  # the batch is left-padded
+    pre = model.get_input_embeddings()(head).detach()
+    for static in (False, True):
+        kw = dict(max_new_tokens=8, temperature=1.0, static_cache=static, compile=False)
+        want = C.generate(model, tok, input_ids=ref_ids, attention_mask=ref_mask,
+                          generator=torch.Generator().manual_seed(3), **kw)
+        got = C.generate(model, tok, input_ids=tail, attention_mask=tail_mask, prefix_embeds=pre,
+                         generator=torch.Generator().manual_seed(3), **kw)
+        assert torch.equal(got.response_ids, want.response_ids) and got.texts == want.texts
+        torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
+        assert got.prompt_len == L and got.sequences.shape[1] == L + got.response_ids.shape[1]
+        assert torch.equal(got.sequences[:, :L], tail) and torch.equal(got.attention_mask[:, :L], tail_mask)
+        off = C.generate(model, tok, input_ids=tail, attention_mask=tail_mask, prefix_embeds=0 * pre,
+                         generator=torch.Generator().manual_seed(3), **kw)
+        assert not torch.allclose(off.logprobs, got.logprobs)  # the prefix is read
+
+
 def test_generate_same_seed_same_tokens_other_seed_differs(tiny):
     model, tok = tiny
     kw = dict(max_new_tokens=16, temperature=1.0)
