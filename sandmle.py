@@ -2210,7 +2210,9 @@ def main(args):
             world_build_s=world.build_s, wall_s=time.time() - t_start, device=str(device), seeds=seeds,
             methods=methods))
         by = {a: [r["eval_A"]["any_medal"] for r in results if r["arm"] == a] for a in methods}
-        print("result: held-out any-medal (scaffold A) " + ", ".join(f"{a} {np.mean(v):.3f}" for a, v in by.items()))
+        bad = {a: sum(r["eval_A"]["malformed"] for r in results if r["arm"] == a) for a in methods}
+        print("result: held-out any-medal (scaffold A) " + ", ".join(f"{a} {np.mean(v):.3f}" for a, v in by.items())
+              + "; malformed eval turns (A, summed over seeds) " + ", ".join(f"{a} {n}" for a, n in bad.items()))
     C.ddp_cleanup()
 
 

@@ -646,7 +646,11 @@ def test_smoke_run_writes_outputs(tmp_path, tiny_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for f in ("args.json", "metrics.jsonl", "summary.json", "sandmle.png", "table.md"):
         assert (out / f).exists(), f
-    assert r.stdout.strip().splitlines()[-1].startswith("result: held-out any-medal")
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("result: held-out any-medal")
+    res = json.loads((out / "summary.json").read_text())["results"]  # malformed eval turns reach stdout (issue 9)
+    for arm in ("base", "sandmle"):
+        assert f"{arm} {sum(x['eval_A']['malformed'] for x in res if x['arm'] == arm)}" in last.split("malformed")[1], last
     rows = C.read_jsonl(str(out / "metrics.jsonl"))
     assert len(rows) == 2 and all(set(r["time_s"]) >= {"generation", "sandbox", "forward", "backward", "optimizer"}
                                   for r in rows)
