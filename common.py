@@ -108,6 +108,34 @@ def exit_on_user_error():
         sys.exit(2)
 
 
+def comma_choices(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse `type`: 'all' or a comma list of `choices` -> the chosen ones in `choices` order."""
+    def parse(s: str) -> list[str]:
+        parts = [p.strip() for p in s.split(",") if p.strip()]
+        if parts == ["all"]:
+            return list(choices)
+        bad = [p for p in parts if p not in choices]
+        if bad or not parts:
+            raise argparse.ArgumentTypeError(f"unknown method(s) {bad or s!r}; use all or a comma list of "
+                                             f"{', '.join(choices)}")
+        return [m for m in choices if m in parts]
+
+    return parse
+
+
+def comma_list(kind: type) -> Callable[[str], list]:
+    """An argparse `type`: a comma list of ints or floats ('1,2,3')."""
+    what = {int: "integers", float: "numbers"}[kind]
+
+    def parse(s: str) -> list:
+        try:
+            return [kind(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma list of {what}: {s!r}") from None
+
+    return parse
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed random, numpy and torch; return a CPU torch.Generator seeded the same way."""
     random.seed(seed)
@@ -198,6 +226,28 @@ def is_main() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def all_reduce_sum(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The sum of a tensor over ranks (a copy; the input is untouched); x itself when world_size == 1."""
+    if world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+def all_gather_objects(obj, world_size: int) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (any picklable object); [obj] when world_size == 1."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_grads(model: torch.nn.Module, world_size: int) -> None:

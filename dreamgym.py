@@ -1378,7 +1378,7 @@ def grpo_update(policy, tok, opt, trajs: list[Trajectory], group_size: int, args
         for mb in mbs:
             n_local = torch.tensor(float(len(mb) if args.action_mode == "score" else
                                          sum(float(units[i][0].resp_mask.sum()) for i in mb)))
-            n_global = _all_reduce_sum(n_local, world_size)
+            n_global = C.all_reduce_sum(n_local, world_size)
             if n_global <= 0:
                 continue
             opt.zero_grad(set_to_none=True)
@@ -1412,27 +1412,6 @@ def grpo_update(policy, tok, opt, trajs: list[Trajectory], group_size: int, args
     return stats
 
 
-def _all_reduce_sum(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size == 1:
-        return x
-    import torch.distributed as dist
-
-    x = x.clone()
-    dist.all_reduce(x)
-    return x
-
-
-def _all_gather(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-@torch.no_grad()
 def evaluate(ctx, tasks: list[str], greedy: bool = True, stats: dict | None = None) -> float:
     """Real success on the evaluation tasks. Uses only the real env (ctx.shop, diagnostic counter);
     M_exp is never called here. Tasks are sharded over ranks, successes summed; `stats` (optional)
@@ -1443,7 +1422,7 @@ def evaluate(ctx, tasks: list[str], greedy: bool = True, stats: dict | None = No
     a = ctx.args
     trajs = rollout(ctx.policy, ctx.tok, world, mine, 1, 0.0 if greedy else 1.0, gen, a.action_mode, ctx.device,
                     "eval", max_action_tokens=a.max_action_tokens, instruct=is_instruct(a), need_logp_old=False)
-    tot = _all_reduce_sum(torch.tensor([float(sum(t.reward for t in trajs)), float(len(trajs)),
+    tot = C.all_reduce_sum(torch.tensor([float(sum(t.reward for t in trajs)), float(len(trajs)),
                                         float(world.stats["invalid"])]), ctx.world_size)
     if stats is not None:
         stats["invalid"] = int(tot[2])
@@ -1894,7 +1873,7 @@ class ArmRun:
 
     def save(self) -> None:
         """Checkpoint: the policy, AdamW and every rank's state_dict (rank 0 writes; all ranks wait)."""
-        ranks = _all_gather(self.state_dict(), self.world_size)
+        ranks = C.all_gather_objects(self.state_dict(), self.world_size)
         if self.rank == 0:
             C.save_checkpoint(self.ckpt_dir, self.policy, self.tok, self.opt, step=self.log_step,
                               extra=dict(arm=self.arm, seed=self.seed, ranks=ranks))
@@ -1942,7 +1921,7 @@ class ArmRun:
         return g
 
     def real_steps_total(self) -> int:
-        return int(_all_reduce_sum(torch.tensor(float(self.world.shop.real_steps)), self.world_size).item())
+        return int(C.all_reduce_sum(torch.tensor(float(self.world.shop.real_steps)), self.world_size).item())
 
     def iterate(self) -> dict | None:
         """One policy iteration -> its metrics row (with the seconds of each phase); None when the arm is done."""
@@ -1978,7 +1957,7 @@ class ArmRun:
             raise C.UserError(f"NaN loss in {self.tag} at iteration {self.it}; last good checkpoint kept in "
                               f"{self.ckpt_dir}; lower --learning_rate") from None
         groups = [(t.task, [x.reward for x in trajs[i:i + G]]) for i, t in enumerate(trajs) if i % G == 0]
-        groups = [g for part in _all_gather(groups, self.world_size) for g in part]
+        groups = [g for part in C.all_gather_objects(groups, self.world_size) for g in part]
         zv = float(np.mean([reward_variance_score(r) == 0 for _, r in groups]))
         succ = float(np.mean([x for _, r in groups for x in r]))
         self.zero_var.append(zv)
@@ -1995,7 +1974,7 @@ class ArmRun:
         self.syn_succ.append(row["rollout_success"])
         self.syn_trajs = (self.syn_trajs + trajs)[-4 * self.args.n_halluc:]
         new = [tr for t in trajs for tr in t.transitions]
-        new = [t for part in _all_gather(new, self.world_size) for t in part]
+        new = [t for part in C.all_gather_objects(new, self.world_size) for t in part]
         if self.args.buffer_add == "synthetic":
             self.buffer.add([{**t, "real": False} for t in new])
         st = self.dream.stats
@@ -2052,7 +2031,7 @@ class ArmRun:
                    zero_var_share=float(np.mean(self.zero_var)) if self.zero_var else None, curve=self.curve,
                    real_budget=self.args.real_budget, real_step_cap=self.real_cap if self.cap_basis else None,
                    real_cap_basis=self.cap_basis, real_ref_steps=self.real_ref,
-                   real_invalid=int(_all_reduce_sum(torch.tensor(float(self.real_w.stats["invalid"])),
+                   real_invalid=int(C.all_reduce_sum(torch.tensor(float(self.real_w.stats["invalid"])),
                                                     self.world_size).item()),
                    eval_invalid=self.eval_invalid, log_step_end=self.log_step,
                    time_split={k: round(v, 2) for k, v in sorted(self.timer.seconds.items())},

@@ -273,23 +273,6 @@ RESUME_IGNORE = ("eval_batch_size", "save_every", "table_seeds", "table_sets", "
 # ---------------------------------------------------------------------------------------------
 
 
-def _arms(s: str) -> list[str]:
-    parts = [p.strip() for p in s.split(",") if p.strip()]
-    if parts == ["all"]:
-        return list(ARMS)
-    bad = [p for p in parts if p not in ARMS]
-    if bad or not parts:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or s!r}; use all or a comma list of {', '.join(ARMS)}")
-    return [m for m in ARMS if m in parts]
-
-
-def _ints(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma list of integers: {s!r}") from None
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FusionRoute: a router LM picks one frozen expert per token and adds its own "
                                 "log-probs (SFT + CDPO), with every collaboration baseline. Defaults = the toy CPU run.",
@@ -333,7 +316,7 @@ def parse_args(argv=None):
     p.add_argument("--logit_chunk", type=int, default=1024, help="positions whose (n, V) log-probs are held at once "
                    "(fused log-probs chunk by chunk over T)")
     # ---- decoding and baselines ----
-    p.add_argument("--method", default="all", type=_arms, help="arms to evaluate: all or a comma list of " + ", ".join(ARMS))
+    p.add_argument("--method", default="all", type=C.comma_choices(ARMS), help="arms to evaluate: all or a comma list of " + ", ".join(ARMS))
     p.add_argument("--seq_selector", default="both", choices=("both", "oracle", "loglik"),
                    help="seq_select: a correct expert answer if any (oracle), or the highest mean log-prob under the router LM")
     p.add_argument("--ta_scale", type=float, default=0.5, help="s of merge_ta, Eq. (11)")
@@ -344,7 +327,7 @@ def parse_args(argv=None):
     # ---- data ----
     p.add_argument("--toy_ops", default="tables", choices=TOY_OPS, help="toy operators: memorisation tables a, b, c + held-out "
                    "d (r = x), or the arithmetic control (sum, max, difference mod 10 + held-out product mod 10)")
-    p.add_argument("--toy_steps", type=_ints, default=[200, 1500], help="toy models: pretraining steps of theta_0, "
+    p.add_argument("--toy_steps", type=C.comma_list(int), default=[200, 1500], help="toy models: pretraining steps of theta_0, "
                    "then of each expert from theta_0 (smaller = another cached build)")
     p.add_argument("--sanity_gates", action=argparse.BooleanOptionalAction, default=True, help="toy: stop unless each "
                    "expert scores >= 0.95 on its operator and <= 0.3 on the other experts' (pitfall 8)")

@@ -1639,7 +1639,7 @@ def grpo_update(model, tok, opt, eps: list, adv: torch.Tensor, args, device, wor
         order = list(range(len(live)))
         rng.shuffle(order)
         for mb in (order[i::args.num_minibatches] for i in range(args.num_minibatches)):
-            n_global = float(_all_reduce_sum(torch.tensor(float(len(mb))), world_size))
+            n_global = float(C.all_reduce_sum(torch.tensor(float(len(mb))), world_size))
             if n_global == 0:
                 continue
             opt.zero_grad(set_to_none=True)
@@ -1672,26 +1672,6 @@ def grpo_update(model, tok, opt, eps: list, adv: torch.Tensor, args, device, wor
     model.eval()
     stats["clip_frac"] /= max(1, len(live) * args.ppo_epochs)
     return stats
-
-
-def _all_reduce_sum(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size == 1:
-        return x
-    import torch.distributed as dist
-
-    x = x.clone()
-    dist.all_reduce(x)
-    return x
-
-
-def _all_gather(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def episode_stats(eps: list, kind: str) -> dict:
@@ -1915,7 +1895,7 @@ class ArmRun:
                  "medal": sum(e.final()[1] in ("gold", "silver", "bronze") for e, l in zip(eps, live) if l),
                  "malformed": sum(not t.well_formed for e in eps for t in e.turns),
                  "turns": sum(len(e.turns) for e in eps)}
-        tot = {k: sum(d[k] for d in _all_gather(local, self.world_size)) for k in local}
+        tot = {k: sum(d[k] for d in C.all_gather_objects(local, self.world_size)) for k in local}
         self.step += 1
         row = {"arm": self.arm, "seed": self.seed, "arm_step": self.step,
                "reward": tot["reward_sum"] / max(1, tot["live"]), "medal_rate": tot["medal"] / max(1, tot["live"]),

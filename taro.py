@@ -139,23 +139,6 @@ def toy_domains():
 # ---------------------------------------------------------------------------------------------
 
 
-def _methods(s: str) -> list[str]:
-    parts = [p.strip() for p in s.split(",") if p.strip()]
-    if parts == ["all"]:
-        return list(METHODS)
-    bad = [p for p in parts if p not in METHODS]
-    if bad or not parts:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or s!r}; use all or a comma list of {', '.join(METHODS)}")
-    return [m for m in METHODS if m in parts]
-
-
-def _floats(s: str) -> list[float]:
-    try:
-        return [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma list of numbers: {s!r}") from None
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="TARo: a learned per-token weight alpha_t for adding a reward LM's "
                                 "log-probs to a frozen base's, with GenARM / ARGS baselines. Defaults = the toy CPU run.",
@@ -176,7 +159,7 @@ def parse_args(argv=None):
     # ---- stages and methods ----
     p.add_argument("--stage", default="all", choices=("arm", "router", "eval", "all"),
                    help="arm: train the ARM; router: train the router, then eval; eval: eval only; all: the three")
-    p.add_argument("--method", default="all", type=_methods,
+    p.add_argument("--method", default="all", type=C.comma_choices(METHODS),
                    help="arms to evaluate: all or a comma list of base, rm, genarm, args, taro (taro adds GenARM at "
                         "TARo's mean alpha); the base is always evaluated as the reference")
     # ---- ARM, Eq. (1) ----
@@ -204,7 +187,7 @@ def parse_args(argv=None):
                         "(default: when they fit in 1 GiB)")
     p.add_argument("--max_steps", type=int, default=None, help="cap on --arm_steps and --router_steps (quick runs)")
     # ---- decoding and baselines, Eqs. (2), (8) ----
-    p.add_argument("--alpha_grid", type=_floats, default=[0.25, 0.5, 1.0, 2.0, 4.0],
+    p.add_argument("--alpha_grid", type=C.comma_list(float), default=[0.25, 0.5, 1.0, 2.0, 4.0],
                    help="fixed alpha of GenARM, Eq. (2), and w of ARGS, Eq. (8), tried; chosen on validation")
     p.add_argument("--args_top_k", type=int, default=40, help="k of ARGS, Eq. (8)")
     p.add_argument("--temperature", type=float, default=0.0, help="decoding temperature (0: greedy), same for every arm")
