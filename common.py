@@ -4,7 +4,7 @@ Every method file imports only this module and the allowed packages (torch, nump
 tqdm, matplotlib). Copy `<method>.py` + `common.py` into your project and it runs.
 
 Sections (in this order):
-  setup      seed_everything, pick_device, autocast, ddp_setup / ddp_cleanup / is_main, UserError
+  setup      seed_everything, pick_device, autocast, PhaseTimer, ddp_setup / ddp_cleanup / is_main, UserError
   models     load_lm, tiny_lm, encode_prompts, encode_pairs
   sampling   generate (KV cache; static cache + compiled decode step on CUDA), Generation
   log-probs  token_logprobs, token_kl (LM head applied in slices: no full fp32 (B, T, V) tensor)
@@ -168,12 +168,51 @@ def set_cpu_threads(n: int | None = None) -> None:
         torch.set_num_threads(n or int(os.environ.get("NANOPAPERS_THREADS", 1)))
 
 
-def autocast(device: torch.device | str):
-    """bf16 autocast on CUDA GPUs that support it; a no-op elsewhere (CPU runs stay fp32)."""
+AUTOCAST_MODES = ("auto", "bf16", "fp32")
+
+
+def autocast(device: torch.device | str, mode: str = "auto"):
+    """The compute dtype of forwards run inside: `auto` = bf16 autocast on CUDA GPUs with bf16 in
+    hardware and fp32 elsewhere (CPU runs stay fp32 by default); `bf16` = bf16 autocast on any device
+    (on a CPU with AVX512-BF16 / AMX it is faster; the weights and optimizer stay fp32); `fp32` = none."""
     device = torch.device(device)
-    if device.type == "cuda" and _bf16_native():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if mode not in AUTOCAST_MODES:
+        raise ValueError(f"autocast mode {mode!r} is not one of {AUTOCAST_MODES}")
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda" and _bf16_native()):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class PhaseTimer:
+    """Seconds a training step spends per named phase, so a user sees where its time goes without a
+    profiler (generation, teacher / reward calls, forward, backward, optimizer...):
+
+        timer = PhaseTimer(device, phases=("forward", "backward")); with timer("forward"): ...
+        timer.seconds -> {phase: s} accumulated; timer.take() -> the same, and starts again from 0
+
+    On CUDA each phase starts and ends with a synchronize, so kernels are charged to the phase that
+    launched them (asynchronous launches would otherwise land in whichever phase waits first)."""
+
+    def __init__(self, device: torch.device | str = "cpu", phases: Sequence[str] = (), seconds: dict | None = None):
+        self.sync = torch.device(device).type == "cuda"
+        self.phases = tuple(phases)
+        self.seconds = {**dict.fromkeys(self.phases, 0.0), **(seconds or {})}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def take(self) -> dict:
+        out, self.seconds = self.seconds, dict.fromkeys(self.phases, 0.0)
+        return out
 
 
 def _bf16_native() -> bool:
@@ -725,8 +764,11 @@ def _slice_stats(model, head, h, targets, ref_logp, want_entropy):
     return lp, ent, kl
 
 
+HEAD_CHECKPOINT_VALUES = 2 ** 26  # fp32 head activations above this many values (256 MB) are recomputed in backward
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_entropy: bool = False,
-                   chunk_size: int = 512, ref_model=None):
+                   chunk_size: int = 512, ref_model=None, from_pos: int = 1, checkpoint_head: bool | None = None):
     """Per-token log-probs log pi(x_i | x_<i) of the given ids, aligned with the ids.
 
     Returns logp (B, L) with logp[:, i] the log-prob of input_ids[:, i] given the tokens before it
@@ -736,9 +778,17 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     Returns a tuple (logp, entropy or None, kl or None) when return_entropy or ref_model is set,
     else logp alone.
 
-    The LM head is applied to `chunk_size` positions (of all B * L) at a time in fp32, under
-    activation checkpointing when grad is on, so no (B, L, V) fp32 tensor is ever held: at
-    V = 151,936 that tensor would be 2.5 GB per 4096-token sequence; a slice is 0.3 GB.
+    The LM head is applied to `chunk_size` positions (of all B * L) at a time in fp32, so no
+    (B, L, V) fp32 tensor is ever built: at V = 151,936 that tensor would be 2.5 GB per 4096-token
+    sequence; a slice is 0.3 GB. With grad on, each slice runs under activation checkpointing
+    (recomputed in backward) when the slices' fp32 activations together would exceed
+    HEAD_CHECKPOINT_VALUES (256 MB), or as `checkpoint_head` says; below that the recompute is a
+    cost with no purpose (the values and gradients are the same either way).
+
+    from_pos: the first position whose log-prob (entropy, KL) is wanted, e.g. the prompt length P of
+    on-policy rollouts, whose objectives read response tokens only: the head then runs on the
+    positions predicting tokens from_pos..L-1 alone (the columns before from_pos are 0), which skips
+    its matmul over every prompt position (the backbone still reads the whole sequence).
     """
     h, head = hidden_states(model, input_ids, attention_mask)  # (B, L, d)
     ref_h = ref_head = None
@@ -746,13 +796,16 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         with torch.no_grad():
             ref_h, ref_head = hidden_states(ref_model, input_ids, attention_mask)
     B, L = input_ids.shape
-    # Flatten the B * (L - 1) predicting positions and apply the head `chunk_size` positions at a
+    start = min(max(1, from_pos), L)  # tokens start..L-1 get a log-prob, from the logits at start-1..L-2
+    # Flatten the B * (L - start) predicting positions and apply the head `chunk_size` positions at a
     # time: the largest fp32 tensor is (chunk_size, V), whatever B and L are.
-    hs = h[:, :-1].reshape(B * (L - 1), -1)
-    targets = input_ids[:, 1:].reshape(-1)
-    ref_hs = ref_h[:, :-1].reshape(B * (L - 1), -1) if ref_h is not None else None
+    hs = h[:, start - 1:-1].reshape(B * (L - start), h.shape[-1])
+    targets = input_ids[:, start:].reshape(-1)
+    ref_hs = ref_h[:, start - 1:-1].reshape(B * (L - start), ref_h.shape[-1]) if ref_h is not None else None
     lps, ents, kls = [], [], []
-    use_ckpt = torch.is_grad_enabled() and h.requires_grad
+    if checkpoint_head is None:
+        checkpoint_head = hs.shape[0] * head.weight.shape[0] > HEAD_CHECKPOINT_VALUES if hasattr(head, "weight") else True
+    use_ckpt = torch.is_grad_enabled() and h.requires_grad and checkpoint_head
     for s in range(0, hs.shape[0], chunk_size):
         e = min(hs.shape[0], s + chunk_size)
         ref_logp = None
@@ -766,10 +819,10 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             lp, ent, kl = _slice_stats(model, head, hs[s:e], targets[s:e], ref_logp, return_entropy)
         lps.append(lp), ents.append(ent), kls.append(kl)
         del ref_logp
-    zero = torch.zeros((B, 1), dtype=torch.float32, device=h.device)
+    zero = torch.zeros((B, start), dtype=torch.float32, device=h.device)
 
-    def unflat(parts):  # (B * (L - 1),) -> (B, L) with column 0 = 0 (no prediction for the first token)
-        body = torch.cat(parts).view(B, L - 1) if parts else zero[:, :0]
+    def unflat(parts):  # (B * (L - start),) -> (B, L) with columns < start = 0 (column 0: no prediction)
+        body = torch.cat(parts).view(B, L - start) if parts else zero[:, :0]
         return torch.cat([zero, body], 1)
 
     logp = unflat(lps)

@@ -92,6 +92,10 @@ Commands:
                         python omniopd.py --table --table_grid api --table_seeds 0,1,2 --eval_size 300
   several GPUs:         torchrun --nproc_per_node 8 omniopd.py ... (per-rank prompt shards, exact global gradient,
                         evals sharded over ranks)
+  speed of a step:      python omniopd.py --bench --method opd --model_name_or_path M --teacher T --max_steps 5 \
+                          [--autocast bf16] [--no-gradient_checkpointing]   (seconds per step and its split; writes
+                        nothing). Side by side with TRL's GKDTrainer: python tests/bench_opd_vs_trl.py (README)
+  bf16 on a CPU:        --autocast bf16 (the forwards of the training step in bf16; faster on CPUs with AVX512-BF16)
 
 Logged (metrics.jsonl): loss (of the global batch under torchrun, as are chunk_term and kl_term),
 train_acc (rollout correctness), kl_ref (mean per response token of KL(pi_ref || pi); for opd, sft and
@@ -129,6 +133,7 @@ import math
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -192,6 +197,11 @@ def parse_args(argv=None):
     p.add_argument("--ref_dtype", default="same", choices=("same", "bf16"),
                    help="pi_ref dtype: same as the student (fp32, run under the student's autocast, so KL(pi_ref || pi) "
                         "= 0 at step 0) or bf16 (half the memory; KL then starts at the bf16 rounding noise)")
+    p.add_argument("--autocast", default="auto", choices=C.AUTOCAST_MODES,
+                   help="compute dtype of the training step's forwards (rollouts, entropy pass, opd's teacher scoring, "
+                        "the loss, pi_ref): auto = bf16 autocast on CUDA GPUs with bf16 in hardware, fp32 elsewhere; "
+                        "bf16 = bf16 autocast on any device (faster on CPUs with AVX512-BF16 / AMX; weights, AdamW and "
+                        "the LM head's log-softmax stay fp32); fp32 = none. Evals run without autocast")
     p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
     # ---- method ----
     p.add_argument("--method", default="omniopd", choices=("omniopd", "opd", "sft", "grpo", "kl_only"), help="objective")
@@ -256,6 +266,10 @@ def parse_args(argv=None):
                         "differs; --max_steps may grow)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="delete the run already in --output_dir and start again (without it such a dir is refused)")
+    # ---- benchmark ----
+    p.add_argument("--bench", action="store_true",
+                   help="time --max_steps training steps on the given models and print seconds per step and where it "
+                        "goes (median over steps 2..n, so warm-up is left out); no evals, nothing written")
     # ---- table ----
     p.add_argument("--table", action="store_true", help="run the multi-seed toy table instead of one run")
     p.add_argument("--table_grid", default="main", help="comma list of: main, mechanism, other_tokenizer, ablations, noise, anchor_long, all")
@@ -331,6 +345,11 @@ def validate_args(args) -> None:
     req(args.match_teacher_tokens is None or (m == "sft" and args.teacher_token_budget == "match"),
         "--match_teacher_tokens applies to --method sft with --teacher_token_budget match")
     req(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other; pass one")
+    if args.bench:
+        req(args.max_steps >= 2, f"--bench times steps 2..--max_steps (step 1 is warm-up): --max_steps {args.max_steps} "
+                                 "must be >= 2")
+        req(not (args.table or args.resume), "--bench writes nothing and runs one configuration: drop --table / --resume")
+        req(int(os.environ.get("WORLD_SIZE", "1")) == 1, "--bench times one process: run it without torchrun")
     if args.table:
         grids = [g.strip() for g in args.table_grid.split(",") if g.strip()]
         bad = set(grids) - set(TABLE_GRIDS) - {"all"}
@@ -870,11 +889,13 @@ def resolve_teacher_api(args) -> dict | None:
 
 
 @torch.no_grad()
-def teacher_token_logprobs(teacher, ids, mask, sigma: float = 0.0, generator: torch.Generator | None = None):
-    """(B, L) log pi_T of the ids (white-box teacher). sigma > 0: fresh N(0, sigma^2) noise on the
-    logits before the softmax (the toy's noisy-logit probe; holds (B, L, V): toy vocab only)."""
+def teacher_token_logprobs(teacher, ids, mask, sigma: float = 0.0, generator: torch.Generator | None = None,
+                           from_pos: int = 1):
+    """(B, L) log pi_T of the ids (white-box teacher; columns before from_pos are 0 without noise).
+    sigma > 0: fresh N(0, sigma^2) noise on the logits before the softmax (the toy's noisy-logit probe;
+    holds (B, L, V): toy vocab only)."""
     if sigma <= 0:
-        return C.token_logprobs(teacher, ids, mask)
+        return C.token_logprobs(teacher, ids, mask, from_pos=from_pos)
     logits = teacher(input_ids=ids, attention_mask=mask, position_ids=C.position_ids(mask)).logits.float()
     noise = torch.randn(logits.shape, generator=generator, device="cpu").to(logits.device)
     logp_all = torch.log_softmax(logits + sigma * noise, -1)[:, :-1]
@@ -1025,8 +1046,8 @@ def build(args, device, rank, data: dict | None = None):
                 teacher_tok=teacher_tok, teacher_chat=teacher_chat, train=train, evals=evals, student_path=student_path,
                 teacher_path=teacher_path or args.teacher_api_model, device=device, teacher_tokens=0, student_tokens=0,
                 teacher_prompt_tokens=0, teacher_api=data.get("teacher_api"),
-                anchor_rng=random.Random(args.seed + 99), noise_gen=torch.Generator().manual_seed(args.seed + 5),
-                timer=PhaseTimer(device))
+                autocast=args.autocast, anchor_rng=random.Random(args.seed + 99), noise_gen=torch.Generator().manual_seed(args.seed + 5),
+                timer=C.PhaseTimer(device, phases=PHASES))
 
 
 def make_optimizer(model, args):
@@ -1078,42 +1099,15 @@ def teacher_prompts(w: dict, problems) -> list[str]:
 # ---- one update: rollout, teacher, loss (one function per method) ----
 # ---------------------------------------------------------------------------------------------
 
+# where a training step's time goes (common.PhaseTimer): generate (student rollouts), teacher (teacher calls,
+# their scoring and similarity; opd's teacher forward), forward (entropy pass and the loss's forward, pi_ref's
+# included), backward, optimizer (gradient all-reduce, clip, AdamW)
 PHASES = ("generate", "teacher", "forward", "backward", "optimizer")
 
 
-class PhaseTimer:
-    """Seconds a training step spends per phase: generate (student rollouts), teacher (teacher calls,
-    their scoring and similarity; opd's teacher forward), forward (entropy pass and the loss's
-    forward, pi_ref's included), backward, optimizer (gradient all-reduce, clip, AdamW). On CUDA each
-    phase ends with a synchronize, so kernels are charged to the phase that launched them.
-
-        timer = PhaseTimer(device); with timer("forward"): ...; timer.take() -> {phase: s}, reset
-    """
-
-    def __init__(self, device):
-        self.sync = torch.device(device).type == "cuda"
-        self.t = dict.fromkeys(PHASES, 0.0)
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        if self.sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.sync:
-                torch.cuda.synchronize()
-            self.t[phase] += time.perf_counter() - t0
-
-    def take(self) -> dict:
-        out, self.t = self.t, dict.fromkeys(PHASES, 0.0)
-        return out
-
-
-def _timer(w: dict) -> PhaseTimer:
+def _timer(w: dict) -> C.PhaseTimer:
     if "timer" not in w:
-        w["timer"] = PhaseTimer(w["device"])
+        w["timer"] = C.PhaseTimer(w["device"], phases=PHASES)
     return w["timer"]
 
 
@@ -1131,12 +1125,12 @@ def micro_batches(n: int, size: int | None) -> list[slice]:
 
 
 def backward_in_micro_batches(n: int, size: int | None, loss_fn: Callable,
-                              timer: PhaseTimer | None = None) -> tuple[torch.Tensor, list[dict]]:
+                              timer: C.PhaseTimer | None = None) -> tuple[torch.Tensor, list[dict]]:
     """loss_fn(rows) -> (loss of those rows, already divided by the *global* batch, and its metrics),
     backpropagated at once for each micro-batch of `size` rows, so only their activations are held.
     Exact: every loss here is a sum over rows / B, so the parts add up to the full batch's loss and
     gradient. Returns (the total loss, detached; the metrics of every micro-batch)."""
-    timer = timer or PhaseTimer("cpu")
+    timer = timer or C.PhaseTimer()
     total, parts = None, []
     for rows in micro_batches(n, size):
         with timer("forward"):
@@ -1171,12 +1165,18 @@ def reference_for(args, w: dict, step: int, in_loss: bool):
     return w["ref"] if n and (step % n == 0 or step == args.max_steps - 1) else None
 
 
-def policy_logprobs(model, ids, mask, ref, device):
-    """(logp (B, L) with grad, KL(pi_ref || pi) (B, L) or None when ref is None)."""
-    with C.autocast(device):
+def amp(w: dict):
+    """The training step's autocast (--autocast)."""
+    return C.autocast(w["device"], w["autocast"])
+
+
+def policy_logprobs(model, ids, mask, ref, w, from_pos: int = 1):
+    """(logp (B, L) with grad, KL(pi_ref || pi) (B, L) or None when ref is None), under --autocast;
+    columns before from_pos (the prompt of a rollout, which no loss reads) are 0: the LM head skips them."""
+    with amp(w):
         if ref is None:
-            return C.token_logprobs(model, ids, mask), None
-        logp, _, kl = C.token_logprobs(model, ids, mask, ref_model=ref)
+            return C.token_logprobs(model, ids, mask, from_pos=from_pos), None
+        logp, _, kl = C.token_logprobs(model, ids, mask, ref_model=ref, from_pos=from_pos)
     return logp, kl
 
 
@@ -1191,7 +1191,7 @@ def _log_kl(m: dict, parts: list[dict], mask) -> None:
 
 def rollout(args, w, probs, prompts, gen, m: dict):
     """Eq. (1): y ~ pi(. | x) at --temperature; rewards 1[correct] (GRPO's reward, train_acc for all)."""
-    with _timer(w)("generate"):
+    with _timer(w)("generate"), amp(w):
         g = C.generate(w["model"], w["tok"], prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        generator=gen)
     w["student_tokens"] += int(g.response_mask.sum())
@@ -1202,12 +1202,12 @@ def rollout(args, w, probs, prompts, gen, m: dict):
 
 def step_omniopd(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tensor, dict]:
     """Eq. (1)-(7) (and kl_only: no chunks, the KL anchor alone)."""
-    model, device, timer, Bg = w["model"], w["device"], _timer(w), args.per_device_batch_size * world
+    model, timer, Bg = w["model"], _timer(w), args.per_device_batch_size * world
     m: dict = {}
     g, _ = rollout(args, w, probs, prompts, gen, m)
     P, rmask = g.prompt_len, g.response_mask
-    with timer("forward"), torch.no_grad():  # Eq. (2): exact full-vocabulary entropy on the finished (x, y), fp32
-        _, ent, _ = C.token_logprobs(model, g.sequences, g.attention_mask, return_entropy=True)
+    with timer("forward"), torch.no_grad(), amp(w):  # Eq. (2): exact full-vocabulary entropy on the finished (x, y), fp32
+        _, ent, _ = C.token_logprobs(model, g.sequences, g.attention_mask, return_entropy=True, from_pos=P)
     entropy = ent[:, P:]  # (B, T): column t = entropy of logits index P + t - 1
     m["entropy"] = (entropy * rmask).sum() / rmask.sum()
     if args.method == "kl_only":
@@ -1229,7 +1229,7 @@ def step_omniopd(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tenso
     ref = reference_for(args, w, step, in_loss=args.beta > 0)
 
     def loss_rows(rows):
-        logp, kl = policy_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref, device)
+        logp, kl = policy_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref, w, P)
         logp = logp[:, P:]
         kl = kl[:, P:] if kl is not None else torch.zeros_like(logp)  # beta = 0: the anchor term is 0
         st = starts[rows]
@@ -1296,18 +1296,18 @@ def verification_diagnostics(chunks, conts, k, N: int, kind: str, embedder=None)
 
 def step_opd(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tensor, dict]:
     """Eq. (8): the teacher scores the student's tokens (no grad, whole batch); per-token reverse KL."""
-    model, device, timer, Bg = w["model"], w["device"], _timer(w), args.per_device_batch_size * world
+    model, timer, Bg = w["model"], _timer(w), args.per_device_batch_size * world
     m: dict = {}
     g, _ = rollout(args, w, probs, prompts, gen, m)
     P, rmask = g.prompt_len, g.response_mask
-    with timer("teacher"):
+    with timer("teacher"), amp(w):
         tlp = teacher_token_logprobs(w["teacher_model"], g.sequences, g.attention_mask, args.teacher_logit_noise,
-                                     w["noise_gen"])[:, P:]
+                                     w["noise_gen"], from_pos=P)[:, P:]
     w["teacher_tokens"] += int(rmask.sum())  # tokens the teacher scored (prefill), not generated
     ref = reference_for(args, w, step, in_loss=False)  # pi_ref never enters opd's loss: the diagnostic KL only
 
     def loss_rows(rows):
-        logp, kl = policy_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref, device)
+        logp, kl = policy_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref, w, P)
         logp = logp[:, P:]
         loss, adv = opd_loss(logp, tlp[rows].to(logp), rmask[rows], Bg)
         return loss * world, dict(kl=_kl_sum(kl[:, P:], rmask[rows]) if kl is not None else None, adv=adv.sum())
@@ -1328,7 +1328,7 @@ def step_grpo(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tensor, 
     ref = reference_for(args, w, step, in_loss=args.beta > 0)
 
     def loss_rows(rows):
-        logp, kl = policy_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref, device)
+        logp, kl = policy_logprobs(model, g.sequences[rows], g.attention_mask[rows], ref, w, P)
         logp = logp[:, P:]
         kl = kl[:, P:] if kl is not None else torch.zeros_like(logp)
         loss = grpo_loss(logp, kl, rmask[rows], adv[rows], args.beta, Bg)
@@ -1365,8 +1365,10 @@ def step_sft(args, w, step, world, gen, probs, prompts) -> tuple[torch.Tensor, d
     n_global = len(rs) * world
     ref = reference_for(args, w, step, in_loss=False)
 
+    first = int(resp.shape[1] - resp.sum(1).max())  # left-padded: responses fill the last columns
+
     def loss_rows(rows):
-        logp, kl = policy_logprobs(model, ids[rows], mask[rows], ref, device)
+        logp, kl = policy_logprobs(model, ids[rows], mask[rows], ref, w, first)
         return sft_loss(logp, resp[rows], n_global) * world, dict(kl=_kl_sum(kl, resp[rows]))
 
     loss, parts = backward_in_micro_batches(len(rs), args.micro_batch_size, loss_rows, timer)
@@ -1386,6 +1388,7 @@ def train_step(args, w, step, rank, world, gen) -> tuple[torch.Tensor, dict]:
     group = args.group_size if args.method == "grpo" else 1
     probs = batch_problems(w["train"], step, Bg, args.seed, group)[rank * Bl:(rank + 1) * Bl]  # this rank's shard
     prompts = render_prompts(w["tok"], [p.prompt for p in probs], w["chat"])
+    w["autocast"] = args.autocast  # the step's forwards (amp)
     return METHOD_STEPS[args.method](args, w, step, world, gen, probs, prompts)
 
 
@@ -1527,6 +1530,8 @@ def main(args):
     validate_args(args)  # ranges and combinations: nothing loaded, nothing written
     if args.table:
         return run_table(args)
+    if args.bench:
+        return bench(args)
     rank, world, device = C.ddp_setup()
     if args.device:
         device = C.pick_device(args.device)
@@ -1575,6 +1580,36 @@ def main(args):
     if main_rank:
         finish(args, w, log, before, after, elapsed(), device, world)
     C.ddp_cleanup()
+
+
+def bench(args) -> dict:
+    """--bench: --max_steps training steps of this configuration, nothing evaluated or written; prints
+    each step's seconds and phases, then the median over steps 2..n (step 1 pays one-off costs:
+    allocator growth, kernel selection, the first pi_ref diagnostic) and one JSON line for scripts."""
+    device = C.pick_device(args.device)
+    gen = C.seed_everything(args.seed)
+    t0 = time.perf_counter()
+    w = build(args, device, 0, preflight(args, device))
+    load_s = time.perf_counter() - t0
+    opt = make_optimizer(w["model"], args)
+    w["model"].train()
+    rows = []
+    for step in tqdm(range(args.max_steps), desc=f"bench[{args.method}]"):
+        rows.append(update(args, w, opt, step, 0, 1, gen, None))
+        r = rows[-1]
+        tqdm.write(f"step {step + 1}: {r['time_step']:.3f} s  " + "  ".join(f"{k} {r[f'time_{k}']:.3f}" for k in PHASES))
+    med = {k: round(float(np.median([r[f"time_{k}"] for r in rows[1:]])), 4) for k in (*PHASES, "step")}
+    rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux -> GiB
+    out = dict(method=args.method, student=w["student_path"], teacher=w["teacher_path"], autocast=args.autocast,
+               gradient_checkpointing=args.gradient_checkpointing, adamw_impl=args.adamw_impl,
+               batch=args.per_device_batch_size, max_new_tokens=args.max_new_tokens, steps=args.max_steps,
+               threads=torch.get_num_threads(), device=str(device), load_s=round(load_s, 2),
+               resp_len=round(float(np.mean([float(r["resp_len"]) for r in rows])), 2),
+               median_s=med, per_step_s=[r["time_step"] for r in rows], peak_rss_gib=rss)
+    print(f"bench {args.method}: median over steps 2-{args.max_steps}: {med['step']:.3f} s/step  "
+          + "  ".join(f"{k} {med[k]:.3f}" for k in PHASES), flush=True)
+    print("BENCH " + json.dumps(out), flush=True)
+    return out
 
 
 def finish(args, w, log, before: dict, after: dict, wall: float, device, world: int) -> dict:

@@ -1462,19 +1462,7 @@ class EndpointPolicy:
         return [(t, None, None) for t in texts]
 
 
-class PhaseTimer:
-    """Seconds per named phase (generation, sandbox, logp_old, forward, backward, optimizer)."""
-
-    def __init__(self):
-        self.seconds: dict = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+PhaseTimer = C.PhaseTimer  # seconds per named phase (generation, sandbox, logp_old, forward, backward, optimizer)
 
 
 def rollout(policy, agent, sandbox: Sandbox, tasks: list, group_size: int, max_turns: int, temperature: float,

@@ -61,6 +61,87 @@ def test_token_logprobs_gradient_matches_naive(tiny):
     model.zero_grad()
 
 
+def test_token_logprobs_from_pos_and_head_checkpoint_change_no_value_or_gradient(tiny):
+    """from_pos = P: the head runs on the positions predicting tokens P.. only; those columns (log-prob, entropy,
+    KL) equal the naive full computation, the columns before P are 0, and the gradient of a loss on the response
+    tokens is the naive one. Recomputing the head in backward (checkpoint_head) changes neither."""
+    model, tok = tiny
+    ref = C.tiny_lm(n_layer=2, d_model=32, seed=1)[0].eval()
+    ids, mask, resp = C.encode_pairs(tok, ["add 12=", "sub 9876="], ["011;123;=3", "099;"])
+    P = int(ids.shape[1] - resp.sum(1).max())  # the first response column (left padding)
+    assert 1 < P < ids.shape[1] - 1
+    logp_all, lp_ref, ent_ref = _naive(model, ids, mask)
+    kl_ref = (torch.log_softmax(ref(input_ids=ids, attention_mask=mask, position_ids=C.position_ids(mask)).logits[:, :-1], -1)
+              .exp() * (torch.log_softmax(ref(input_ids=ids, attention_mask=mask, position_ids=C.position_ids(mask))
+                                          .logits[:, :-1], -1) - logp_all)).sum(-1).detach()
+    model.zero_grad()
+    (lp_ref[:, P - 1:] * resp[:, P:]).sum().backward()
+    g_ref = [p.grad.clone() for p in model.parameters()]
+    for kw in (dict(from_pos=P), dict(from_pos=P, checkpoint_head=True), dict(checkpoint_head=False),
+               dict(checkpoint_head=True), dict(from_pos=P, chunk_size=3)):
+        model.zero_grad()
+        lp, ent, kl = C.token_logprobs(model, ids, mask, return_entropy=True, ref_model=ref, **kw)
+        start = kw.get("from_pos", 1)
+        assert lp.shape == ids.shape and (lp[:, :start] == 0).all() and (ent[:, :start] == 0).all()
+        torch.testing.assert_close(lp[:, start:], lp_ref[:, start - 1:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ent[:, start:], ent_ref[:, start - 1:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(kl[:, start:], kl_ref[:, start - 1:], atol=1e-5, rtol=0)
+        (lp * resp).sum().backward()
+        for a, p_ in zip(g_ref, model.parameters()):
+            torch.testing.assert_close(p_.grad, a, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+    assert torch.equal(C.token_logprobs(model, ids, mask, from_pos=ids.shape[1] + 5), torch.zeros(ids.shape))
+
+
+def test_head_checkpoint_only_above_the_memory_threshold(tiny, monkeypatch):
+    """The head slices are recomputed in backward only when their fp32 activations would exceed
+    HEAD_CHECKPOINT_VALUES (or when asked): below it the recompute buys nothing."""
+    model, tok = tiny
+    ids, mask, resp = C.encode_pairs(tok, ["add 12="], ["011;123;=3"])
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    C.token_logprobs(model, ids, mask).sum().backward()
+    assert not calls
+    monkeypatch.setattr(C, "HEAD_CHECKPOINT_VALUES", 10)
+    C.token_logprobs(model, ids, mask).sum().backward()
+    assert calls
+    calls.clear()
+    C.token_logprobs(model, ids, mask, checkpoint_head=False).sum().backward()
+    assert not calls
+    model.zero_grad()
+
+
+def test_autocast_modes(monkeypatch):
+    """auto: bf16 only on a CUDA GPU with bf16 in hardware (fp32 on CPU); bf16: on any device; fp32: never."""
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with C.autocast("cpu"):
+        assert (a @ b).dtype == torch.float32
+    with C.autocast("cpu", "fp32"):
+        assert (a @ b).dtype == torch.float32
+    with C.autocast("cpu", "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16"):
+        C.autocast("cpu", "fp16")
+
+
+def test_phase_timer_accumulates_per_phase_and_take_resets():
+    import time as _time
+
+    timer = C.PhaseTimer("cpu", phases=("forward", "backward"))
+    assert timer.seconds == {"forward": 0.0, "backward": 0.0}
+    with timer("forward"):
+        _time.sleep(0.02)
+    with timer("forward"):
+        _time.sleep(0.02)
+    with pytest.raises(KeyError):
+        with timer("other"):
+            raise KeyError("x")  # the phase is charged even when it raises
+    got = timer.take()
+    assert got["forward"] >= 0.04 and got["backward"] == 0.0 and "other" in got
+    assert timer.seconds == {"forward": 0.0, "backward": 0.0}
+
+
 def test_token_kl_equals_torch_distributions(tiny):
     model, tok = tiny
     ref, _ = C.tiny_lm(n_layer=2, d_model=32, seed=1)

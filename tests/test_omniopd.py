@@ -926,6 +926,7 @@ _BASE = ["--per_device_batch_size", "4", "--group_size", "2", "--chunk_tokens", 
     ("omniopd", ["--teacher_chunk_unit", "tokens"]), ("omniopd", ["--temperature", "0.5"]),
     ("omniopd", ["--method", "kl_only"]), ("opd", ["--teacher_logit_noise", "4"]), ("grpo", ["--group_size", "4"]),
     ("grpo", ["--beta", "0.9"]), ("sft", ["--teacher_token_budget", "none"]), ("sft", ["--match_teacher_tokens", "40"]),
+    ("omniopd", ["--autocast", "bf16"]), ("opd", ["--autocast", "bf16"]),
 ])
 def test_every_arm_flag_changes_the_update(monkeypatch, method, flags):
     """The update's gradient with the flag differs from the default arm's (a flag read nowhere fails)."""
@@ -999,6 +1000,22 @@ def test_time_split_is_logged_per_phase(monkeypatch):
              "time_optimizer": 0.25, "time_step": 5.0}, {"step": 2, "acc_greedy": 0.5}]
     assert O.time_split(rows) == {"generate": 2.0, "teacher": 0.5, "forward": 0.25, "backward": 0.5, "optimizer": 0.25,
                                   "step": 4.0, "other": 0.5}
+
+
+def test_bench_prints_the_split_and_writes_nothing(tmp_path):
+    """--bench: --max_steps training steps, each step's seconds and phases, the median over steps 2..n and one
+    JSON line; no output dir, no evals."""
+    out = tmp_path / "out"
+    r = run_cli(O, ["--bench", "--method", "opd", "--max_steps", "3", "--per_device_batch_size", "4", "--max_new_tokens",
+                    "8", "--output_dir", out])
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("BENCH ")]
+    assert len(lines) == 1 and not out.exists()
+    b = json.loads(lines[0][6:])
+    assert len(b["per_step_s"]) == 3 and b["batch"] == 4 and b["max_new_tokens"] == 8 and b["autocast"] == "auto"
+    assert set(b["median_s"]) == {*O.PHASES, "step"} and all(v > 0 for v in b["median_s"].values())
+    assert b["median_s"]["step"] == pytest.approx(float(np.median(b["per_step_s"][1:])), abs=1e-3)
+    assert sum(1 for ln in r.stderr.splitlines() + r.stdout.splitlines() if ln.startswith("step ")) == 3
 
 
 def test_adamw_kernels():
@@ -1080,6 +1097,8 @@ BAD_FLAGS = [
      "NO_SUCH_VAR_XYZ"), (["--sim_model", "m"], "--sim_model"), (["--match_teacher_tokens", "5"], "match_teacher_tokens"),
     (["--resume", "--overwrite"], "exclude each other"), (["--table", "--table_grid", "main,nope"], "nope"),
     (["--table", "--table_seeds", "0,a"], "--table_seeds"),
+    (["--bench", "--max_steps", "1"], "--max_steps 1 must be >= 2"), (["--bench", "--table"], "drop --table"),
+    (["--bench", "--resume"], "drop --table / --resume"),
 ]
 
 
