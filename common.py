@@ -546,7 +546,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 _COMPILED_DECODE: dict = {}
 
 
-def _stop_ids(model, tok) -> list[int]:
+def stop_ids(model, tok) -> list[int]:
     """Ids that end a row: the tokenizer's EOS and every id of the model's
     generation_config.eos_token_id (an int or a list: Llama-3 instruct ends turns with <|eot_id|>,
     which is not tok.eos_token), as HF generate does."""
@@ -619,8 +619,8 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
     B, P = input_ids.shape
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
-    stop_ids = _stop_ids(model, tok)
-    stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    stops = stop_ids(model, tok)
+    stop_t = torch.tensor(stops, dtype=torch.long, device=device)
     generator = device_generator(generator, device)
     was_training = model.training
     model.eval()
@@ -665,7 +665,7 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
         if return_entropy:
             ents.append((-(logp_all.exp() * logp_all).sum(-1)).masked_fill(finished, 0.0))
         alive.append(~finished)
-        if stop_ids:  # a row ends at whichever stop id comes first (that token is kept and scored)
+        if stops:  # a row ends at whichever stop id comes first (that token is kept and scored)
             finished = finished | torch.isin(nxt, stop_t)
         if stop_strings:
             for i in range(B):
@@ -708,7 +708,7 @@ def generate(model, tok, prompts: Sequence[str] | None = None, max_new_tokens: i
 # ---------------------------------------------------------------------------------------------
 
 
-def _backbone_and_head(model):
+def backbone_and_head(model):
     """(backbone returning hidden states, lm_head) of a HF causal LM."""
     head = model.get_output_embeddings()
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -746,7 +746,7 @@ def head_logits(model, head, h: torch.Tensor) -> torch.Tensor:
 
 
 def hidden_states(model, input_ids, attention_mask):
-    backbone, head = _backbone_and_head(model)
+    backbone, head = backbone_and_head(model)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                    use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0], head
@@ -957,7 +957,7 @@ def extract_answer(text: str) -> str | None:
     return m[-1].replace(",", "") if m else None
 
 
-def _as_number(s: str) -> float | None:
+def as_number(s: str) -> float | None:
     try:
         return float(s.replace(",", "").strip())
     except ValueError:
@@ -971,7 +971,7 @@ def is_correct(text: str, answer) -> bool:
     if got is None:
         return False
     want = str(answer).strip()
-    a, b = _as_number(got), _as_number(want)
+    a, b = as_number(got), as_number(want)
     if a is not None and b is not None:
         return a == b
     return got == want
@@ -1368,7 +1368,7 @@ def find_checkpoint(ckpt_dir: str) -> str | None:
     return max(steps, key=lambda sp: (sp[0], sp[1] == base))[1]
 
 
-def _load_file(path: str, load: Callable = lambda p: torch.load(p, weights_only=False, map_location="cpu")):
+def load_file(path: str, load: Callable = lambda p: torch.load(p, weights_only=False, map_location="cpu")):
     """`load(path)`, with a file that is truncated, garbage or unreadable turned into one UserError naming it."""
     try:
         return load(path)
@@ -1386,16 +1386,16 @@ def load_checkpoint(ckpt_dir: str, model=None, optimizer=None, modules: dict | N
     path = find_checkpoint(ckpt_dir)
     if path is None:
         raise UserError(f"no checkpoint at '{ckpt_dir}' (none complete) to resume from; run without --resume to start fresh")
-    state = _load_file(os.path.join(path, "state.pt"))
+    state = load_file(os.path.join(path, "state.pt"))
     if model is not None and os.path.isdir(os.path.join(path, "model")):
         from transformers import AutoModelForCausalLM
 
         m = model.module if hasattr(model, "module") else model
-        saved = _load_file(os.path.join(path, "model"),
+        saved = load_file(os.path.join(path, "model"),
                            lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
         m.load_state_dict(saved.state_dict())
     if optimizer is not None and os.path.isfile(os.path.join(path, "optimizer.pt")):
-        optimizer.load_state_dict(_load_file(os.path.join(path, "optimizer.pt")))
+        optimizer.load_state_dict(load_file(os.path.join(path, "optimizer.pt")))
     for k, v in (modules or {}).items():
         if k in state["modules"]:
             v.load_state_dict(state["modules"][k])

@@ -663,7 +663,7 @@ class _Stream:
         from transformers import DynamicCache
 
         self.model, self.cache, self.fed = model, DynamicCache(), 0
-        self.backbone, self.head = C._backbone_and_head(model)
+        self.backbone, self.head = C.backbone_and_head(model)
         self.kw = C.cache_kwarg(self.backbone)
 
     def advance(self, seq, mask, pos) -> torch.Tensor:
@@ -699,7 +699,7 @@ def fused_generate(router: Router | None, experts: Sequence, tok, prompts: Seque
     seq, mask = C.encode_prompts(tok, prompts, device)
     B, V, n = seq.shape[0], len(tok), len(experts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stops = torch.tensor(C._stop_ids(experts[0], tok), device=device)
+    stops = torch.tensor(C.stop_ids(experts[0], tok), device=device)
     pos = C.position_ids(mask)
     generator = C.device_generator(generator, device)
     use_router = mode != "token_conf"
@@ -1247,7 +1247,7 @@ def preflight(args) -> dict:
     if args.router_path:
         require(os.path.isfile(args.router_path), f"--router_path '{args.router_path}' does not exist; pass the "
                 "router_sft.pt of a --stage sft / both run")
-        data["router_state"] = C._load_file(args.router_path)
+        data["router_state"] = C.load_file(args.router_path)
         require(isinstance(data["router_state"], dict) and "W.weight" in data["router_state"],
                 f"--router_path '{args.router_path}' is not a router_sft.pt of this file")
     return data
@@ -1324,7 +1324,7 @@ def build_pairs(args, w: dict, data: dict) -> list[dict]:
             rng = random.Random(f"fusionroute-pairs-{args.toy_ops}-{args.seed}")
             cands = [(lambda p: dict(prompt=p.prompt, response=p.trace, answer=p.answer, problem=p))(sft_problem(rng, args.toy_ops))
                      for _ in range(20 * args.num_pairs)]
-        pairs, stop_ids = [], set(C._stop_ids(w["experts"][0], tok))
+        pairs, stop_ids = [], set(C.stop_ids(w["experts"][0], tok))
         for i in range(0, len(cands), args.eval_batch_size):
             batch = cands[i:i + args.eval_batch_size]
             o = fused_generate(router, w["experts"], tok, [r["prompt"] for r in batch], max_tokens(args, batch), "sum",

@@ -403,7 +403,7 @@ class LoRALinear(torch.nn.Module):
         self.base, self.r, self.scale = base, r, alpha / r
         for p_ in base.parameters():
             p_.requires_grad_(False)
-        dev, dt = base.weight.device, base.weight.dtype
+        dev = base.weight.device
         bound = 1.0 / math.sqrt(base.in_features)  # kaiming_uniform_(a=sqrt(5)), as peft / nn.Linear
         A = (torch.rand(r, base.in_features, generator=generator, dtype=torch.float32) * 2 - 1) * bound
         self.lora_A = torch.nn.Parameter(A.to(device=dev, dtype=torch.float32))
@@ -650,7 +650,7 @@ def is_right(task: str, text: str, ex: Example, exec_timeout: float = 10.0) -> b
         got = C.extract_answer(text) if "\\boxed{" in text else (_NUM.findall(text) or [None])[-1]
         if got is None:
             return False
-        a, b = C._as_number(got), C._as_number(ex.final)
+        a, b = C.as_number(got), C.as_number(ex.final)
         return a == b if a is not None and b is not None else got.strip() == ex.final.strip()
     m = _LETTER.findall(text)
     return bool(m) and m[-1] == ex.final

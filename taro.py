@@ -448,13 +448,6 @@ def carry_positions(text: str, domain: str) -> list[int]:
             if body[4 * j:4 * j + 3].isdigit() and body[4 * j + 3] == ";" and int(body[4 * j]) + int(body[4 * j + 1]) >= 10]
 
 
-def stop_ids(model, tok) -> list[int]:
-    ids = [tok.eos_token_id]
-    gc = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids += list(gc) if isinstance(gc, (list, tuple)) else [gc]
-    return sorted({int(i) for i in ids if i is not None})
-
-
 def make_combiner(kind: str, alpha: float = 0.0, router: Router | None = None, top_k: int = 40, beta_r: float = 1.0):
     """(base_logp (B, V), rm_logp (B, V), rm_hidden (B, d) or None) -> (fused log-probs (B, V), alpha_t (B,))."""
     if kind == "genarm":
@@ -485,7 +478,7 @@ def fused_generate(base, rm, tok, prompts: Sequence[str], max_new_tokens: int, c
     ids, mask = C.encode_prompts(tok, prompts, device)
     B, V = ids.shape[0], len(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stops = torch.tensor(stop_ids(base, tok), device=device)
+    stops = torch.tensor(C.stop_ids(base, tok), device=device)
     caches = (DynamicCache(), DynamicCache())
     kws = (C.cache_kwarg(base), C.cache_kwarg(rm))
     pos = C.position_ids(mask)

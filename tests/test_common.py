@@ -733,7 +733,7 @@ def test_token_logprobs_granite_logits_scaling_matches_model_forward():
 
 def test_lm_head_runs_in_fp32_under_autocast(tiny):
     model, tok = tiny
-    backbone, head = C._backbone_and_head(model)
+    backbone, head = C.backbone_and_head(model)
     h = torch.randn(7, model.config.hidden_size)
     want = C.head_logits(model, head, h)
     with torch.autocast("cpu", dtype=torch.bfloat16):
