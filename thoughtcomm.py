@@ -51,7 +51,11 @@ Deviations from the paper:
      last-token state: a 64-dim last-token state of a tiny model may hold little besides its answer.
      `# DEVIATION(2)`
   3. Part B's agent was pretrained with a fixed random prefix code A * onehot(true values) on half of its
-     examples, so that a frozen tiny agent can read a prefix at all (a real LLM reads soft prompts without it).
+     examples, so that a frozen tiny agent can read a prefix at all (a real LLM reads soft prompts without it);
+     half of those carry only the rows of the values some holder saw (the code perfectly shared thoughts give).
+     Measured reason for the partial codes: an agent pretrained on complete codes only read the partial code at
+     0.36 accuracy (no prefix 0.11), yet its answer NLL was higher with it (2.3-2.7) than without (0.85-0.89): it
+     is confidently wrong when a row is missing, so the `task` objective pushed the adapter away from the code.
      `# DEVIATION(3)`
   4. Part B's agent answers the integer sum of its 6 true values (0..36), not the spec's sum mod 7: a sum mod 7
      of 6 values is independent of any 5 of them (parity-like), so SGD gets no signal; measured: the spec's
@@ -60,7 +64,6 @@ Deviations from the paper:
      The counting bounds barely move (`facts_bounds` on the 500 evaluation problems of seeds 0-2: single
      0.16-0.17, perfect use of shared facts 0.37-0.38; the spec had 0.18 and 0.38).
      `# DEVIATION(4)`
-  5. `maft` (Multiagent Finetuning) is not implemented (refused with exit 2).
 
 Reconstructed (the record is silent; our choice):
   per-batch standardisation of Zhat (closes the l1 scale loophole: shrink the decoder, inflate Z); the lambda
@@ -73,6 +76,11 @@ Reconstructed (the record is silent; our choice):
   standardised per dimension with the training problems' statistics (Part B / real); the real debate prompt
   (question + instruction, round r > 1 adds the other agents' full responses, Du et al.) and the `task`
   target "The answer is \\boxed{a}."; raw_state sends every agent the same prefix (no routing).
+  maft (Multiagent Finetuning, arXiv 2501.05707, simplified to one iteration and generation agents only, as the spec
+  says): text debate on the training problems, agent i's final-round responses whose answer equals the majority
+  vote train agent i's own LoRA (r 8, alpha 16 on q/k/v/o, Adam 1e-4, --max_steps steps, per-response mean token
+  NLL, clip 1.0; one frozen base with a LoRA per agent selected per batch row, so a round stays one batched
+  generate); the fine-tuned agents then debate the evaluation problems from round 1 (round1_base = the base's).
 
 Commands:
   toy A, CPU (~4-6 min under this machine's load, ~30 s unloaded):  python thoughtcomm.py
@@ -85,8 +93,10 @@ Commands:
                           --eval_file data/math_l3_eval500.jsonl --num_agents 3 --rounds 2 --n_latent 1024 \
                           --ae_width 2048 --prefix_len 1 --max_new_tokens 512 --jac_cols 64 --ae_steps 3000 \
                           --gen_batch_size 512
+  real-model baselines:  the same command with --method debate | single | maft (a LoRA per agent, one iteration)
 
-Outputs: args.json, metrics.jsonl (AE / refit losses, lambda_t, time per phase), summary.json, thoughtcomm.png,
+Outputs: args.json, metrics.jsonl (AE / refit / adapter / maft losses, lambda_t, time per phase), summary.json,
+thoughtcomm.png, responses.jsonl (Part B / real: every evaluation round's response and answer per problem and agent),
 checkpoint/ (resume with the same command plus --resume; kill -9 + --resume reaches the same summary.json).
 """
 from __future__ import annotations
@@ -113,8 +123,9 @@ import common as C
 # ---------------------------------------------------------------------------------------------
 
 METHODS_A = ("thoughtcomm", "oracle_mask")
-METHODS_B = ("single", "debate", "thoughtcomm", "broadcast", "random_mask", "raw_state", "oracle_latent", "oracle")
-METHODS_REAL = METHODS_B[:-2]  # maft (Multiagent Finetuning) is not implemented in this version
+METHODS_B = ("single", "debate", "thoughtcomm", "broadcast", "random_mask", "raw_state", "oracle_latent", "oracle",
+             "oracle_partial")
+METHODS_REAL = METHODS_B[:-3] + ("maft",)  # maft (Multiagent Finetuning) fine-tunes real models only (spec 3)
 
 
 def parse_args(argv=None):
@@ -124,7 +135,9 @@ def parse_args(argv=None):
                    "B = tiny HF agents on the erased-facts task (ignored with --model_name_or_path)")
     p.add_argument("--method", default="thoughtcomm", help="A: thoughtcomm | oracle_mask (refit with the true M); "
                    "B: single | debate | thoughtcomm | broadcast | random_mask | raw_state | oracle_latent (the adapter "
-                   "fed perfectly recovered thoughts) | oracle (the true prefix code); real: B's minus the two oracles")
+                   "fed perfectly recovered thoughts) | oracle (the true prefix code) | oracle_partial (the true code of the "
+                   "values some holder saw: what perfectly used shared thoughts give); real: B's minus the oracles, "
+                   "plus maft (Multiagent Finetuning: a LoRA per agent on its majority-agreeing responses, then debate)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
     p.add_argument("--output_dir", default=None, help="default runs/thoughtcomm/<part>-<method>-seed<seed>")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue the same run")
@@ -176,6 +189,11 @@ def parse_args(argv=None):
     p.add_argument("--per_device_batch_size", type=int, default=32, help="adapter batch (problems)")
     p.add_argument("--train_size", type=int, default=500, help="training problems (AE and adapter)")
     p.add_argument("--eval_size", type=int, default=500, help="evaluation problems (never encoded in training)")
+    # maft (real models): one LoRA per agent, --max_steps steps of --per_device_batch_size responses
+    p.add_argument("--lora_r", type=int, default=8, help="maft: LoRA rank r")
+    p.add_argument("--lora_alpha", type=float, default=16.0, help="maft: LoRA scale numerator (scale = alpha / r)")
+    p.add_argument("--lora_lr", type=float, default=1e-4, help="maft: LoRA learning rate (Adam)")
+    p.add_argument("--lora_targets", default="q_proj,k_proj,v_proj,o_proj", help="maft: Linear names wrapped with LoRA")
     p.add_argument("--gate_min", type=float, default=0.9, help="Part B probe gate: stop unless a linear probe decodes "
                    "every observed fact from the states with at least this accuracy (0 = no gate)")
     p.add_argument("--agent_steps", type=int, default=3000, help="pretraining steps of Part B's toy agent (cached per value)")
@@ -206,9 +224,7 @@ def validate_args(args) -> None:
     """Every flag's range and every combination that cannot work; nothing loaded or written."""
     req = C.require
     real = args.model_name_or_path is not None
-    if real:  # DEVIATION(5): no maft
-        req(args.method != "maft", "--method maft (Multiagent Finetuning) is not implemented in this version of "
-                                   f"thoughtcomm.py; real models run one of {', '.join(METHODS_REAL)}")
+    if real:
         req(args.method in METHODS_REAL, f"--method {args.method}: real models run one of {', '.join(METHODS_REAL)}")
         req(args.train_file and args.eval_file, "real models need --train_file and --eval_file (jsonl, one "
                                                 "{\"question\": ..., \"answer\": ...} per line)")
@@ -223,6 +239,8 @@ def validate_args(args) -> None:
         req(args.r2_train >= 10 and args.r2_test >= 10, "--r2_train and --r2_test must be >= 10")
         req(args.method != "oracle_mask" or args.refit, "--method oracle_mask is a refit with the true mask: keep --refit")
     else:
+        req(args.method != "maft", "--method maft fine-tunes real models only (spec 3): give --model_name_or_path, "
+                                   "--train_file and --eval_file")
         req(args.method in METHODS_B, f"--method {args.method}: Part B runs one of {', '.join(METHODS_B)}")
         req(args.num_agents == 3, "Part B's facts world has the 3-agent sharing pattern: --num_agents 3")
     req(args.rounds >= 1 and (args.rounds >= 2 or args.method == "single"),
@@ -246,6 +264,9 @@ def validate_args(args) -> None:
     req(args.max_new_tokens >= 1, f"--max_new_tokens {args.max_new_tokens}: must be >= 1")
     req(args.agent_steps >= 1, f"--agent_steps {args.agent_steps}: must be >= 1")
     req(0 <= args.gate_min <= 1, f"--gate_min {args.gate_min}: must be in [0, 1]")
+    req(args.lora_r >= 1 and args.lora_alpha > 0 and args.lora_lr > 0,
+        f"--lora_r {args.lora_r} must be >= 1, --lora_alpha {args.lora_alpha} and --lora_lr {args.lora_lr} > 0")
+    req(any(t.strip() for t in args.lora_targets.split(",")), "--lora_targets is empty; pass e.g. q_proj,v_proj")
     req(args.gen_batch_size >= 0 and args.ref_tokens >= 1, "--gen_batch_size must be >= 0 and --ref_tokens >= 1")
     req(not (args.part == "A" and not real and int(os.environ.get("WORLD_SIZE", 1)) > 1),
         "Part A is a one-process CPU toy; run it without torchrun (torchrun shards Part B / real problems)")
@@ -529,7 +550,7 @@ def invertible_mlp(x: torch.Tensor, gen: torch.Generator, layers: int = 3) -> to
     return x
 
 
-def make_synthetic(n_agents: int, k: int, n: int, seed: int):
+def make_synthetic(n_agents: int, k: int, n: int, seed: int):  # DEVIATION(1): our own toy (the spec's Part A)
     """(Z (N, n_z_true), H (N, n_h) standardised, agent row slices, true M). Each agent observes as many dims as
     it has latents (square, invertible; pitfall 3)."""
     gen = torch.Generator().manual_seed(10_000 + seed)
@@ -804,7 +825,7 @@ N_FACTS, MOD, ERASE_P = 10, 7, 0.4
 # fact 0: all agents; facts 1-2: agents 0+1; 3-4: 0+2; 5-6: 1+2; 7, 8, 9: private to agent 0, 1, 2
 AGENT_FACTS = ((0, 1, 2, 3, 4, 7), (0, 1, 2, 5, 6, 8), (0, 3, 4, 5, 6, 9))
 AGENT_RECIPE = dict(n_layer=2, d_model=64, n_head=4, steps=3000, batch_size=64, lr=3e-3, prefix_share=0.5, seed=0,
-                    task="sum", version=2)
+                    task="sum", partial_share=0.5, version=3)
 
 
 def facts_problems(n: int, seed: int) -> list[dict]:
@@ -882,12 +903,15 @@ def prefix_code(d: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(len(AGENT_FACTS[0]) * MOD, d, generator=g) / math.sqrt(d) * 4.0
 
 
-def oracle_prefix(probs: Sequence[dict], agent: int, A: torch.Tensor) -> torch.Tensor:
-    """(B, 1, d) = A^T onehot(true values of the agent's facts): the prefix an agent reads perfectly."""
+def oracle_prefix(probs: Sequence[dict], agent: int, A: torch.Tensor, recoverable_only: bool = False) -> torch.Tensor:
+    """(B, 1, d) = A^T onehot(true values of the agent's facts): the prefix an agent reads perfectly. With
+    recoverable_only, a fact every holder has erased contributes no row (the code of perfectly shared thoughts)."""
     oh = torch.zeros(len(probs), len(AGENT_FACTS[agent]) * MOD)
     for b, p in enumerate(probs):
         for k, f in enumerate(AGENT_FACTS[agent]):
-            oh[b, k * MOD + p["values"][f]] = 1.0
+            seen = any(not p["erased"][j][f] for j, facts in enumerate(AGENT_FACTS) if f in facts)
+            if seen or not recoverable_only:
+                oh[b, k * MOD + p["values"][f]] = 1.0
     return (oh @ A)[:, None, :]
 
 
@@ -897,7 +921,7 @@ def lone_answer(prob: dict, agent: int) -> str:
     return str(sum(3 if prob["erased"][agent][f] else prob["values"][f] for f in AGENT_FACTS[agent]))
 
 
-class FactsWorld:
+class FactsWorld:  # DEVIATION(1): our own toy (the spec's Part B)
     """Part B as a world of the debate pipeline: 3 agents, each with its own question (its own 6 facts)."""
 
     vote = False  # agents answer different questions: accuracy = mean over agents, no majority vote
@@ -997,8 +1021,9 @@ def answer_nll(model, tok, prompts: list[str], answers: list[str], prefix: torch
 
 def pretrain_agent(recipe: dict, path: str) -> None:
     """The toy agent: a tiny Llama trained to answer its true sum from round-1 and round-2 prompts; a share of the
-    batches carry the oracle prefix A^T onehot(true values) (DEVIATION 3), the others no prefix slot at all (as
-    the text-only arms see it)."""
+    batches carry the oracle prefix A^T onehot(true values) (DEVIATION 3), of these a share only the rows of the
+    values some holder saw (so a missing row means "unknown", not a confident guess), the others no prefix slot at
+    all (as the text-only arms see it)."""
     model, tok = C.tiny_lm(n_layer=recipe["n_layer"], d_model=recipe["d_model"], n_head=recipe["n_head"], seed=recipe["seed"])
     A = prefix_code(recipe["d_model"], recipe["seed"])
     rng = np.random.default_rng(recipe["seed"])
@@ -1015,7 +1040,9 @@ def pretrain_agent(recipe: dict, path: str) -> None:
         for p in probs:
             others = [lone_answer(p, j) for j in range(3) if j != agent] if rng.random() < 0.5 else None
             prompts.append(facts_prompt(p, agent, others))
-        pre = oracle_prefix(probs, agent, A) if rng.random() < recipe["prefix_share"] else None
+        pre = None
+        if rng.random() < recipe["prefix_share"]:  # DEVIATION(3)
+            pre = oracle_prefix(probs, agent, A, recoverable_only=rng.random() < recipe["partial_share"])
         loss = answer_nll(model, tok, prompts, [facts_answer(p, agent) for p in probs], pre)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1062,13 +1089,18 @@ def agent_checkpoint(recipe: dict = AGENT_RECIPE) -> str:
 
 @torch.no_grad()
 def generate_with_prefix(model, tok, prompts: list[str], prefix: torch.Tensor | None, max_new_tokens: int,
-                         temperature: float, top_p: float, gen: torch.Generator | None):
+                         temperature: float, top_p: float, gen: torch.Generator | None, compile_ok: bool = True,
+                         finished_out: list | None = None):
     """Sampling with a KV cache whose first forward reads inputs_embeds (prefix + prompt): common.generate with
-    prefix_embeds. Returns (texts, sequences (B, L) ids without the prefix, attention_mask (B, L), prompt_len)."""
+    prefix_embeds. Returns (texts, sequences (B, L) ids without the prefix, attention_mask (B, L), prompt_len);
+    finished_out, if given, is extended with one bool per row (ended at EOS, not cut at max_new_tokens).
+    compile_ok False: no compiled CUDA decode step (maft's per-row LoRA selection is a plain attribute)."""
     device = next(model.parameters()).device
     with C.autocast(device):
         g = C.generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       generator=gen, prefix_embeds=prefix)
+                       generator=gen, prefix_embeds=prefix, compile=None if compile_ok else False)
+    if finished_out is not None:
+        finished_out += [r == "stop" for r in g.finish_reasons]
     return g.texts, g.sequences, g.attention_mask, g.prompt_len
 
 
@@ -1089,7 +1121,7 @@ def agent_states(model, seqs: torch.Tensor, mask: torch.Tensor, prompt_len: int,
     if kind == "last":
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # last attended position
         return h[torch.arange(len(h)), last]
-    pm = mask[:, :prompt_len].float()[..., None]
+    pm = mask[:, :prompt_len].float()[..., None]  # DEVIATION(2)
     return (h[:, :prompt_len] * pm).sum(1) / pm.sum(1)
 
 
@@ -1102,22 +1134,30 @@ def round_prompts(world, probs: Sequence[dict], prev: list[list[str]] | None) ->
 
 
 def run_round(model, tok, world, probs: list[dict], prev: list[list[str]] | None, prefix: torch.Tensor | None, args,
-              gen: torch.Generator, max_new_tokens: int):
+              gen: torch.Generator, max_new_tokens: int, lora: AgentLoRA | None = None,
+              finished_out: list | None = None):
     """One debate round of all agents on all problems: one batched generate (chunks of --gen_batch_size rows) and
-    one extra forward for the states. prefix: (n_a * B, m, d) agent-major or None. Returns texts[i][b],
-    answers[i][b] (parsed, None = unparsable) and states [n_a] x (B, d) on the CPU."""
+    one extra forward for the states. prefix: (n_a * B, m, d) agent-major or None; lora: each row decodes with its
+    agent's LoRA (maft). Returns texts[i][b], answers[i][b] (parsed, None = unparsable) and states [n_a] x (B, d)
+    on the CPU; finished_out, if given, receives finished[i][b] (ended at EOS)."""
     n_a, B = world.n_agents, len(probs)
     prompts = round_prompts(world, probs, prev)
     chunk = args.gen_batch_size or len(prompts)
-    texts, states = [], []
+    texts, states, fin = [], [], []
     for s in range(0, len(prompts), chunk):
         pre = prefix[s:s + chunk] if prefix is not None else None
+        if lora is not None:  # row k of the round is agent k // B
+            lora.use(torch.arange(s, min(s + chunk, len(prompts)), device=next(model.parameters()).device) // B)
         t, seqs, mask, P = generate_with_prefix(model, tok, prompts[s:s + chunk], pre, max_new_tokens, args.temperature,
-                                                args.top_p, gen)
+                                                args.top_p, gen, compile_ok=lora is None, finished_out=fin)
         texts += t
         states.append(agent_states(model, seqs, mask, P, args.state, pre).cpu())
+    if lora is not None:
+        lora.use(None)
     H = torch.cat(states)
     rows = [texts[i * B:(i + 1) * B] for i in range(n_a)]
+    if finished_out is not None:
+        finished_out += [fin[i * B:(i + 1) * B] for i in range(n_a)]
     return rows, [[world.parse(x) for x in r] for r in rows], [H[i * B:(i + 1) * B] for i in range(n_a)]
 
 
@@ -1175,6 +1215,123 @@ def random_mask_like(M: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return R
 
 
+# ---- maft (Multiagent Finetuning, simplified, one iteration): one in-file LoRA per agent ----
+
+
+class AgentLoRALinear(nn.Module):
+    """y = W x + b + (alpha / r) B_a A_a x, with a = the agent of x's batch row (`rows`, (B,) long; None = the base
+    model). One LoRA per agent on one frozen base, so all agents of a round still share one batched generate.
+    W, b frozen; A_a (r, in) kaiming-uniform as nn.Linear / peft, B_a (out, r) = 0 (the agents start as the base)."""
+
+    def __init__(self, base: nn.Linear, n_agents: int, r: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        for p_ in base.parameters():
+            p_.requires_grad_(False)
+        bound = 1.0 / math.sqrt(base.in_features)
+        A = (torch.rand(n_agents, r, base.in_features, generator=generator) * 2 - 1) * bound
+        self.A = nn.Parameter(A.to(base.weight.device))  # (n_a, r, in) fp32
+        self.B = nn.Parameter(torch.zeros(n_agents, base.out_features, r, device=base.weight.device))  # (n_a, out, r)
+        self.rows: torch.Tensor | None = None
+
+    def forward(self, x):  # x (B, T, in)
+        y = self.base(x)
+        if self.rows is None:
+            return y
+        z = torch.einsum("bti,bri->btr", x.to(self.A.dtype), self.A[self.rows])  # (B, T, r)
+        return y + (self.scale * torch.einsum("btr,bor->bto", z, self.B[self.rows])).to(y.dtype)
+
+
+class AgentLoRA(nn.Module):
+    """Every `targets` Linear of the model wrapped in AgentLoRALinear; `params` (A and B of each) is what the
+    optimizer, the checkpoint and the gradient all-reduce see. `use(rows)` selects each batch row's agent."""
+
+    def __init__(self, model, n_agents: int, r: int, alpha: float, targets: Sequence[str], seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed * 7 + 3)
+        names = [n for n, m in model.named_modules() if n.split(".")[-1] in targets and isinstance(m, nn.Linear)]
+        if not names:
+            raise C.UserError(f"--lora_targets {','.join(targets)} match no Linear layer of this model; name its "
+                              "projections (e.g. q_proj,v_proj)")
+        self.layers: list[AgentLoRALinear] = []
+        self.params = nn.ParameterDict()
+        for n in names:
+            parent, child = model.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]
+            lay = AgentLoRALinear(getattr(parent, child), n_agents, r, alpha, g)
+            setattr(parent, child, lay)
+            self.layers.append(lay)
+            self.params[n.replace(".", "__") + "__A"], self.params[n.replace(".", "__") + "__B"] = lay.A, lay.B
+
+    def use(self, rows: torch.Tensor | None) -> None:
+        for lay in self.layers:
+            lay.rows = rows
+
+
+def majority_examples(world, probs: Sequence[dict], prompts: list[str], texts: list[list[str]],
+                      answers: list[list[str | None]], finished: list[list[bool]] | None = None) -> list[dict]:
+    """maft's training set: agent i's final-round responses whose answer equals the problem's majority vote (Eq. 1;
+    problems without a parsable vote give none). prompts: agent-major (row i * B + b). Each example: agent, prompt,
+    response, eos (False where the response was cut at --max_new_tokens: no EOS is trained there)."""
+    n_a, B = len(texts), len(probs)
+    out = []
+    for b in range(B):
+        _, vote = consensus_and_vote([answers[i][b] for i in range(n_a)])
+        for i in range(n_a):
+            if vote is not None and answers[i][b] == vote:
+                out.append(dict(agent=i, prompt=prompts[i * B + b], response=texts[i][b],
+                                eos=True if finished is None else bool(finished[i][b])))
+    return out
+
+
+def maft_loss(model, tok, lora: AgentLoRA, batch: Sequence[dict]) -> torch.Tensor:
+    """Mean over the batch of each response's mean token NLL (and EOS where it ended) under its own agent's LoRA."""
+    device = next(model.parameters()).device
+    lora.use(torch.tensor([e["agent"] for e in batch], device=device))
+    ids, mask, resp = C.encode_pairs(tok, [e["prompt"] for e in batch], [e["response"] for e in batch],
+                                     add_eos=[e["eos"] for e in batch], device=device)
+    with C.autocast(device):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=C.position_ids(mask)).logits[:, :-1]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, L-1), fp32
+    w = resp[:, 1:].float()
+    return ((nll * w).sum(1) / w.sum(1).clamp_min(1)).mean()
+
+
+def train_maft(model, tok, lora: AgentLoRA, data: list[dict], args, log, start: int, save, rank: int,
+               world_size: int) -> None:
+    """LoRA steps on the majority-agreeing responses (the base stays frozen). Every rank draws the same global batch
+    (per_device_batch_size x world_size examples, any agents) and scores its slice; gradients averaged over ranks.
+    The rows of a batch keep their agent's LoRA selected through backward (gradient checkpointing recomputes)."""
+    opt, gen = save.adapter_opt, save.gen
+    bs = args.per_device_batch_size
+    bar = tqdm(range(start, args.max_steps), desc="thoughtcomm[maft]", initial=start, total=args.max_steps, leave=False,
+               disable=not C.is_main())
+    if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    for step in bar:
+        t0 = time.perf_counter()
+        idx = torch.randint(0, len(data), (bs * world_size,), generator=gen).tolist()[rank * bs:(rank + 1) * bs]
+        loss = maft_loss(model, tok, lora, [data[k] for k in idx])
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        C.all_reduce_grads(lora.params, world_size)
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(lora.params.parameters(), 1.0)
+        opt.step()
+        t3 = time.perf_counter()
+        done = step + 1
+        if done % max(1, args.log_every // 4) == 0 or done == args.max_steps:
+            log.log(done, maft_loss=loss.detach(), time_forward=t1 - t0, time_backward=t2 - t1, time_optimizer=t3 - t2,
+                    time_step=t3 - t0)
+        if done % args.save_every == 0 and done < args.max_steps:
+            save(done)
+    lora.use(None)
+    if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+    model.eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # ---- Part B / real: phases ----
 # ---------------------------------------------------------------------------------------------
@@ -1203,11 +1360,27 @@ def fit_ae(H: torch.Tensor, slices, args, ckpt_state, save, device) -> tuple[Sta
 def prefixes_for(arm: str, adapter: PrefixAdapter | None, src: torch.Tensor | None, M, probs, A, n_a: int) -> torch.Tensor | None:
     """Round r+1 prefixes of all agents, agent-major (n_a * B, m, d), for an arm (None = text only). src: the
     round-r latents Zhat (B, n_z) or, for raw_state, the standardised raw states (B, n_h)."""
-    if arm in ("single", "debate"):
+    if arm in ("single", "debate", "maft"):
         return None
-    if arm == "oracle":
-        return torch.cat([oracle_prefix(probs, i, A) for i in range(n_a)])
+    if arm in ("oracle", "oracle_partial"):
+        return torch.cat([oracle_prefix(probs, i, A, recoverable_only=arm == "oracle_partial") for i in range(n_a)])
     return torch.cat([adapter(src, None if arm == "raw_state" else M, i) for i in range(n_a)])
+
+
+@torch.no_grad()
+def prefix_nll_check(model, tok, world, probs, texts1, arm, adapter, src, M, A, n: int = 96) -> dict:
+    """The `task` objective on the first n training problems, every agent, with this arm's round-2 prefix and with
+    none: whether the objective the adapter follows rewards the prefix at all (Part B diagnostic)."""
+    idx = list(range(min(n, len(probs))))
+    out = {"with_prefix": 0.0, "without": 0.0}
+    for i in range(world.n_agents):
+        prompts = [world.prompt(probs[b], i, [texts1[j][b] for j in range(world.n_agents) if j != i]) for b in idx]
+        targets = [world.target(probs[b], i) for b in idx]
+        pre = prefixes_for(arm, adapter, None if src is None else src[idx], M, [probs[b] for b in idx], A,
+                           world.n_agents)[i * len(idx):(i + 1) * len(idx)]
+        out["with_prefix"] += float(answer_nll(model, tok, prompts, targets, pre)) / world.n_agents
+        out["without"] += float(answer_nll(model, tok, prompts, targets, None)) / world.n_agents
+    return {k: round(v, 4) for k, v in out.items()}
 
 
 def adapter_loss(model, tok, world, adapter, probs, texts1, src, M, idx, agent, args, sgen) -> tuple[torch.Tensor, float]:
@@ -1413,7 +1586,10 @@ def run_agents(args, ckpt_dir: str, t0: float, rank: int = 0, world_size: int = 
         save.gen.set_state(st["extra"]["gen"])
         if rank < len(st["extra"]["sgens"]):  # saved once the adapter trains (its only user)
             save.sgen.set_state(st["extra"]["sgens"][rank])
-    stage = M = adapter = src_tr = src_ev = None
+    stage = M = adapter = src_tr = src_ev = lora = None
+    if args.method == "maft":  # fine-tune each agent on its majority-agreeing responses, then debate from round 1
+        lora, txt_ev, ans_ev = run_maft(model, tok, world, train, evals, txt_tr, ans_tr, args, summary, save, st, mnt,
+                                        device)
     if args.method in AE_ARMS:
         if rank == 0:  # the AE is small: rank 0 trains it on the gathered states, then broadcasts it
             stage, M = fit_ae(Hn_tr, slices, args, st["extra"]["ae"] if st else None, save, device)
@@ -1455,10 +1631,13 @@ def run_agents(args, ckpt_dir: str, t0: float, rank: int = 0, world_size: int = 
                       rank, world_size)
         summary["time_adapter_s"] = round(time.time() - t_ad, 1)
         save(args.ae_steps + args.max_steps)
-    final = summary["round1"]
+    if A is not None and (adapter is not None or args.method in ("oracle", "oracle_partial")):
+        summary["answer_nll_train"] = prefix_nll_check(model, tok, world, train, txt_tr, args.method, adapter, src_tr,
+                                                       M, A)
+    final, record = summary["round1"], [(1, txt_ev, ans_ev)]
     if args.method != "single":  # rounds 2.. on this rank's evaluation shard, with prefixes from the round before
         final = evaluate_rounds(model, tok, world, evals, txt_ev, src_ev, adapter, M, A, args, summary, rank, world_size,
-                                ae if args.method in AE_ARMS else None, (mu, sd), mnt, device)
+                                ae if args.method in AE_ARMS else None, (mu, sd), mnt, device, lora, record)
     wall = time.time() - t0
     summary.update(accuracy=final["accuracy"], consensus=final["consensus"], unparsable=final["unparsable"],
                    wall_time_s=round(wall, 1), time_per_step_s=time_split(C.read_jsonl(log.path)) if C.is_main() else {})
@@ -1466,14 +1645,73 @@ def run_agents(args, ckpt_dir: str, t0: float, rank: int = 0, world_size: int = 
         summary["weights"] = [round(float(x), 4) for x in adapter.w.detach()[1:]]
         summary["adapter_norm"] = float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in adapter.parameters())))
     if C.is_main():
+        write_responses(os.path.join(args.output_dir, "responses.jsonl"), evals, record)
         finish_agents(args, summary, log, wall)
     return summary
 
 
+def write_responses(path: str, evals: Sequence[dict], record: list) -> None:
+    """responses.jsonl: every evaluation round's response and parsed answer per (problem, agent), to read debates."""
+    with open(path + ".tmp", "w") as f:
+        for r, texts, answers in record:
+            for b in range(len(evals)):
+                for i in range(len(texts)):
+                    f.write(json.dumps(dict(round=r, problem=b, agent=i, text=texts[i][b], answer=answers[i][b])) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def run_maft(model, tok, world, train, evals, txt_tr, ans_tr, args, summary, save, st, mnt, device):
+    """maft (Multiagent Finetuning, simplified, one iteration): text debate rounds 2..R on the training problems
+    (each rank its shard, gathered), agent i's final-round responses that agree with the majority vote ->
+    agent i's LoRA (train_maft), then the fine-tuned agents answer round 1 of the evaluation problems again (same
+    sampling seed as the base round 1, kept as round1_base). Returns (lora, round-1 texts, round-1 answers)."""
+    rank, world_size, n_a = save.rank, save.world_size, world.n_agents
+    mine = shard(range(len(train)), rank, world_size)
+    probs = [train[b] for b in mine]
+    prev, ans = [[txt_tr[i][b] for b in mine] for i in range(n_a)], None
+    t_deb = time.time()
+    for r in range(2, args.rounds + 1):
+        prompts = round_prompts(world, probs, prev)  # of the round run now; the last one's are the training prompts
+        fin: list = []
+        prev, ans, _ = run_round(model, tok, world, probs, prev, None, args,
+                                 torch.Generator().manual_seed(args.seed * 1000 + 50 + 100 * r + rank), mnt,
+                                 finished_out=fin)
+    parts = gather((prompts, prev, ans, fin), world_size)
+    B = len(train)
+    per_agent = lambda k: [unshard([p[k][i] for p in parts]) for i in range(n_a)]  # noqa: E731
+    texts, answers, finished = per_agent(1), per_agent(2), per_agent(3)
+    prompts = sum((unshard([p[0][i * len(p[1][0]):(i + 1) * len(p[1][0])] for p in parts]) for i in range(n_a)), [])
+    summary["time_maft_debate_s"] = round(time.time() - t_deb, 1)  # generation of the training set
+    data = majority_examples(world, train, prompts, texts, answers, finished)
+    summary["maft_train_round"] = score_round(world, train, answers)
+    summary["maft_examples"] = [sum(e["agent"] == i for e in data) for i in range(n_a)]
+    C.require(data, f"maft: no final-round response on the {B} training problems agrees with a parsable majority vote, "
+                    "so there is nothing to fine-tune on; raise --max_new_tokens or use more / easier training problems")
+    lora = AgentLoRA(model, n_a, args.lora_r, args.lora_alpha, [t.strip() for t in args.lora_targets.split(",")],
+                     args.seed)  # B = 0: every agent starts as the base model
+    save.adapter = lora.params
+    save.adapter_opt = torch.optim.Adam(list(lora.params.parameters()), lr=args.lora_lr)
+    if st and st["extra"].get("adapter") is not None:
+        lora.params.load_state_dict(st["extra"]["adapter"])
+        save.adapter_opt.load_state_dict(st["extra"]["adapter_opt"])
+    t_ft = time.time()
+    train_maft(model, tok, lora, data, args, save.log, save.step if st else 0, save, rank, world_size)
+    summary["time_maft_s"] = round(time.time() - t_ft, 1)
+    save(args.max_steps)
+    summary["lora_B_norm"] = float(torch.sqrt(sum((lay.B.detach().double() ** 2).sum() for lay in lora.layers)))
+    evm = shard(evals, rank, world_size)
+    with torch.no_grad():
+        t, a, H = run_round(model, tok, world, evm, None, None, args,
+                            torch.Generator().manual_seed(args.seed * 1000 + 200 + rank), mnt, lora)
+    txt_ev, ans_ev, _ = gather_round(t, a, H, world_size)
+    summary["round1_base"], summary["round1"] = summary["round1"], score_round(world, evals, ans_ev)
+    return lora, txt_ev, ans_ev
+
+
 def evaluate_rounds(model, tok, world, evals, txt_ev, src_ev, adapter, M, A, args, summary, rank, world_size, ae,
-                    norm, mnt, device) -> dict:
+                    norm, mnt, device, lora: AgentLoRA | None = None, record: list | None = None) -> dict:
     """Rounds 2..R on the evaluation problems (each rank its shard); the prefix of round r + 1 comes from the
-    round-r states (re-encoded by the AE after every round)."""
+    round-r states (re-encoded by the AE after every round); with `lora` (maft) each agent decodes with its own."""
     n_a = world.n_agents
     mine = shard(range(len(evals)), rank, world_size)
     probs = [evals[b] for b in mine]
@@ -1487,9 +1725,11 @@ def evaluate_rounds(model, tok, world, evals, txt_ev, src_ev, adapter, M, A, arg
                 norms = sum(gather(pre.norm(dim=-1).flatten().tolist(), world_size), [])
                 summary[f"prefix_norm_round{r}"] = round(float(np.mean(norms)), 4)
             gen = torch.Generator().manual_seed(args.seed * 1000 + 100 * r + rank)
-            prev, ans, H = run_round(model, tok, world, probs, prev, pre, args, gen, mnt)
-            _, ans_all, H_all = gather_round(prev, ans, H, world_size)
+            prev, ans, H = run_round(model, tok, world, probs, prev, pre, args, gen, mnt, lora)
+            txt_all, ans_all, H_all = gather_round(prev, ans, H, world_size)
             final = summary[f"round{r}"] = score_round(world, evals, ans_all)
+            if record is not None:
+                record.append((r, txt_all, ans_all))
             if src is not None and r < args.rounds:
                 Hn = (torch.cat(H, 1) - norm[0]) / norm[1]  # CPU, as the AE
                 src = (ae.encode(Hn) if ae is not None else Hn).to(device)

@@ -1,6 +1,7 @@
 """Tests of thoughtcomm.py: the math against hand values, one AE update and one adapter update against plain
 references, the wiring of routing / prefix / structure / arms, validation, smoke runs, and (slow) kill -9 + resume
-(Part A and Part B), several seeds, torchrun with 2 CPU processes and the real SmolLM2-135M-Instruct checkpoint.
+(Part A and Part B), several seeds, torchrun with 2 CPU processes and the real SmolLM2-135M-Instruct checkpoint
+(the thoughtcomm pipeline and maft).
 
 Breakages these tests catch (each made on a scratch copy and seen to fail the named test):
   - agreement summing over latents instead of agents                         -> test_agreement_hand_value
@@ -14,7 +15,8 @@ Breakages these tests catch (each made on a scratch copy and seen to fail the na
   - ties broken by the highest index; unparsable counted as an answer;
     the real world scoring the mean over agents instead of the majority vote  -> test_consensus_and_vote
   - the shared-facts bound counting a fact lost when any (not every) holder
-    has it erased                                                             -> test_facts_world_counts
+    has it erased; the agent's partial pretraining code keeping the rows of
+    facts every holder erased                                                 -> test_facts_world_counts
   - the Jacobian term on all rows instead of jac_samples, or not divided by
     n_h; gradient clipping or the optimizer step skipped                      -> test_one_ae_update_matches_reference
   - answer_nll as one token mean over the batch instead of a mean of per-row
@@ -23,10 +25,18 @@ Breakages these tests catch (each made on a scratch copy and seen to fail the na
   - the lambda ramp over half instead of a third of training                 -> test_lambda_ramp
   - refit heads reading every latent instead of their agent's                -> test_refit_heads_read_only_their_latents
   - --lambda_jac, --refit, --method oracle_mask read nowhere                 -> test_flags_change_results
-  - --agreement_weights fixed ignored, or w trainable outside `learn`        -> test_partb_arm_wiring
+  - --agreement_weights fixed ignored, or w trainable outside `learn`;
+    oracle_partial sending the full code (rows of facts no holder saw)       -> test_partb_arm_wiring
   - broadcast routing with the estimated M instead of all ones; random_mask
     routing with M itself                                                     -> test_partb_state_arms_end_to_end
   - a flag range check removed (--tau)                                       -> test_validation_refuses
+  - maft: EOS trained on responses cut at --max_new_tokens; every row decoding
+    with agent 0's LoRA (no per-row selection); the alpha / r scale dropped;
+    the LoRA gradient clip removed; the base model not restored after
+    training (rows left selected)                                             -> test_one_maft_update_matches_reference
+  - maft: responses that disagree with the majority vote kept                 -> test_majority_examples_hand_value
+  - maft: run_round ignoring the LoRA (agents decode as the base); the
+    evaluation round 1 not re-answered by the fine-tuned agents              -> test_maft_changes_the_debate
   - --table reusing a finished run whose flags differ                        -> test_table_refuses_stale_run
 Slow:
   - kill -9 in the AE stage and again in the refit stage + two --resume reach the uninterrupted summary.json
@@ -38,6 +48,9 @@ Slow:
     ranks; rank shards gathered in the wrong order)                          -> test_torchrun_two_processes_match_one_process
   - the real checkpoint: chat template applied twice (round-2 prompt built
     from a rendered round-1 prompt); LLM weights left trainable               -> test_real_smollm2_checkpoint
+  - maft on the real checkpoint: a LoRA step reaching another agent's B or
+    the frozen base; no majority-agreeing examples; debate not run after
+    fine-tuning                                                               -> test_real_smollm2_maft
 """
 from __future__ import annotations
 
@@ -241,6 +254,10 @@ def test_facts_world_counts():
     q = dict(values=[1, 2, 3, 4, 5, 6, 0, 1, 2, 3], erased=[[True] * 10, [True] * 10, [True] * 9 + [False]])
     r = T.recoverable_facts([q])[0].view(10, 7)
     assert r.sum(1).tolist() == [0] * 9 + [1] and r[9, 3] == 1  # only fact 9 (agent 2's, seen) survives
+    A = T.prefix_code(16)  # the agent's partial code of q: only fact 9's row (agent 2's 6th fact, value 3)
+    assert torch.allclose(T.oracle_prefix([q], 2, A, recoverable_only=True)[0, 0], A[5 * 7 + 3])
+    full = sum(A[k * 7 + q["values"][f]] for k, f in enumerate(T.AGENT_FACTS[2]))
+    assert torch.allclose(T.oracle_prefix([q], 2, A)[0, 0], full)
     Mf = T.fact_mask()
     assert Mf.sum(1).tolist() == [42, 42, 42] and T.agreement(Mf)[::7].tolist() == [3, 2, 2, 2, 2, 2, 2, 1, 1, 1]
     assert Mf[0, 7 * 7:8 * 7].all() and not Mf[0, 8 * 7:].any()  # agent 0: its private fact 7, not 8 or 9
@@ -339,6 +356,11 @@ def test_partb_arm_wiring():
     assert pre.shape == (9, 1, d)  # agent-major: row 3 * i + b
     assert torch.allclose(pre[3 + 0, 0], A[[j * 7 + probs[0]["values"][f] for j, f in enumerate(T.AGENT_FACTS[1])]].sum(0))
     assert T.prefixes_for("debate", None, None, None, probs, A, 3) is None
+    q = dict(values=[1, 2, 3, 4, 5, 6, 0, 1, 2, 3], erased=[[True] * 10, [True] * 10, [True] * 9 + [False]])
+    q["erased"][0][3] = False  # fact 3 (agents 0 and 2) seen by agent 0 only
+    part = T.prefixes_for("oracle_partial", None, None, None, [q], A, 3)  # (3, 1, d): one problem, agent-major
+    assert torch.allclose(part[2, 0], A[1 * 7 + 4] + A[5 * 7 + 3])  # agent 2: fact 3 (its 2nd, value 4) and fact 9
+    assert torch.allclose(part[1, 0], torch.zeros(d)) and torch.allclose(part[0, 0], A[3 * 7 + 4])  # 0: 4th
     torch.manual_seed(1)
     ad = T.PrefixAdapter(5, 16, 2, d, n_a, emb_norm=1.0, weights="learn")
     tc = T.prefixes_for("thoughtcomm", ad, z[:3], M, probs, A, 3)
@@ -576,6 +598,115 @@ def test_partb_state_arms_end_to_end(tmp_path, monkeypatch):
     assert all(all(r) for r in bc["M_routed"])
     assert np.array(rm["M_routed"]).sum(0).tolist() == [3, 2, 2, 2, 1, 1] and rm["M_routed"] != rm["M"]
     assert bc["round1"] == rm["round1"] and bc["prefix_norm_round2"] != rm["prefix_norm_round2"]
+    # the objective check: the same no-prefix NLL for both arms (same round 1), a different one with their prefixes
+    nb, nr = bc["answer_nll_train"], rm["answer_nll_train"]
+    assert nb["without"] == nr["without"] and nb["with_prefix"] != nr["with_prefix"] != nr["without"]
+
+
+# ---- maft: one LoRA update against a plain reference; the flag changes the debate ----
+
+
+def test_one_maft_update_matches_reference(tmp_path):
+    """train_maft, one step, against a plain reference: for each drawn example, agent a's weights merged by hand
+    (W + alpha / r B_a A_a on q, k, v, o) into an independent copy of the base, one unpadded forward, the mean NLL
+    of the response tokens (and EOS only where the response ended), mean over the batch; SGD after clipping to 1."""
+    import common as C
+
+    model, tok = C.tiny_lm(n_layer=2, d_model=32, n_head=4, seed=0)
+    ref_model, _ = C.tiny_lm(n_layer=2, d_model=32, n_head=4, seed=0)  # the same weights, never wrapped
+    model.eval(), ref_model.eval()
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = T.AgentLoRA(model, 2, 2, 4.0, ["q_proj", "k_proj", "v_proj", "o_proj"], seed=0)
+    assert len(lora.layers) == 8 and not any(p.requires_grad for n, p in model.named_parameters() if "base" in n)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B != 0 so that A gets a gradient too (B starts at 0)
+        for lay in lora.layers:
+            lay.B.copy_(0.3 * torch.randn(lay.B.shape, generator=g))
+    A0 = {k: v.detach().clone() for k, v in lora.params.items()}
+    data = [dict(agent=0, prompt="user: 1+2\nassistant: ", response="3", eos=True),
+            dict(agent=1, prompt="user: 2+2\nassistant: ", response="4 ok", eos=False),
+            dict(agent=1, prompt="user: 9\nassistant: ", response="9", eos=True)]
+    args = T.parse_args(["--max_steps", "1", "--per_device_batch_size", "3", "--log_every", "4",
+                         "--no-gradient_checkpointing"])
+    save = _Save(torch.optim.SGD(lora.params.parameters(), lr=0.5))
+    idx = torch.randint(0, 3, (3,), generator=torch.Generator().manual_seed(3)).tolist()  # the draw of the step
+    T.train_maft(model, tok, lora, data, args, C.MetricLogger(str(tmp_path)), 0, save, 0, 1)
+    # plain reference
+    scale = 4.0 / 2
+    total = 0.0
+    for k in idx:
+        e = data[k]
+        weights = {}
+        for name, p in ref_model.named_parameters():
+            key = name.rsplit(".", 1)[0].replace(".", "__")
+            if key + "__A" in A0:
+                a_, b_ = A0[key + "__A"].requires_grad_(), A0[key + "__B"].requires_grad_()
+                weights[name] = p + scale * b_[e["agent"]] @ a_[e["agent"]]
+        p_ids = tok(e["prompt"], add_special_tokens=False)["input_ids"]
+        r_ids = tok(e["response"], add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if e["eos"] else [])
+        logits = torch.func.functional_call(ref_model, weights, (torch.tensor([p_ids + r_ids]),)).logits[0]
+        nll = sum(-torch.log_softmax(logits[len(p_ids) + j - 1], -1)[r_ids[j]] for j in range(len(r_ids)))
+        total = total + nll / len(r_ids)
+    loss = total / len(idx)
+    assert C.read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]["maft_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    loss.backward()
+    leaves = list(A0.values())
+    gn = float(torch.nn.utils.clip_grad_norm_(leaves, 1.0))
+    assert gn > 1.0  # the clip is active
+    for k, v in A0.items():
+        assert torch.allclose(lora.params[k].detach(), v.detach() - 0.5 * v.grad, atol=1e-6), k
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base_before.items() if k in after)  # embeddings, norms, head
+    for n, m in model.named_modules():  # every wrapped Linear kept its frozen base weights
+        if isinstance(m, T.AgentLoRALinear):
+            assert torch.equal(m.base.weight, base_before[n + ".weight"]) and m.base.weight.grad is None
+    assert all(lay.rows is None for lay in lora.layers)  # the base model is back after training
+
+
+def test_majority_examples_hand_value():
+    """maft's training set: only responses equal to their problem's majority vote (ties: agent 0's answer; no
+    parsable vote: none), agent-major prompts, EOS only where the response ended."""
+    world = T.QAWorld(None, 3)
+    probs = [dict(question="a", answer="1"), dict(question="b", answer="2"), dict(question="c", answer="3")]
+    answers = [["5", "7", None], ["5", "6", None], ["4", "8", None]]  # votes: 5, 7 (tie -> agent 0), none
+    texts = [[f"t{i}{b}" for b in range(3)] for i in range(3)]
+    prompts = [f"p{i}{b}" for i in range(3) for b in range(3)]
+    finished = [[True, False, True], [False, True, True], [True, True, True]]
+    ex = T.majority_examples(world, probs, prompts, texts, answers, finished)
+    assert [(e["agent"], e["prompt"], e["response"], e["eos"]) for e in ex] == [
+        (0, "p00", "t00", True), (1, "p10", "t10", False), (0, "p01", "t01", False)]
+
+
+def _tiny_real(tmp_path):
+    """A tiny HF checkpoint (byte tokenizer, no chat template) and 4 / 2 question-answer rows: the real path."""
+    import common as C
+
+    model, tok = C.tiny_lm(n_layer=2, d_model=32, n_head=4, seed=0)
+    model.save_pretrained(tmp_path / "m"), tok.save_pretrained(tmp_path / "m")
+    for name, n in (("train", 4), ("eval", 2)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(dict(question=f"{k} + 1?", answer="1")) + "\n"
+                                                        for k in range(n)))
+    return ["--model_name_or_path", str(tmp_path / "m"), "--train_file", str(tmp_path / "train.jsonl"), "--eval_file",
+            str(tmp_path / "eval.jsonl"), "--num_agents", "2", "--max_new_tokens", "4", "--max_steps", "2",
+            "--per_device_batch_size", "4", "--log_every", "4", "--temperature", "0", "--lora_lr", "0.1", "--no-plot"]
+
+
+def test_maft_changes_the_debate(tmp_path, monkeypatch):
+    """--method maft vs debate on a tiny real-path model (every response parses as the answer, so every response
+    agrees with the majority and trains its agent): same base round 1, then the fine-tuned agents answer
+    differently; the LoRA moved; the training set holds every agent's final-round responses."""
+    monkeypatch.setattr(T.QAWorld, "parse", staticmethod(lambda text: "1"))
+    flags = _tiny_real(tmp_path)
+    deb = T.main(T.parse_args([*flags, "--method", "debate", "--output_dir", str(tmp_path / "debate")]))
+    mft = T.main(T.parse_args([*flags, "--method", "maft", "--output_dir", str(tmp_path / "maft")]))
+    assert mft["round1_base"] == deb["round1"] and mft["maft_examples"] == [4, 4] and mft["lora_B_norm"] > 0
+    texts = {arm: [(r["round"], r["agent"], r["text"]) for r in map(json.loads, (tmp_path / arm / "responses.jsonl")
+                                                                         .read_text().splitlines())]
+             for arm in ("debate", "maft")}
+    assert len(texts["maft"]) == 2 * 2 * 2 and {t[0] for t in texts["maft"]} == {1, 2}
+    assert [t[2] for t in texts["maft"] if t[0] == 1] != [t[2] for t in texts["debate"] if t[0] == 1]
+    with pytest.raises(T.C.UserError, match="real models only"):
+        T.validate_args(T.parse_args(["--part", "B", "--num_agents", "3", "--method", "maft"]))
 
 
 @pytest.mark.slow
@@ -671,6 +802,51 @@ def test_real_smollm2_checkpoint(smollm2, tmp_path):
     init = T.PrefixAdapter(8, 16, 1, d, 2, sm["emb_norm"], "learn")
     assert not torch.allclose(init.g[0].weight, st["extra"]["adapter"]["g.0.weight"])
     assert (out / "thoughtcomm.png").is_file()
+
+
+@pytest.mark.slow
+def test_real_smollm2_maft(smollm2, tmp_path):
+    """maft on SmolLM2-135M-Instruct: one LoRA step (gradient checkpointing on) reaches only the selected agents'
+    LoRA B (A gets no gradient while B = 0; the base stays frozen and unchanged); then a whole run: text debate on
+    the training problems, majority-agreeing responses train each agent's LoRA, the fine-tuned agents debate two
+    rounds on the evaluation problems (greedy decoding, so the examples are reproducible)."""
+    import common as C
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rows_ in (("train", [("What is 2 + 3?", "5"), ("What is 7 times 6?", "42"), ("What is 4 * 4?", "16")]),
+                        ("eval", [("What is 3 * 3?", "9"), ("What is 10 - 4?", "6")])):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(dict(question=q, answer=a_)) + "\n" for q, a_ in rows_))
+    flags = ["--model_name_or_path", smollm2, "--train_file", str(data / "train.jsonl"), "--eval_file",
+             str(data / "eval.jsonl"), "--num_agents", "2", "--max_new_tokens", "24", "--max_steps", "2",
+             "--per_device_batch_size", "2", "--temperature", "0", "--log_every", "4", "--method", "maft"]
+    args = T.parse_args([*flags, "--output_dir", str(tmp_path / "unused")])
+    model, tok, world, _, train, _ = T.load_agents(args, torch.device("cpu"))
+    q0 = model.model.layers[0].self_attn.q_proj.weight.clone()
+    lora = T.AgentLoRA(model, 2, 8, 16.0, ["q_proj", "k_proj", "v_proj", "o_proj"], seed=0)
+    assert len(lora.layers) == 4 * model.config.num_hidden_layers
+    A0 = {k: v.detach().clone() for k, v in lora.params.items()}
+    ex = [dict(agent=1, prompt=world.prompt(train[0], 1), response="2 + 3 = 5. \\boxed{5}", eos=True)]
+    save = _Save(torch.optim.Adam(lora.params.parameters(), lr=1e-3))
+    T.train_maft(model, tok, lora, ex, T.parse_args([*flags, "--max_steps", "1"]), C.MetricLogger(str(tmp_path)), 0,
+                 save, 0, 1)
+    assert math.isfinite(C.read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]["maft_loss"])
+    for k, v in lora.params.items():
+        moved = not torch.equal(v.detach(), A0[k])
+        assert moved == k.endswith("__B"), k  # B moves (for agent 1 only), A waits for B
+        if k.endswith("__B"):
+            assert v[0].abs().max() == 0 and v[1].abs().max() > 0, k
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.base.weight, q0)
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora" not in n and not n.endswith((".A", ".B")))
+    del model, lora
+    out = tmp_path / "run"
+    sm = T.main(T.parse_args([*flags, "--output_dir", str(out)]))
+    assert sum(sm["maft_examples"]) > 0 and sm["lora_B_norm"] > 0 and "round1_base" in sm and "round2" in sm
+    st = C.load_checkpoint(str(out / "checkpoint"))
+    assert st["step"] == 2 and all(k.endswith(("__A", "__B")) for k in st["extra"]["adapter"])
+    rows = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2 and {r_["round"] for r_ in rows} == {1, 2}
+    assert [r_["step"] for r_ in C.read_jsonl(str(out / "metrics.jsonl")) if "maft_loss" in r_] == [1, 2]
 
 
 @pytest.mark.slow
