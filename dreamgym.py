@@ -31,14 +31,22 @@ rollouts in M_exp, 0 new real steps; the offline real steps are reported beside 
 then real GRPO with <= --s2r_frac x real_grpo's real steps, or x N; DEVIATION(7)), no_retrieval
 (k = 0, M_exp retrained without demos), no_reasoning (M_exp retrained without R*), no_curriculum
 (lambda = 0), bc (the warm start, no RL); train_exp (only fine-tune M_exp, from --offline_file or the
-toy's offline data).
+toy's offline data). Two diagnostic arms separate M_exp's two error sources (not in the paper):
+exp_states (M_exp's states and done, the true reward rule applied to M_exp's item state at `buy`) and
+exp_reward (true states: every step a real ShopLite step; M_exp's reward on each real purchase). Every
+synthetic success is replayed in the real env; a failing replay is state-caused when some synthetic state
+before the last action differs from the real one, else reward-caused (hallucination_split).
 
 Deviations from the paper:
-  1. Toy sizes (CPU): M_exp is a 2-layer d = 128 Llama (spec: 4 layers) fine-tuned for
-     --exp_epochs 8 (spec: 3; at 3 it predicted exact next states 71% of the time, at 8 85%)
-     at --exp_learning_rate 3e-3 (spec: 1e-3; a 2-layer model from scratch in a CPU budget; real
-     models want ~1e-5, see the commands below); 12 policy iterations of 4 tasks x G = 8 (spec: 40
-     of 8 x 8); 3 items per result page (spec: 5); demos <= 130 characters (spec: 150).
+  1. Toy sizes (CPU): M_exp is a 2-layer d = 128 Llama (spec: 4 layers) fine-tuned for at most
+     --exp_epochs 3 (spec: 3), stopped early when its held-out loss (512 examples of the held-out
+     offline trajectories, every 0.5 epoch) has not improved twice, best weights kept, at
+     --exp_learning_rate 3e-3 (spec: 1e-3; a 2-layer model from scratch in a CPU budget; real
+     models want ~1e-5, see the commands below). Offline data at about the paper's WebShop scale:
+     1,500 scripted-expert + 2,000 epsilon-random trajectories (spec: 300 + 200; paper: 1.6K human
+     demos + 2K oracle/random). Default run: 12 policy iterations of 4 tasks x G = 8 (spec: 40 of 8 x 8;
+     the README also reports 20 x 8 at --learning_rate 1e-3, which was not steadier); 3 items per
+     result page (spec: 5); demos <= 130 characters (spec: 150).
   2. `back` always returns to the search page (WebShop returns to the previous page); M_exp would
      otherwise need the whole page history to redraw it.
   3. The reasoning target R* comes from a rule annotator (spec: an LLM annotator on GPU), and
@@ -71,7 +79,10 @@ and of (s, a, task) for `buy`; a retrieved `buy` demo shows its task ("for red s
 r1"): a purchase's reward holds for its task only, and 73% of the demos of held-out failed purchases were successful
 buys of other tasks, shown without their task as if they graded this purchase (with the task in the key, same-task
 demos of offline buys rose from 6% to 13%; most demos still come from other tasks, now labelled as such); k = 3;
-lambda_syn = 0.3; failed purchases repeated 3x in M_exp's SFT data (pitfall 1); curriculum keeps
+lambda_syn = 0.3; failed purchases repeated 3x in M_exp's SFT data (pitfall 1); M_task's SFT pairs map a
+training task to one of its feasible one-edit variants (task_variants: an attribute changed, added or dropped,
+or the price cap moved by 10), and the curriculum keeps only candidates that are variants of their seed task
+(same category, 1-2 fields changed), feasible, new and not eval tasks; curriculum keeps
 at most 4 variants per iteration, most constraints first; an endpoint M_task gets a system text
 with the task grammar (the local M_task learns it from its `<gen_task>` SFT pairs);
 synthetic buffer entries FIFO-capped at 20000 (real ones kept); a synthetic step is rewarded only
@@ -86,7 +97,9 @@ inside their chat template, and --offline_file rewards are made binary (r = 1 if
 Commands:
   toy CPU (bc vs real_grpo vs dreamgym vs s2r, seed 0; the first run also fine-tunes and caches M_exp):
       python dreamgym.py
-  full table (every arm, seeds 0 1 2; writes table.md and dreamgym.png under --output_dir):
+  the README's table (core and diagnostic arms, seeds 0 1 2; writes table.md and dreamgym.png):
+      python dreamgym.py --method bc,real_grpo,dreamgym,s2r,exp_states,exp_reward --seeds 0,1,2
+  every arm incl. the ablations (retrains the no_retrieval / no_reasoning M_exps), seeds 0 1 2:
       python dreamgym.py --table
   real models on a GPU (M_exp = an SFT'd HF model or an endpoint):
       python dreamgym.py --method train_exp --offline_file data/webshop_offline.jsonl \
@@ -101,8 +114,12 @@ Commands:
 
 Logged (metrics.jsonl per iteration, summary.json per arm and seed): real success on the eval
 tasks (greedy and sampled; eval uses only the real env), synthetic success, new real training
-steps, offline real steps, hallucinated-success rate, M_exp reward error eps_R and false-success
-rate on held-out real transitions, eps_P proxies (exact next state, element F1), zero-variance
+steps, offline real steps, hallucinated-success rate and its split (state- / reward-caused, with the
+action type that made the first wrong state), M_exp reward error eps_R and false-success
+rate on held-out real transitions, eps_P proxies (exact next state, element F1); M_exp on fresh real
+transitions (metric_sets: 300 balanced purchases and 100 transitions per action type, once on training
+tasks with copies of SFT transitions removed, once on the eval tasks): purchase accuracy, false and missed
+successes with counts, exact next state per action type (m_train, m_new; table.md's second table); zero-variance
 group share, synthetic-vs-real success gap, share of retrieved demos that are real, invalid and
 malformed transitions (synthetic and, in generate mode, real), the real-step cap of real_grpo (N)
 and s2r, loss, clip fraction, wall time, and where an iteration's time goes (metrics.jsonl "time_s",
@@ -144,7 +161,8 @@ from tqdm.auto import tqdm
 
 import common as C
 
-ARMS = ("bc", "real_grpo", "dreamgym", "s2r", "no_retrieval", "no_reasoning", "no_curriculum")
+ARMS = ("bc", "real_grpo", "dreamgym", "s2r", "exp_states", "exp_reward", "no_retrieval", "no_reasoning",
+        "no_curriculum")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +193,9 @@ def parse_args(argv=None):
     p.add_argument("--page_size", type=int, default=3, help="items per result page")
     p.add_argument("--horizon", type=int, default=10, help="H, steps per episode (timeout = failure)")
     p.add_argument("--real_step_delay", type=float, default=0.0, help="seconds slept per real step (cost model)")
-    p.add_argument("--n_expert", type=int, default=300, help="scripted-expert offline trajectories")
-    p.add_argument("--n_random", type=int, default=200, help="epsilon-random offline trajectories (failures included)")
+    p.add_argument("--n_expert", type=int, default=1500, help="scripted-expert offline trajectories")
+    p.add_argument("--n_random", type=int, default=2000,
+                   help="epsilon-random offline trajectories (epsilon 0.3 / 0.6 / 1.0; failures, invalid actions)")
     p.add_argument("--heldout_frac", type=float, default=0.1, help="offline trajectories held out for eps_R / eps_P")
     p.add_argument("--offline_file", default=None, help="jsonl of offline transitions (replaces the toy's)")
     # experience model M_exp (DEVIATION(1): 2 layers, 8 epochs)
@@ -189,7 +208,11 @@ def parse_args(argv=None):
     p.add_argument("--exp_layers", type=int, default=2, help="toy M_exp layers")
     p.add_argument("--exp_d_model", type=int, default=128, help="toy M_exp width")
     p.add_argument("--exp_vocab_size", type=int, default=1024, help="BPE vocabulary of the toy M_exp")
-    p.add_argument("--exp_epochs", type=float, default=8.0, help="SFT epochs of M_exp, Eq. (2)")
+    p.add_argument("--exp_epochs", type=float, default=3.0,
+                   help="max SFT epochs of M_exp, Eq. (2) (early stopping on the held-out loss usually ends it sooner)")
+    p.add_argument("--exp_eval_every", type=float, default=0.5, help="epochs between M_exp's held-out evaluations")
+    p.add_argument("--exp_patience", type=int, default=2,
+                   help="held-out evaluations without improvement before M_exp's SFT stops (best weights kept)")
     p.add_argument("--exp_learning_rate", type=float, default=3e-3,
                    help="SFT learning rate of M_exp, Eq. (2) (toy from scratch; spec 1e-3; ~1e-5 for a 7B model)")
     p.add_argument("--exp_batch_size", type=int, default=32, help="SFT batch of M_exp")
@@ -241,6 +264,11 @@ def parse_args(argv=None):
     p.add_argument("--eval_every", type=int, default=4, help="iterations between real-env evaluations")
     p.add_argument("--n_halluc", type=int, default=64, help="synthetic successes replayed in the real env")
     p.add_argument("--n_heldout_eval", type=int, default=150, help="held-out real transitions for eps_R / eps_P")
+    p.add_argument("--n_metric_buys", type=int, default=300,
+                   help="balanced fresh real purchases (half failed) M_exp's purchase accuracy is measured on, on "
+                        "training tasks and on new tasks (0 = skip these metrics)")
+    p.add_argument("--n_metric_per_action", type=int, default=100,
+                   help="fresh real transitions per other action type for M_exp's per-action state accuracy")
     args = p.parse_args(argv)
     if args.table:
         args.method, args.seeds = ",".join(ARMS), "0,1,2"
@@ -279,18 +307,19 @@ def validate_args(args) -> None:
     req(seeds and min(seeds) >= 0, f"--seeds '{args.seeds}' must list seeds >= 0")
     req(args.data_seed >= 0, f"--data_seed {args.data_seed} must be >= 0")
     for name in ("horizon", "page_size", "n_products", "n_train_tasks", "n_eval_tasks", "exp_layers", "exp_d_model",
-                 "exp_batch_size", "fail_oversample", "exp_max_new_tokens", "curr_candidates", "max_action_tokens",
+                 "exp_batch_size", "fail_oversample", "exp_max_new_tokens", "exp_patience", "curr_candidates", "max_action_tokens",
                  "iterations", "tasks_per_iter", "group_size", "ppo_epochs", "num_minibatches", "per_device_batch_size",
                  "eval_every", "n_halluc", "n_heldout_eval", "demo_bytes"):
         req(getattr(args, name) >= 1, f"--{name} {getattr(args, name)} must be >= 1")
     for name in ("n_expert", "n_random", "top_k", "buffer_cap", "exp_retries", "curr_seeds", "bc_trajectories",
-                 "bc_epochs", "real_budget"):
+                 "bc_epochs", "real_budget", "n_metric_buys", "n_metric_per_action"):
         req(getattr(args, name) >= 0, f"--{name} {getattr(args, name)} must be >= 0")
-    for name in ("heldout_frac", "exp_epochs", "exp_learning_rate", "exp_temperature", "task_temperature", "lambda_syn",
+    for name in ("heldout_frac", "exp_epochs", "exp_eval_every", "exp_learning_rate", "exp_temperature", "task_temperature", "lambda_syn",
                  "temperature", "learning_rate", "clip_low", "clip_high", "beta", "max_grad_norm", "s2r_frac",
                  "real_step_delay", "request_timeout"):
         req(math.isfinite(getattr(args, name)), f"--{name} {getattr(args, name)} must be a finite number")
-    for name in ("exp_epochs", "exp_learning_rate", "learning_rate", "max_grad_norm", "request_timeout"):
+    for name in ("exp_epochs", "exp_eval_every", "exp_learning_rate", "learning_rate", "max_grad_norm",
+                 "request_timeout"):
         req(getattr(args, name) > 0, f"--{name} {getattr(args, name)} must be > 0")
     for name in ("exp_temperature", "task_temperature", "temperature", "clip_high", "beta", "real_step_delay"):
         req(getattr(args, name) >= 0, f"--{name} {getattr(args, name)} must be >= 0")
@@ -378,6 +407,7 @@ def score_mode_logp(seq_logp: torch.Tensor, counts: list[int]) -> list[torch.Ten
     return out
 
 
+ACTION_TYPES = ("search", "click", "select", "buy", "back", "next")
 _WORD = re.compile(r"\$?\d+|[a-z]+|\[[a-z]+\]")
 
 
@@ -860,22 +890,35 @@ class ReplayBuffer:
         if self._mat is None:
             self._mat = torch.from_numpy(np.stack(self._keys_real + self._keys_syn))  # (N, D)
         ents = self.entries()
-        q = torch.from_numpy(np.stack(self._key([phi_text(*x[:2], *x[3:4]) for x in queries])))  # (Q, D)
-        sims = q @ self._mat.T  # (Q, N)
+        keys = self._key([phi_text(*x[:2], *x[3:4]) for x in queries])
         out = []
-        for i, ep in enumerate(x[2] for x in queries):
-            order = torch.sort(sims[i], descending=True, stable=True).indices.tolist()
-            picked, seen = [], set()
-            for j in order:
-                e = ents[j]
-                key = demo_key(e)
-                if e["ep"] != ep and key not in seen:  # own episode excluded; duplicates carry no information
-                    picked.append(e)
-                    seen.add(key)
-                    if len(picked) == k:
-                        break
-            out.append(picked)
+        m = min(len(ents), max(64, 16 * k))
+        for c in range(0, len(queries), 512):  # chunks: a (Q, N) similarity matrix of the whole SFT set is GBs
+            sims = torch.from_numpy(np.stack(keys[c:c + 512])) @ self._mat.T  # (Q, N)
+            # the m best and everything tied with the m-th: sorting only these (stable, by index on ties) gives
+            # the same prefix as a stable sort of the whole row
+            thr = torch.topk(sims, m, dim=1).values[:, -1:]
+            for i, ep in enumerate(x[2] for x in queries[c:c + 512]):
+                cand = torch.nonzero(sims[i] >= thr[i]).flatten()
+                order = cand[torch.sort(sims[i][cand], descending=True, stable=True).indices].tolist()
+                picked = self._pick(ents, order, ep, k)
+                if len(picked) < k and len(order) < len(ents):  # all near ones were own-episode or duplicates
+                    picked = self._pick(ents, torch.sort(sims[i], descending=True, stable=True).indices.tolist(), ep, k)
+                out.append(picked)
         return out
+
+    @staticmethod
+    def _pick(ents: list[dict], order: list[int], ep: str, k: int) -> list[dict]:
+        picked, seen = [], set()
+        for j in order:
+            e = ents[j]
+            key = demo_key(e)
+            if e["ep"] != ep and key not in seen:  # own episode excluded; duplicates carry no information
+                picked.append(e)
+                seen.add(key)
+                if len(picked) == k:
+                    break
+        return picked
 
 
 class ExperienceModel:
@@ -973,13 +1016,52 @@ class ExperienceModel:
         return [outs[i * n:(i + 1) * n] for i in range(len(seeds))]
 
 
-def curriculum_variants(candidates: list[str], catalogue: list[Product], eval_tasks: set, known: set) -> list[str]:
+def task_edits(a: str, b: str) -> int | None:
+    """How many of a task's fields (category, colour, material, size, price cap) differ between two task texts
+    (None when one does not parse): a variant of a seed task differs from it in 1 or 2 fields, never the category."""
+    ta, tb = parse_task(a), parse_task(b)
+    if ta is None or tb is None:
+        return None
+    return sum(getattr(ta, f) != getattr(tb, f) for f in ("category", "colour", "material", "size", "cap"))
+
+
+def task_variants(task_text: str, catalogue: list[Product], forbidden=()) -> list[str]:
+    """Every one-edit variant of a task that some catalogue product satisfies (DEVIATION(3): feasibility by
+    catalogue rule): one attribute (colour, material, size) changed to another value, added (at most 2
+    attributes, as make_tasks writes them) or dropped, or the price cap moved by -10 / +10 (5-100). The category
+    stays. These are M_task's SFT targets (seed -> variant): a variant shares the seed task's other fields."""
+    t = parse_task(task_text)
+    if t is None:
+        return []
+    out = []
+    n_attr = sum(x is not None for x in (t.colour, t.material, t.size))
+    cands = []
+    for field, values in (("colour", COLOURS), ("material", MATERIALS), ("size", SIZES)):
+        cur = getattr(t, field)
+        if cur is not None:
+            cands.append(dataclasses.replace(t, **{field: None}))
+        if cur is not None or n_attr < 2:
+            cands += [dataclasses.replace(t, **{field: v}) for v in values if v != cur]
+    cands += [dataclasses.replace(t, cap=c) for c in (t.cap - 10, t.cap + 10) if 5 <= c <= 100]
+    for v in cands:
+        if v.text != task_text and v.text not in forbidden and any(satisfies(v, p) for p in catalogue):
+            out.append(v.text)
+    return list(dict.fromkeys(out))
+
+
+def curriculum_variants(candidates: list[str], catalogue: list[Product], eval_tasks: set, known: set,
+                        seeds: list[str] | None = None) -> list[str]:
     """Keep parsable, feasible (some product meets every constraint), non-eval, new variants,
-    most constraints first (paper: prefer harder medium-difficulty tasks; pitfall 7)."""
+    most constraints first (paper: prefer harder medium-difficulty tasks; pitfall 7). With `seeds` (the seed task
+    each candidate was generated from) a candidate must also be a variant of its seed: same category, 1-2 fields
+    changed (a random task of the same category is not a variant)."""
     keep = []
-    for c in dict.fromkeys(candidates):
+    for i, c in enumerate(dict.fromkeys(candidates) if seeds is None else candidates):
         t = parse_task(c)
-        if t is None or c in eval_tasks or c in known or t.text != c:
+        if t is None or c in eval_tasks or c in known or t.text != c or c in keep:
+            continue
+        if seeds is not None and not (1 <= (task_edits(seeds[i], c) or 0) <= 2
+                                      and parse_task(seeds[i]).category == t.category):
             continue
         if any(satisfies(t, p) for p in catalogue):  # DEVIATION(3): feasibility by catalogue rule
             keep.append(c)
@@ -987,28 +1069,55 @@ def curriculum_variants(candidates: list[str], catalogue: list[Product], eval_ta
 
 
 def exp_sft_examples(trajs: list[list[dict]], buffer: ReplayBuffer, k: int, demo_bytes: int, reasoning: bool,
-                     train_tasks: list[str], rng: random.Random, fail_oversample: int = 1) -> list[tuple[str, str]]:
+                     train_tasks: list[str], rng: random.Random, fail_oversample: int = 1,
+                     catalogue: list[Product] | None = None, forbidden=()) -> list[tuple[str, str]]:
     """(prompt, target) pairs for Eq. (2), demos retrieved as at rollout time (own episode excluded),
-    plus M_task pairs: a train task -> another train task of the same category."""
+    plus len // 6 M_task pairs: a train task -> one of its feasible one-edit variants (task_variants on
+    `catalogue`, never a `forbidden` (eval) task). Without a catalogue (an --offline_file run) no M_task pairs."""
     flat = [t for tr in trajs for t in tr]
     # pitfall 1: failed purchases are rare in the offline data; repeat them so M_exp sees failures
     flat += [t for t in flat if t["a"] == "buy" and t["r"] == 0] * max(0, fail_oversample - 1)
     demos = buffer.retrieve([(t["s"], t["a"], t["ep"], t["task"]) for t in flat], k)
     ex = [(exp_prompt(t["task"], t["hist"], [demo_text(d, demo_bytes) for d in ds], t["s"], t["a"]),
            exp_target(t["R"], t["s2"], t["r"], t["d"], reasoning)) for t, ds in zip(flat, demos)]
-    by_cat: dict[str, list[str]] = {}
-    for t in train_tasks:
-        by_cat.setdefault(parse_task(t).category, []).append(t)
-    for _ in range(len(flat) // 6):
-        a = rng.choice(train_tasks)
-        ex.append((task_gen_prompt(a), rng.choice(by_cat[parse_task(a).category])))
+    seeds = [t for t in train_tasks if parse_task(t) is not None] if catalogue else []
+    variants: dict[str, list[str]] = {}
+    for _ in range(len(flat) // 6 if seeds else 0):
+        a = rng.choice(seeds)
+        if a not in variants:
+            variants[a] = task_variants(a, catalogue, forbidden)
+        if variants[a]:
+            ex.append((task_gen_prompt(a), rng.choice(variants[a])))
     return ex
 
 
+@torch.no_grad()
+def exp_val_loss(model, tok, val: list[tuple[str, str]], device, batch_size: int = 64) -> float:
+    """Token-mean NLL of the target tokens over held-out (prompt, target) pairs (M_exp's early-stopping metric)."""
+    model.eval()
+    tot, n = 0.0, 0.0
+    for i in range(0, len(val), batch_size):
+        b = val[i:i + batch_size]
+        ids, mask, resp = C.encode_pairs(tok, [x[0] for x in b], [x[1] for x in b], device=device)
+        with C.autocast(device):
+            logp = C.token_logprobs(model, ids, mask)
+        tot += float(-(logp.float() * resp).sum())
+        n += float(resp.sum())
+    model.train()
+    return tot / max(n, 1.0)
+
+
 def train_exp_model(model, tok, examples: list[tuple[str, str]], epochs: float, lr: float, batch_size: int,
-                    seed: int, device, desc: str = "M_exp SFT") -> list[float]:
-    """Eq. (2): token-mean NLL of the target tokens (R*, s', r, d); AdamW, warmup + cosine."""
+                    seed: int, device, desc: str = "M_exp SFT", val: list | None = None, eval_every: float = 0.5,
+                    patience: int = 2, info: dict | None = None) -> list[float]:
+    """Eq. (2): token-mean NLL of the target tokens (R*, s', r, d); AdamW, warmup + cosine over at most `epochs`.
+    With `val` (held-out pairs): the held-out loss every `eval_every` epochs; training stops once it has not
+    improved for `patience` evaluations and the best weights are restored (early stopping). `info` receives
+    steps, the held-out curve, best step and loss."""
     rng = random.Random(seed)
+    info = {} if info is None else info
+    every = max(1, int(round(eval_every * len(examples) / batch_size))) if val else 0
+    best, best_step, best_state, bad, curve = float("inf"), 0, None, 0, []
     steps = max(1, int(math.ceil(epochs * len(examples) / batch_size)))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
@@ -1038,6 +1147,20 @@ def train_exp_model(model, tok, examples: list[tuple[str, str]], epochs: float, 
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if every and ((step + 1) % every == 0 or step + 1 == steps):
+            v = exp_val_loss(model, tok, val, device)
+            curve.append((step + 1, round(v, 5)))
+            if v < best - 1e-4:
+                best, best_step, bad = v, step + 1, 0
+                best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    info.update(steps=len(losses), max_steps=steps, val_curve=curve, best_step=best_step,
+                best_val=round(best, 5) if curve else None, stopped_early=len(losses) < steps)
     model.eval()
     return losses
 
@@ -1070,13 +1193,32 @@ class RealWorld:
         return out
 
 
+_ITEM_RE = re.compile(r"item: (\w+) (\w+) (\w+) \$(\d+) sizes\{([A-Z,]*)\}(?: sel\{(\w+)\})?")
+
+
+def true_success(task_text: str, state: str) -> float:
+    """The real reward rule applied to a (possibly synthetic) item state: 1.0 iff buying the item the state shows,
+    with the size it shows selected, meets every constraint of the task (shop_reward == 1); 0.0 when the state
+    is not an item page. Used by the exp_states diagnostic arm (M_exp's states, the true reward)."""
+    t, m = parse_task(task_text), _ITEM_RE.match(state.strip())
+    if t is None or m is None:
+        return 0.0
+    colour, material, category, price, sizes, sel = m.groups()
+    p = Product(-1, category, colour, material, tuple(x for x in sizes.split(",") if x), int(price))
+    return float(shop_reward(t, p, sel) == 1.0)
+
+
 class DreamWorld:
     """Rollouts inside M_exp: the rule sends inadmissible actions to the failure state, everything
-    else is M_exp's answer to Eq. (1) with demos retrieved from the buffer. Never touches ShopLite."""
+    else is M_exp's answer to Eq. (1) with demos retrieved from the buffer. Never touches ShopLite.
+    reward="true" (the exp_states diagnostic arm): M_exp's states and done, but the reward of an episode that
+    ends on `buy` is the real rule on M_exp's item state (true_success), 0 on any other end."""
     synthetic = True
 
-    def __init__(self, expm: ExperienceModel, buffer: ReplayBuffer, top_k: int, demo_bytes: int, horizon: int):
+    def __init__(self, expm: ExperienceModel, buffer: ReplayBuffer, top_k: int, demo_bytes: int, horizon: int,
+                 reward: str = "exp"):
         self.expm, self.buffer, self.k, self.demo_bytes, self.horizon = expm, buffer, top_k, demo_bytes, horizon
+        self.reward = reward
         self.stats = {"invalid": 0, "malformed": 0, "demos": 0, "real_demos": 0, "steps": 0}
 
     def reset(self, task: str, ep_id: str) -> Episode:
@@ -1105,6 +1247,8 @@ class DreamWorld:
             else:
                 R, s2, r, d = ans
                 d = bool(d) or s2 in (DONE_STATE, FAILURE_STATE)
+                if self.reward == "true":  # M_exp's state, the real reward rule
+                    r = true_success(eps[i].task, eps[i].state) if actions[i] == "buy" else 0.0
                 out[i] = (s2, r if d else 0.0, d, {"valid": True, "R": R})  # outcome reward: only when it ends
         for i, ep in enumerate(eps):
             s2, r, d, info = out[i]
@@ -1117,6 +1261,43 @@ class DreamWorld:
             out[i] = (s2, r, d, info)
             self.stats["steps"] += 1
         return out
+
+
+class ExpRewardWorld:
+    """The exp_reward diagnostic arm: true states (every step is a real ShopLite step, counted as a real training
+    step), but the reward of a valid `buy` is M_exp's answer to Eq. (1) on that real state (demos retrieved as in
+    DreamWorld); every other end gives 0, as in ShopLite. Its rollouts count as synthetic (the reward is M_exp's):
+    their successes are replayed for the hallucination split, which can only find reward-caused errors here."""
+    synthetic = True
+
+    def __init__(self, shop: ShopLite, expm: ExperienceModel, buffer: ReplayBuffer, top_k: int, demo_bytes: int):
+        self.shop, self.expm, self.buffer, self.k, self.demo_bytes = shop, expm, buffer, top_k, demo_bytes
+        self.stats = {"invalid": 0, "malformed": 0, "demos": 0, "real_demos": 0, "steps": 0}
+
+    def reset(self, task: str, ep_id: str) -> Episode:
+        return self.shop.reset(task, ep_id)
+
+    def step_batch(self, eps: list[Episode], actions: list[str]):
+        pre = [(ep.state, list(ep.history)) for ep in eps]
+        out, ask = [], []
+        for i, (ep, a) in enumerate(zip(eps, actions)):
+            s2, _, d, info = self.shop.step(ep, a)
+            self.stats["steps"] += 1
+            self.stats["invalid"] += not info["valid"]
+            out.append([s2, 0.0, d, {"valid": info["valid"], "R": ""}])
+            if a == "buy" and info["valid"]:
+                ask.append(i)
+        demos = self.buffer.retrieve([(pre[i][0], actions[i], eps[i].ep_id, eps[i].task) for i in ask], self.k)
+        prompts = [exp_prompt(eps[i].task, pre[i][1], [demo_text(d, self.demo_bytes) for d in ds], pre[i][0],
+                              actions[i]) for i, ds in zip(ask, demos)]
+        for ds in demos:
+            self.stats["demos"] += len(ds)
+            self.stats["real_demos"] += sum(bool(d.get("real")) for d in ds)
+        for i, ans in zip(ask, self.expm.step(prompts) if prompts else []):
+            self.stats["malformed"] += ans is None
+            out[i][1] = ans[2] if ans is not None else 0.0
+            out[i][3]["R"] = ans[0] if ans is not None else ""
+        return [tuple(o) for o in out]
 
 
 def policy_prompt(task: str, state: str, acts: list[str] | None = None, instruct: bool = False) -> str:
@@ -1477,6 +1658,11 @@ class World:
     bc: list  # epsilon = 0.5 trajectories for the warm start
     offline_steps: int
     bc_cache: dict = dataclasses.field(default_factory=dict)  # (seed, policy kind) -> warm-start weights
+    metric_sets: dict | None = None  # fresh real transitions M_exp is measured on (metric_sets())
+    metric_steps: int = 0  # real (diagnostic) steps they took
+
+
+OFFLINE_HORIZON = 10  # the offline data's episode limit, independent of --horizon (M_exp's data stays the same)
 
 
 def build_world(args) -> World:
@@ -1484,18 +1670,21 @@ def build_world(args) -> World:
     shop = ShopLite(make_catalogue(args.n_products, args.data_seed), args.page_size, args.horizon, args.real_step_delay)
     train, ev = make_tasks(shop, args.n_train_tasks, args.n_eval_tasks, args.data_seed)
     rng = random.Random(f"offline-{args.data_seed}")
+    # offline data in a shop with a fixed episode limit: --horizon (a rule in both worlds) does not change it
+    data_shop = ShopLite(shop.catalogue, args.page_size, OFFLINE_HORIZON)
     if args.offline_file:
         offline = load_offline_file(args.offline_file)
-        shop.real_steps = sum(len(t) for t in offline)
+        data_shop.real_steps = sum(len(t) for t in offline)
     else:
-        offline = collect_trajectories(shop, train, args.n_expert, [0.0], rng, "exp")
-        offline += collect_trajectories(shop, train, args.n_random, [0.3, 0.6, 1.0], rng, "rnd", invalid_prob=0.05)
+        offline = collect_trajectories(data_shop, train, args.n_expert, [0.0], rng, "exp")
+        offline += collect_trajectories(data_shop, train, args.n_random, [0.3, 0.6, 1.0], rng, "rnd",
+                                        invalid_prob=0.05)
     rng.shuffle(offline)
     n_held = int(round(args.heldout_frac * len(offline)))
     heldout, offline = offline[:n_held], offline[n_held:]
-    bc = collect_trajectories(shop, train, args.bc_trajectories, [0.5], rng, "bc")
-    offline_steps = shop.real_steps  # every offline transition was one real step (held-out and BC included)
-    shop.real_steps = 0
+    bc = collect_trajectories(shop, train, args.bc_trajectories, [0.5], rng, "bc")  # the policy's: at --horizon
+    # every offline transition was one real step (held-out and BC included)
+    offline_steps, shop.real_steps = data_shop.real_steps + shop.real_steps, 0
     return World(shop, train, ev, offline, heldout, bc, offline_steps)
 
 
@@ -1583,6 +1772,35 @@ def toy_exp_lm(args, corpus: list[str]):
     return model, tok
 
 
+def exp_sft_data(world: World, args, variant: dict) -> tuple[list, list]:
+    """(SFT examples, held-out examples for early stopping) of a toy M_exp variant: the offline trajectories
+    with their retrieved demos and the M_task pairs; the held-out trajectories (at most 512 examples, no
+    oversampling, no M_task pairs) give the held-out loss that stops the fine-tuning."""
+    buf = make_buffer(world, args, set(world.eval_tasks))
+    ex = exp_sft_examples(world.offline, buf, variant["top_k"], args.demo_bytes, variant["reasoning"],
+                          world.train_tasks, random.Random(args.data_seed), args.fail_oversample,
+                          catalogue=None if args.offline_file else world.shop.catalogue)
+    val = exp_sft_examples(world.heldout, buf, variant["top_k"], args.demo_bytes, variant["reasoning"],
+                           world.train_tasks, random.Random(args.data_seed), 1)
+    random.Random(f"val-{args.data_seed}").shuffle(val)
+    return ex, val[:512]
+
+
+def exp_cache_key(world: World, args, variant: dict) -> tuple[str, dict]:
+    """(key, recipe) of a toy M_exp. The key holds only what changes the model: the inputs of its SFT and
+    held-out examples (offline and held-out trajectories, training tasks, catalogue; the retrieval variant, demo
+    length and oversampling that turn them into prompts), the architecture, the recipe and the init seed. Flags
+    that do not change these (--n_eval_tasks, --horizon, --iterations, the policy's flags) reuse the cached M_exp.
+    (v: bumped when the code that writes the examples changes.)"""
+    data = json.dumps([world.offline, world.heldout, world.train_tasks,
+                       [dataclasses.astuple(p) for p in world.shop.catalogue], bool(args.offline_file)])
+    cfg = dict(v=5, data=hashlib.sha1(data.encode()).hexdigest()[:16], fail_over=args.fail_oversample,
+               demo=args.demo_bytes, vocab=args.exp_vocab_size, init_seed=args.data_seed, layers=args.exp_layers,
+               d=args.exp_d_model, epochs=args.exp_epochs, lr=args.exp_learning_rate, bs=args.exp_batch_size,
+               eval_every=args.exp_eval_every, patience=args.exp_patience, **variant)
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10], cfg
+
+
 def load_or_train_exp(world: World, args, variant: dict, device):
     """The toy M_exp for a variant, fine-tuned once and cached under toy_cache_dir()/dreamgym-<hash>
     (like common.toy_checkpoint); or an HF path / endpoint from the flags."""
@@ -1595,19 +1813,7 @@ def load_or_train_exp(world: World, args, variant: dict, device):
         return ExperienceModel(C.LLM(model=model, tokenizer=tok), variant["reasoning"], args.exp_temperature,
                                args.exp_max_new_tokens, args.exp_retries, task_temperature=args.task_temperature), \
             args.exp_model_name_or_path
-    # The cache key hashes the SFT examples themselves (prompts with their retrieved demos, targets) next to
-    # the recipe, so any change of the data, the retrieval key or the demo text retrains M_exp.
-    buf = make_buffer(world, args, set(world.eval_tasks))
-    ex = exp_sft_examples(world.offline, buf, variant["top_k"], args.demo_bytes, variant["reasoning"],
-                          world.train_tasks, random.Random(args.data_seed), args.fail_oversample)
-    data_hash = hashlib.sha1(json.dumps(ex).encode()).hexdigest()[:16]
-    cfg = dict(v=4, data=data_hash, fail_over=args.fail_oversample, vocab=args.exp_vocab_size,
-               n_products=args.n_products, data_seed=args.data_seed, page_size=args.page_size,
-               horizon=args.horizon, n_expert=args.n_expert, n_random=args.n_random, heldout=args.heldout_frac,
-               n_train=args.n_train_tasks, n_eval=args.n_eval_tasks, layers=args.exp_layers, d=args.exp_d_model,
-               epochs=args.exp_epochs, lr=args.exp_learning_rate, bs=args.exp_batch_size, demo=args.demo_bytes,
-               offline_file=args.offline_file, **variant)
-    key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    key, cfg = exp_cache_key(world, args, variant)
     root = C.toy_cache_dir()
     path = os.path.join(root, f"dreamgym-mexp-{key}")
     os.makedirs(root, exist_ok=True)
@@ -1617,18 +1823,24 @@ def load_or_train_exp(world: World, args, variant: dict, device):
         if C.is_main() and not os.path.isfile(os.path.join(path, "config.json")):
             t0 = time.time()
             tqdm.write(f"[dreamgym] fine-tuning M_exp {variant} (cached afterwards) -> {path}")
+            ex, val = exp_sft_data(world, args, variant)
             model, tok = toy_exp_lm(args, [p + t for p, t in ex])
             model.to(device)
+            info: dict = {}
             losses = train_exp_model(model, tok, ex, args.exp_epochs, args.exp_learning_rate, args.exp_batch_size,
-                                     args.data_seed, device)
+                                     args.data_seed, device, val=val, eval_every=args.exp_eval_every,
+                                     patience=args.exp_patience, info=info)
             tmp = path + f".tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            C.write_json(os.path.join(tmp, "sft.json"), {"config": cfg, "examples": len(ex), "final_loss":
-                                                          float(np.mean(losses[-10:])), "seconds": time.time() - t0})
+            C.write_json(os.path.join(tmp, "sft.json"), {"config": cfg, "examples": len(ex), "val_examples": len(val),
+                                                          "final_loss": float(np.mean(losses[-10:])),
+                                                          "seconds": time.time() - t0, **info})
             os.replace(tmp, path)
-            tqdm.write(f"[dreamgym] M_exp trained in {time.time() - t0:.0f}s, final loss {np.mean(losses[-10:]):.3f}")
+            tqdm.write(f"[dreamgym] M_exp trained in {time.time() - t0:.0f}s ({info.get('steps')} steps, best held-out "
+                       f"loss {info.get('best_val')} at step {info.get('best_step')}), final loss "
+                       f"{np.mean(losses[-10:]):.3f}")
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -1671,23 +1883,129 @@ def exp_model_error(expm: ExperienceModel, buffer: ReplayBuffer, heldout: list[l
             "buy_success_base": float(np.mean([t["r"] for t in buys])) if buys else None}
 
 
-def hallucination_rate(shop: ShopLite, trajs: list[Trajectory], n: int) -> tuple[float | None, int]:
-    """Share of the last n synthetic successes whose actions fail when replayed in the real env (diag
-    steps); (None, 0) without a synthetic success."""
+def action_type(action: str) -> str:
+    """search / click / select / buy / back / next, or "invalid" for anything else."""
+    typ = action.split("[")[0]
+    return typ if typ in ACTION_TYPES else "invalid"
+
+
+def metric_transitions(shop: ShopLite, tasks: list[str], n_buys: int, n_per_action: int, rng: random.Random,
+                       prefix: str, exclude=frozenset()) -> dict[str, list[dict]]:
+    """Fresh real transitions to measure M_exp on (diagnostic steps, never in its SFT data or the buffer):
+    n_buys purchases, half successful and half failed (balanced), and up to n_per_action valid transitions of
+    each other action type, from expert and epsilon-random episodes (epsilon 0, 0.3, 0.6, 1) on `tasks`, 100
+    episodes at a time until the quotas are met (at most 40 batches). `exclude`: (task, last 3 actions, s, a)
+    keys of the SFT transitions; a transition with such a key is an exact copy of a training example and skipped."""
+    ok, fail = [], []
+    other: dict[str, list[dict]] = {t: [] for t in ACTION_TYPES if t != "buy"}
+    real0 = shop.real_steps
+    for b in range(40):
+        for tr in collect_trajectories(shop, rng.sample(tasks, len(tasks)), 100, [0.0, 0.3, 0.6, 1.0], rng,
+                                       f"{prefix}{b}-"):
+            for t in tr:
+                if t["a"] not in admissible(t["s"], t["task"]) or sft_key(t) in exclude:
+                    continue
+                typ = action_type(t["a"])
+                (ok if t["r"] == 1 else fail).append(t) if typ == "buy" else other[typ].append(t)
+        if (len(ok) >= n_buys // 2 and len(fail) >= n_buys - n_buys // 2
+                and all(len(v) >= n_per_action for k, v in other.items() if k != "next")):
+            break
+    shop.diag_steps += shop.real_steps - real0  # measurement, not training
+    shop.real_steps = real0
+    out = {"buy": ok[: n_buys // 2] + fail[: n_buys - n_buys // 2]}
+    out.update({k: v[:n_per_action] for k, v in other.items()})
+    return out
+
+
+def sft_key(t: dict) -> tuple:
+    return t["task"], tuple(t["hist"][-3:]), t["s"], t["a"]
+
+
+def exp_metrics(expm: ExperienceModel, buffer: ReplayBuffer, sets: dict[str, list[dict]], k: int,
+                demo_bytes: int) -> dict:
+    """M_exp on fresh real transitions (metric_transitions), by action type: exact next-state accuracy
+    (state_acc[type], with n[type]); on the purchases also reward accuracy (buy_acc), false successes (a failed
+    purchase called a success: false_success = fs / failed) and missed successes (missed = ms / succeeded)."""
+    flat = [t for typ in ACTION_TYPES for t in sets.get(typ, [])]
+    if not flat:
+        return {}
+    demos = buffer.retrieve([(t["s"], t["a"], t["ep"], t["task"]) for t in flat], k)
+    prompts = [exp_prompt(t["task"], t["hist"], [demo_text(d, demo_bytes) for d in ds], t["s"], t["a"])
+               for t, ds in zip(flat, demos)]
+    ans = expm.step(prompts)
+    acc: dict[str, list[float]] = {}
+    fs = nf = ms = ns = right = 0
+    for t, a in zip(flat, ans):
+        r_hat, s_hat = (a[2], a[1]) if a is not None else (0.0, FAILURE_STATE)
+        typ = action_type(t["a"])
+        acc.setdefault(typ, []).append(float(s_hat == t["s2"]))
+        if typ == "buy":
+            right += r_hat == t["r"]
+            if t["r"] == 0:
+                nf, fs = nf + 1, fs + (r_hat == 1)
+            else:
+                ns, ms = ns + 1, ms + (r_hat == 0)
+    nb = nf + ns
+    return {"buy_acc": right / nb if nb else None, "n_buys": nb, "false_success": fs / nf if nf else None,
+            "false_success_n": fs, "failed_buys": nf, "missed": ms / ns if ns else None, "missed_n": ms,
+            "ok_buys": ns, "state_acc": {k2: float(np.mean(v)) for k2, v in acc.items()},
+            "n": {k2: len(v) for k2, v in acc.items()}}
+
+
+def metric_sets(world: World, args) -> dict:
+    """The two measurement sets of M_exp (built once per world): "train" = fresh episodes on training tasks with
+    exact copies of SFT transitions removed (held-out transitions of training tasks), "new" = episodes on the
+    evaluation tasks (new tasks; measured only, never in the buffer)."""
+    if world.metric_sets is None:
+        rng, d0 = random.Random(f"metrics-{args.data_seed}"), world.shop.diag_steps
+        seen = {sft_key(t) for tr in world.offline for t in tr}
+        world.metric_sets = {
+            "train": metric_transitions(world.shop, world.train_tasks, args.n_metric_buys, args.n_metric_per_action,
+                                        rng, "mtr", exclude=seen),
+            "new": metric_transitions(world.shop, world.eval_tasks, args.n_metric_buys, args.n_metric_per_action,
+                                      rng, "mnew")}
+        world.metric_steps = world.shop.diag_steps - d0  # reported apart: not an arm's diagnostic steps
+        world.shop.diag_steps = d0
+    return world.metric_sets
+
+
+def hallucination_split(shop: ShopLite, trajs: list[Trajectory], n: int) -> dict:
+    """The last n synthetic successes replayed in the real env (diag steps). A replay that fails is a hallucinated
+    success; it is state-caused when some synthetic state before the final action differs from the real state
+    the same actions reach (counted by the type of the action that produced the first wrong state), else
+    reward-caused (every state right, the reward wrong). -> {rate, n, state, reward, first_wrong: {type: count}};
+    rate None without a synthetic success."""
     succ = [t for t in trajs if t.synthetic and t.reward >= 1][-n:]
+    out = dict(rate=None, n=len(succ), state=0, reward=0, first_wrong={})
     if not succ:
-        return None, 0
+        return out
     fails = 0
     for t in succ:
         ep = shop.reset(t.task, "halluc")
-        r = 0.0
-        for tr in t.transitions:
+        r, wrong = 0.0, None
+        for j, tr in enumerate(t.transitions):
             if ep.done:
                 break
+            if wrong is None and ep.state != tr["s"]:
+                wrong = action_type(t.transitions[j - 1]["a"]) if j else "reset"
             _, _, _, info = shop.step(ep, tr["a"], diag=True)
             r = info["success"]
-        fails += r < 1
-    return fails / len(succ), len(succ)
+        if r < 1:
+            fails += 1
+            if wrong is None:
+                out["reward"] += 1
+            else:
+                out["state"] += 1
+                out["first_wrong"][wrong] = out["first_wrong"].get(wrong, 0) + 1
+    out["rate"] = fails / len(succ)
+    return out
+
+
+def hallucination_rate(shop: ShopLite, trajs: list[Trajectory], n: int) -> tuple[float | None, int]:
+    """Share of the last n synthetic successes whose actions fail when replayed in the real env (diag
+    steps); (None, 0) without a synthetic success."""
+    h = hallucination_split(shop, trajs, n)
+    return h["rate"], h["n"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1706,7 +2024,7 @@ class Ctx:
     world_size: int = 1
 
 
-EXP_ARMS = ("dreamgym", "s2r", "no_retrieval", "no_reasoning", "no_curriculum")  # arms that roll out in M_exp
+EXP_ARMS = ("dreamgym", "s2r", "exp_states", "exp_reward", "no_retrieval", "no_reasoning", "no_curriculum")  # use M_exp
 
 
 def make_policy(args, device, seed: int):
@@ -1737,8 +2055,13 @@ def experience_model(world: World, args, variant: dict, device, exp_cache: dict)
     vkey = json.dumps(variant, sort_keys=True)
     if vkey not in exp_cache:
         expm, path = load_or_train_exp(world, args, variant, device)
-        err = exp_model_error(expm, make_buffer(world, args, set(world.eval_tasks)), world.heldout, variant["top_k"],
-                              args.demo_bytes, args.n_heldout_eval)
+        buf = make_buffer(world, args, set(world.eval_tasks))
+        err = exp_model_error(expm, buf, world.heldout, variant["top_k"], args.demo_bytes, args.n_heldout_eval)
+        if args.n_metric_buys > 0:
+            sets = metric_sets(world, args)
+            err.update(m_train=exp_metrics(expm, buf, sets["train"], variant["top_k"], args.demo_bytes),
+                       m_new=exp_metrics(expm, buf, sets["new"], variant["top_k"], args.demo_bytes),
+                       metric_real_steps=world.metric_steps)
         exp_cache[vkey] = (expm, path, err, dict(expm._memo))
     return exp_cache[vkey]
 
@@ -1821,7 +2144,11 @@ class ArmRun:
             self.expm.reset(memo, seed)  # an arm's M_exp answers depend on that arm only, not on earlier arms
             self.buffer = make_buffer(world, args, set(world.eval_tasks))
             self.n_offline = len(self.buffer.real)
-            self.dream = DreamWorld(self.expm, self.buffer, variant["top_k"], args.demo_bytes, args.horizon)
+            if arm == "exp_reward":  # diagnostic: true states, M_exp's reward
+                self.dream = ExpRewardWorld(world.shop, self.expm, self.buffer, variant["top_k"], args.demo_bytes)
+            else:  # exp_states (diagnostic): M_exp's states, the true reward
+                self.dream = DreamWorld(self.expm, self.buffer, variant["top_k"], args.demo_bytes, args.horizon,
+                                        reward="true" if arm == "exp_states" else "exp")
         self.real_w = RealWorld(world.shop)  # one real world per arm: its invalid-action counter spans the run
         self.n_syn_iters = args.iterations if self.uses_exp else 0
         self.n_real_iters = {"real_grpo": args.iterations, "s2r": 10 ** 6}.get(arm, 0)  # s2r: until its real cap
@@ -1989,9 +2316,10 @@ class ArmRun:
         ones join the pool (at most curr_seeds per iteration, 32 kept)."""
         with self.timer("curriculum"):
             seeds = curriculum_seeds(groups, self.args.curr_seeds)
-            cands = [c for cs in self.expm.gen_tasks(seeds, self.args.curr_candidates) for c in cs]
+            pairs = [(s, c) for s, cs in zip(seeds, self.expm.gen_tasks(seeds, self.args.curr_candidates)) for c in cs]
+            cands = [c for _, c in pairs]
             keep = curriculum_variants(cands, self.world.shop.catalogue, set(self.world.eval_tasks),
-                                       set(self.world.train_tasks) | set(self.syn_pool))
+                                       set(self.world.train_tasks) | set(self.syn_pool), seeds=[s for s, _ in pairs])
             self.syn_pool = (self.syn_pool + keep[: self.args.curr_seeds])[-32:]
         return dict(curr_candidates=len(cands), curr_kept=len(keep))
 
@@ -2016,8 +2344,8 @@ class ArmRun:
             self.curve.pop()
         self.evaluate(sampled=True)
         with self.timer("halluc_replay"):
-            halluc, n_h = hallucination_rate(self.world.shop, self.syn_trajs, self.args.n_halluc) if self.uses_exp \
-                else (None, 0)
+            hs = hallucination_split(self.world.shop, self.syn_trajs, self.args.n_halluc) if self.uses_exp else None
+        halluc, n_h = (hs["rate"], hs["n"]) if hs else (None, 0)
         batch = self.args.group_size * self.args.horizon * self.world_size
         if self.arm == "s2r" and self.real_cap < batch:
             tqdm.write(f"[{self.tag}] took no real step: its real cap {self.real_cap} is below one task's worst case "
@@ -2027,7 +2355,8 @@ class ArmRun:
         res = dict(arm=self.arm, seed=self.seed, real_success=g, real_success_sampled=s,
                    real_train_steps=self.real_steps_total(), offline_real_steps=self.world.offline_steps,
                    diag_real_steps=self.world.shop.diag_steps, iterations=self.it, halluc_success=halluc,
-                   halluc_n=n_h, syn_success_last=syn_last, syn_real_gap=syn_last - s if syn_last is not None else None,
+                   halluc_n=n_h, halluc_state=hs["state"] if hs else None, halluc_reward=hs["reward"] if hs else None,
+                   halluc_first_wrong=hs["first_wrong"] if hs else None, syn_success_last=syn_last, syn_real_gap=syn_last - s if syn_last is not None else None,
                    zero_var_share=float(np.mean(self.zero_var)) if self.zero_var else None, curve=self.curve,
                    real_budget=self.args.real_budget, real_step_cap=self.real_cap if self.cap_basis else None,
                    real_cap_basis=self.cap_basis, real_ref_steps=self.real_ref,
@@ -2091,9 +2420,8 @@ def results_table(results: list[dict]) -> str:
     arms = list(dict.fromkeys(r["arm"] for r in results))
     cols = [("real success (greedy)", "real_success"), ("real success (sampled)", "real_success_sampled"),
             ("new real steps", "real_train_steps"), ("real step cap", "real_step_cap"),
-            ("halluc. success", "halluc_success"), ("eps_R", "eps_R"),
-            ("false success", "false_success"), ("eps_P exact", "eps_P_exact"), ("zero-var groups", "zero_var_share"),
-            ("syn-real gap", "syn_real_gap"), ("M_exp malformed", "malformed"),
+            ("halluc. success", "halluc_success"), ("halluc.: state / reward-caused", "halluc_split"),
+            ("zero-var groups", "zero_var_share"), ("syn-real gap", "syn_real_gap"), ("M_exp malformed", "malformed"),
             ("inadmissible eval answers", "eval_invalid"), ("minutes", "minutes")]
     seeds = sorted({r["seed"] for r in results})
     caps = []  # DEVIATION(7): s2r's cap = s2r_frac x real_grpo's real steps of the seed, else x N
@@ -2118,8 +2446,10 @@ def results_table(results: list[dict]) -> str:
             elif k == "real_step_cap":
                 v = [x for x in vals if x is not None]
                 cells.append(f"{np.mean(v):.0f}" if v else "-")
-            elif k == "false_success" and rs[0].get("failed_buys"):  # a rate with its count (one M_exp per variant)
-                cells.append(f"{_ms(vals)} ({rs[0]['false_success_n']}/{rs[0]['failed_buys']})")
+            elif k == "halluc_split":  # hallucinated successes by cause, summed over seeds (hallucination_split)
+                st, rw = [r.get("halluc_state") for r in rs], [r.get("halluc_reward") for r in rs]
+                cells.append("-" if any(x is None for x in st + rw) or not sum(r.get("halluc_n") or 0 for r in rs)
+                             else f"{sum(st)} / {sum(rw)}")
             elif k == "malformed":  # M_exp replies unparsable after retries / M_exp calls, summed over seeds
                 cells.append(malformed_cell(rs))
             elif k == "eval_invalid":
@@ -2128,6 +2458,32 @@ def results_table(results: list[dict]) -> str:
                 cells.append(_ms(vals))
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def exp_table(results: list[dict]) -> str:
+    """M_exp's own errors, one row per M_exp and measurement set (fresh real transitions, metric_sets): purchase
+    accuracy on balanced purchases, false successes (failed purchases called a success) and missed successes
+    with their counts, exact next state per action type. '' when no arm measured an M_exp."""
+    rows, seen = [], set()
+    for r in results:
+        name = r.get("exp_model")
+        if not name or name in seen or not r.get("m_train"):
+            continue
+        seen.add(name)
+        arms = ",".join(dict.fromkeys(x["arm"] for x in results if x.get("exp_model") == name))
+        for label, key in (("held-out, training tasks", "m_train"), ("new tasks", "m_new")):
+            m = r[key]
+            acc = " | ".join(f"{m['state_acc'][t]:.2f} ({m['n'][t]})" if t in m["state_acc"] else "-"
+                             for t in ACTION_TYPES)
+            f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731 (no purchase of that kind)
+            rows.append(f"| {arms} | {label} | {f(m['buy_acc'])} ({m['n_buys']}) | {f(m['false_success'])} "
+                        f"({m['false_success_n']}/{m['failed_buys']}) | {f(m['missed'])} ({m['missed_n']}/"
+                        f"{m['ok_buys']}) | {acc} |")
+    if not rows:
+        return ""
+    head = ("| M_exp of | transitions | purchase acc. (n) | false success | missed success | "
+            + " | ".join(f"exact s' {t}" for t in ACTION_TYPES) + " |")
+    return "\n".join([head, "|---" * (5 + len(ACTION_TYPES)) + "|"] + rows) + "\n"
 
 
 def final_line(results: list[dict], wall_s: float, out_dir: str) -> str:
@@ -2233,13 +2589,14 @@ def train_exp_only(args, world: World, out_dir: str, device, rank: int, t_start:
     if args.exp_model_name_or_path:
         model, tok = C.load_lm(args.exp_model_name_or_path, device=device)
     buf = make_buffer(world, args, set(world.eval_tasks))
-    ex = exp_sft_examples(world.offline, buf, variant["top_k"], args.demo_bytes, variant["reasoning"],
-                          world.train_tasks, random.Random(args.data_seed), args.fail_oversample)
+    ex, val = exp_sft_data(world, args, variant)
     if not args.exp_model_name_or_path:
         model, tok = toy_exp_lm(args, [p + t for p, t in ex])
         model.to(device)
+    info: dict = {}
     losses = train_exp_model(model, tok, ex, args.exp_epochs, args.exp_learning_rate, args.exp_batch_size,
-                             args.data_seed, device)
+                             args.data_seed, device, val=val, eval_every=args.exp_eval_every,
+                             patience=args.exp_patience, info=info)
     if rank == 0:
         model.save_pretrained(os.path.join(out_dir, "exp_model"))
         tok.save_pretrained(os.path.join(out_dir, "exp_model"))
@@ -2247,7 +2604,7 @@ def train_exp_only(args, world: World, out_dir: str, device, rank: int, t_start:
                                args.exp_max_new_tokens, task_temperature=args.task_temperature)
         err = exp_model_error(expm, buf, world.heldout, variant["top_k"], args.demo_bytes, args.n_heldout_eval)
         C.write_json(os.path.join(out_dir, "summary.json"), json_clean(dict(
-            method="train_exp", final_loss=float(np.mean(losses[-10:])), examples=len(ex),
+            method="train_exp", final_loss=float(np.mean(losses[-10:])), examples=len(ex), sft=info,
             wall_s=time.time() - t_start, device=str(device), seed=args.data_seed, **err)))
         C.MetricLogger(out_dir).log(len(losses), **json_clean(dict(loss=float(np.mean(losses[-10:])), **err)))
         C.plot_metrics(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "dreamgym.png"),
@@ -2318,6 +2675,9 @@ def main(args):
         title = f"dreamgym | {model_name} | seed {','.join(map(str, seeds))}"
         plot_results(results, os.path.join(out_dir, "dreamgym.png"), title)
         table = results_table(results)
+        et = exp_table(results)
+        if et:
+            table += "\nM_exp on fresh real transitions (exact next state and reward; counts in brackets):\n\n" + et
         with open(os.path.join(out_dir, "table.md"), "w") as f:
             f.write(f"`python dreamgym.py {' '.join(sys.argv[1:])}`\n\n{table}")
         print(table)
@@ -2326,6 +2686,12 @@ def main(args):
             offline_real_steps=world.offline_steps, methods=methods, real_budget=args.real_budget,
             s2r_frac=args.s2r_frac,
             s2r_real_cap={r["seed"]: r.get("real_step_cap") for r in results if r["arm"] == "s2r"})))
+        if len(seeds) == 1:  # what one seed can show: its eval noise, measured from its own numbers
+            p = max(r["real_success"] for r in results)
+            se = math.sqrt(p * (1 - p) / max(1, args.n_eval_tasks))
+            print(f"note: one seed; a greedy success of {p:.2f} on {args.n_eval_tasks} eval tasks has a binomial standard "
+                  f"error of {se:.3f}, and policy seeds spread further; compare arms over seeds (--seeds 0,1,2, "
+                  f"README table) before reading a difference.")
         print(final_line(results, time.time() - t_start, out_dir), flush=True)
     C.ddp_cleanup()
 

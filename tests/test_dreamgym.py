@@ -1,8 +1,10 @@
 """Tests of dreamgym.py: ShopLite transitions and rewards on scripted episodes, GRPO advantages and
 clipping on hand values, the curriculum score, retrieval, eval isolation (real env only, eval tasks
 never in the buffer), the experience model through local OpenAI-compatible servers, one GRPO update
-and whole arms against plain references, bookkeeping by hand, bad input, the output-dir / resume
-policy, a smoke run; slow: kill -9 + --resume, torchrun, the real SmolLM2 checkpoint.
+and whole arms against plain references, bookkeeping by hand, the task variants, M_exp's metrics on
+fresh transitions, its cache key and early stopping, the hallucination split and one step of each
+diagnostic world, bad input, the output-dir / resume policy; slow: a smoke run, the diagnostic arms
+against dreamgym, kill -9 + --resume, torchrun, the real SmolLM2 checkpoint.
 
 One-line breaks of dreamgym.py each of which was made and watched to fail (test that catches it):
 - hallucination rate always 0 (`fails += 0`): test_hallucination_rate_hand_count, the dreamgym arm test
@@ -27,6 +29,18 @@ One-line breaks of dreamgym.py each of which was made and watched to fail (test 
 - make_tasks without its bound (an endless loop on a small catalogue): test_too_many_tasks_...
 - metrics rows after the checkpoint not cut; the curriculum pool, the buffer's additions or M_exp's memo
   left out of the checkpoint: test_kill9_and_resume_reach_the_uninterrupted_summary (slow)
+- M_task's SFT pairs back to "a random training task of the same category": test_sft_examples_oversample_...
+- the curriculum's variant check dropped (any feasible task kept): test_curriculum_keeps_only_variants_of_their_seed
+- task_variants adding a third attribute: test_task_variants_are_one_edit_feasible_variants_of_the_seed
+- exp_metrics counting false successes among successful purchases, or comparing the predicted state with the
+  source state: test_exp_metrics_per_action_and_balanced_purchases_hand_totals
+- the measurement purchases not balanced, or copies of SFT transitions kept: test_metric_transitions_...
+- offline data collected at --horizon, or --n_eval_tasks in the cache key: test_exp_cache_key_holds_only_...
+- early stopping not restoring the best weights, or ignoring --exp_patience: test_exp_early_stopping_...
+- the hallucination split calling every failure reward-caused, or naming the action after the first wrong state:
+  test_hallucination_rate_hand_count
+- exp_states paying M_exp's reward, exp_reward paying 0, true_success ignoring the selected size:
+  test_diagnostic_worlds_one_step_against_plain_rules (and the slow test_diagnostic_arms_differ_where_they_must)
 The old micro-batching test compared a mostly clipped update with itself; the update tests now check
 against the loop reference that the weights move and that some, not all, units are clipped.
 """
@@ -35,6 +49,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -194,6 +209,38 @@ def test_curriculum_rejects_eval_infeasible_and_unparsable_variants():
              "buy a shirt, under $90", "buy a red potato, under $5", "buy a blue shirt, under $30"]
     keep = D.curriculum_variants(cands, cat, ev, known={"buy a blue shirt, under $30"})
     assert keep == ["buy a red shirt, size M, under $30", "buy a shirt, under $90"]  # most constraints first
+
+
+def test_task_variants_are_one_edit_feasible_variants_of_the_seed():
+    """task_variants on the 4-product catalogue, by hand: one field changed, added or dropped (never the category,
+    at most 2 attributes), or the cap moved by 10; only variants some product satisfies."""
+    cat = _shop().catalogue  # 0 red cotton shirt S,M $25; 1 blue cotton shirt M $20; 2 red wool hat M $10; 3 red wool shirt L $45
+    got = D.task_variants("buy a red shirt, under $30", cat)
+    want = ["buy a shirt, under $30",  # colour dropped
+            "buy a blue shirt, under $30",  # colour changed (green, black, ... : no such shirt)
+            "buy a red cotton shirt, under $30",  # material added (wool shirt costs $45: infeasible)
+            "buy a red shirt, size S, under $30", "buy a red shirt, size M, under $30",  # size added (L: $45)
+            "buy a red shirt, under $40"]  # cap +10 (cap $20: no red shirt that cheap)
+    assert sorted(got) == sorted(want)
+    assert all(D.task_edits("buy a red shirt, under $30", v) == 1 for v in got)
+    # two attributes already: changes and drops, no third attribute; the forbidden (eval) task is left out
+    got = D.task_variants("buy a red cotton shirt, under $30", cat, forbidden={"buy a red shirt, under $30"})
+    assert sorted(got) == sorted(["buy a cotton shirt, under $30", "buy a blue cotton shirt, under $30",
+                                  "buy a red cotton shirt, under $40"])  # no size M added: it would be a third
+    assert D.task_variants("buy a red potato, under $5", cat) == []
+    assert D.task_edits("buy a red shirt, under $30", "buy a blue wool shirt, size L, under $50") == 4
+
+
+def test_curriculum_keeps_only_variants_of_their_seed():
+    """With the seed of each candidate: a task of the same category that changes 3 fields (what a 'random task
+    of the same category' is) or a different category is not a variant; 1-2 changed fields are."""
+    cat = _shop().catalogue
+    seed = "buy a red shirt, under $30"
+    cands = ["buy a red shirt, size M, under $30", "buy a blue cotton shirt, size M, under $20",
+             "buy a red hat, under $30", "buy a red cotton shirt, under $40"]
+    keep = D.curriculum_variants(cands, cat, set(), set(), seeds=[seed] * 4)
+    assert keep == ["buy a red shirt, size M, under $30", "buy a red cotton shirt, under $40"]
+    assert len(D.curriculum_variants(cands, cat, set(), set())) == 4  # without seeds: feasibility only
 
 
 # ---- retrieval, buffer and eval isolation ------------------------------------------------------------
@@ -485,7 +532,8 @@ def test_generate_mode_prompt_uses_instruction_and_chat_template():
 SMOKE = ["--iterations", "2", "--tasks_per_iter", "2", "--group_size", "2", "--n_products", "30",
          "--n_train_tasks", "20", "--n_eval_tasks", "6", "--n_expert", "10", "--n_random", "10",
          "--bc_trajectories", "20", "--bc_epochs", "4", "--exp_epochs", "0.1", "--exp_max_new_tokens", "24",
-         "--exp_layers", "1", "--exp_d_model", "32", "--eval_every", "1", "--n_heldout_eval", "4", "--horizon", "5"]
+         "--exp_layers", "1", "--exp_d_model", "32", "--eval_every", "1", "--n_heldout_eval", "4", "--horizon", "5",
+         "--n_metric_buys", "6", "--n_metric_per_action", "2"]
 
 
 # slow: a whole s2r subprocess run (~14 s); the arms run in-process against plain references in the default suite
@@ -505,6 +553,8 @@ def test_smoke_s2r_writes_outputs(tmp_path):
     assert {"rollout_policy", "world", "forward", "backward", "optimizer", "eval"} <= set(res["time_split"])
     assert res["arm"] == "s2r" and 0 < res["real_train_steps"] <= 40 and res["real_train_steps"] <= 0.1 * 400  # <= s2r_frac x N real steps
     assert res["offline_real_steps"] > 0 and "eps_R" in res
+    assert res["m_train"]["n_buys"] == res["m_new"]["n_buys"] == 6 and "M_exp on fresh real transitions" in summ["table"]
+    assert res["m_new"]["failed_buys"] == 3 and res["halluc_state"] is not None
     # real_grpo did not run in this invocation: s2r's cap is s2r_frac x N, logged with N
     assert (res["real_step_cap"], res["real_cap_basis"], res["real_budget"]) == (40, "N", 400)
     assert summ["real_budget"] == 400 and summ["s2r_real_cap"] == {"0": 40} and "real_grpo budget N = 400" in summ["table"]
@@ -694,26 +744,96 @@ def test_grpo_update_matches_plain_reference(pdbs, minibatches, beta):
 # ---- bookkeeping the table reports: hand totals -------------------------------------------------------
 
 
-def _traj(task, actions, reward, synthetic=True):
+# the real states of _shop() (written out by hand): "red shirt" finds products 0, 3 (2 words), 1, 2 (1 word)
+RESULTS = "results p1: [1] red cotton shirt $25 | [2] red wool shirt $45 | [3] blue cotton shirt $20 [next] [back]"
+ITEM0 = "item: red cotton shirt $25 sizes{S,M} [buy] [back]"
+ITEM3 = "item: red wool shirt $45 sizes{L} [buy] [back]"
+
+
+def _traj(task, actions, reward, synthetic=True, states=None):
+    """A recorded rollout; `states` = the state before each action (default: the real ones of _shop())."""
     t = D.Trajectory(task, "x", synthetic, reward=reward)
-    t.transitions = [dict(a=a) for a in actions]
+    if states is None:
+        shop, ep, states = _shop(), None, []
+        ep = shop.reset(task, "s")
+        for a in actions:
+            states.append(ep.state)
+            if not ep.done:
+                shop.step(ep, a)
+    t.transitions = [dict(a=a, s=s) for a, s in zip(actions, states)]
     return t
 
 
 def test_hallucination_rate_hand_count():
     """The last n synthetic successes are replayed in the real env: 2 of 3 fail (wrong colour bought;
-    an action inadmissible in the real env); real rollouts and synthetic failures are not counted."""
+    an action inadmissible in the real env); real rollouts and synthetic failures are not counted.
+    Split: the wrong-item buy saw only real states (reward-caused); the XL select came from a hallucinated
+    item page after click (state-caused, first wrong state made by `click`)."""
     shop = _shop()
     task = "buy a red shirt, size M, under $30"
     ok = ["search[red shirt]", "click[1]", "select[M]", "buy"]  # product 0: red cotton shirt, sizes S, M, $25
+    xl = ["search[red shirt]", "click[1]", "select[XL]", "buy"]
+    xl_states = [D.SEARCH_STATE, RESULTS, "item: red cotton shirt $25 sizes{S,M,XL} [buy] [back]",
+                 "item: red cotton shirt $25 sizes{S,M,XL} sel{XL} [buy] [back]"]  # M_exp invented size XL
     trajs = [_traj(task, ok, 1.0), _traj(task, ["search[red shirt]", "click[2]", "buy"], 1.0),  # red wool $45: fails
              _traj(task, ok, 1.0, synthetic=False), _traj(task, ok, 0.0),
-             _traj(task, ["search[red shirt]", "click[1]", "select[XL]", "buy"], 1.0)]  # XL not offered: inadmissible, fails there
+             _traj(task, xl, 1.0, states=xl_states)]  # XL not offered: inadmissible, fails there
+    assert [t.transitions[1]["s"] for t in trajs[:2]] == [RESULTS, RESULTS] and trajs[1].transitions[2]["s"] == ITEM3
     assert D.hallucination_rate(shop, trajs, 64) == (pytest.approx(2 / 3), 3)
     assert D.hallucination_rate(shop, trajs, 2) == (pytest.approx(1.0), 2)  # the last 2 successes both fail
     assert D.hallucination_rate(shop, trajs[:1], 64) == (0.0, 1)
     assert D.hallucination_rate(shop, [], 64) == (None, 0)
     assert shop.real_steps == 0 and shop.diag_steps == (4 + 3 + 3) + (3 + 3) + 4  # replays: diagnostic steps
+    h = D.hallucination_split(shop, trajs, 64)
+    assert (h["n"], h["state"], h["reward"], h["first_wrong"]) == (3, 1, 1, {"click": 1})
+    wrong_results = _traj(task, ["search[red shirt]", "click[1]", "buy"], 1.0,  # M_exp's page lists a $25 wool shirt
+                          states=[D.SEARCH_STATE, "results p1: [1] red wool shirt $25 [back]", ITEM0])
+    h = D.hallucination_split(shop, [wrong_results, trajs[1]], 64)
+    assert (h["rate"], h["state"], h["reward"], h["first_wrong"]) == (1.0, 1, 1, {"search": 1})
+
+
+def test_diagnostic_worlds_one_step_against_plain_rules():
+    """exp_states (DreamWorld reward="true"): M_exp's next state and done, the real rule's reward on M_exp's item
+    state; exp_reward (ExpRewardWorld): ShopLite's state (a real step), M_exp's reward on the purchase."""
+    task = "buy a red shirt, size M, under $30"
+    sel_state = "item: red wool shirt $25 sizes{M} sel{M} [buy] [back]"  # M_exp's (hallucinated) item page
+
+    def plain_true(task_words, state):  # the reward rule written out for this task: red, shirt, size M, <= $30
+        m = re.match(r"item: (\w+) (\w+) (\w+) \$(\d+) sizes\{([A-Z,]*)\}(?: sel\{(\w+)\})?", state)
+        if not m:
+            return 0.0
+        c, _, cat, price, sizes, sel = m.groups()
+        return float(c == "red" and cat == "shirt" and int(price) <= 30 and sel == "M" and "M" in sizes.split(","))
+
+    for state, want in ((sel_state, 1.0), (sel_state.replace("red", "blue"), 0.0),
+                        (sel_state.replace(" sel{M}", ""), 0.0), (sel_state.replace("$25", "$35"), 0.0)):
+        exp = RecordingExp()  # answers every buy with done, reward 1
+        dream = D.DreamWorld(exp, D.ReplayBuffer(), 0, 100, 10, reward="true")
+        ep = dream.reset(task, "e")
+        ep.state = state
+        (s2, r, d, _), = dream.step_batch([ep], ["buy"])
+        assert (s2, d, r) == (D.DONE_STATE, True, want) == (D.DONE_STATE, True, plain_true(task, state))
+        assert D.true_success(task, state) == want
+        plain = D.DreamWorld(RecordingExp(), D.ReplayBuffer(), 0, 100, 10)  # dreamgym: M_exp's reward
+        ep = plain.reset(task, "e")
+        ep.state = state
+        assert plain.step_batch([ep], ["buy"])[0][1] == 1.0
+    # a non-purchase step: M_exp's state, reward 0
+    dream = D.DreamWorld(RecordingExp(), D.ReplayBuffer(), 0, 100, 10, reward="true")
+    ep = dream.reset(task, "e")
+    assert dream.step_batch([ep], ["search[red shirt]"])[0][:3] == ("item: red cotton shirt $25 sizes{M} [buy] [back]",
+                                                                    0.0, False)
+    # exp_reward: real states, M_exp's reward (RecordingExp says every buy succeeds; the real buy of the $45 red
+    # wool shirt fails)
+    shop, exp = _shop(), RecordingExp()
+    world = D.ExpRewardWorld(shop, exp, D.ReplayBuffer(), 0, 100)
+    ep = world.reset(task, "e")
+    outs = [world.step_batch([ep], [a])[0] for a in ("search[red shirt]", "click[2]", "buy")]
+    assert [o[0] for o in outs] == [RESULTS, ITEM3, D.DONE_STATE] and [o[1] for o in outs] == [0.0, 0.0, 1.0]
+    assert exp.calls == 1 and shop.real_steps == 3 and world.synthetic  # only the purchase asks M_exp
+    real = _shop()
+    _, steps = _run(real, task, ["search[red shirt]", "click[2]", "buy"])
+    assert [o[0] for o in steps] == [o[0] for o in outs] and steps[-1][3]["success"] == 0.0
 
 
 class _TableExp(D.ExperienceModel):
@@ -764,6 +884,82 @@ def test_exp_model_error_hand_totals():
     assert err["buy_success_base"] == pytest.approx(2 / 5)
 
 
+def test_exp_metrics_per_action_and_balanced_purchases_hand_totals():
+    """exp_metrics: exact next state per action type, purchase accuracy, false successes among failed purchases
+    and missed successes among successful ones, on a hand-made set with a table M_exp."""
+    tasks = [f"buy a red shirt, under ${c}" for c in (30, 31, 32, 33, 34)]
+
+    def tr(task, a, s, s2, r):
+        return dict(task=task, ep=task + a, hist=[], s=s, a=a, s2=s2, r=r, d=float(s2 == D.DONE_STATE), R="",
+                    real=True)
+
+    sets = {"buy": [tr(tasks[0], "buy", ITEM0, D.DONE_STATE, 0.0), tr(tasks[1], "buy", ITEM0, D.DONE_STATE, 0.0),
+                    tr(tasks[4], "buy", ITEM0, D.DONE_STATE, 0.0),
+                    tr(tasks[2], "buy", ITEM0, D.DONE_STATE, 1.0), tr(tasks[3], "buy", ITEM0, D.DONE_STATE, 1.0)],
+            "search": [tr(tasks[0], "search[red shirt]", D.SEARCH_STATE, RESULTS, 0.0),
+                       tr(tasks[1], "search[red shirt]", D.SEARCH_STATE, RESULTS, 0.0)],
+            "click": [tr(tasks[0], "click[1]", RESULTS, ITEM0, 0.0)]}
+    table = {(tasks[0], "buy"): (D.DONE_STATE, 1), (tasks[1], "buy"): (D.DONE_STATE, 0),  # 1 false success of 3
+             (tasks[4], "buy"): (D.DONE_STATE, 0),
+             (tasks[2], "buy"): (D.FAILURE_STATE, 0), (tasks[3], "buy"): (D.DONE_STATE, 1),  # 1 missed, 1 wrong state
+             (tasks[0], "search[red shirt]"): (RESULTS, 0), (tasks[1], "search[red shirt]"): ("results p1: x", 0),
+             (tasks[0], "click[1]"): (ITEM3, 0)}
+    m = D.exp_metrics(_TableExp(table), D.ReplayBuffer(), sets, 0, 100)
+    assert (m["n_buys"], m["failed_buys"], m["ok_buys"]) == (5, 3, 2)
+    assert m["buy_acc"] == pytest.approx(3 / 5) and (m["false_success"], m["false_success_n"]) == (pytest.approx(1 / 3), 1)
+    assert (m["missed"], m["missed_n"]) == (0.5, 1)
+    assert m["state_acc"] == {"buy": 0.8, "search": 0.5, "click": 0.0} and m["n"] == {"buy": 5, "search": 2, "click": 1}
+
+
+def test_metric_transitions_are_balanced_fresh_and_diagnostic(tiny_world):
+    """The measurement set: n_buys purchases, exactly half failed; per-type quotas; copies of SFT transitions
+    left out; its real steps are diagnostic (training counter untouched)."""
+    w = tiny_world
+    seen = {D.sft_key(t) for tr in w.offline for t in tr}
+    real0, diag0 = w.shop.real_steps, w.shop.diag_steps
+    sets = D.metric_transitions(w.shop, w.train_tasks, 20, 5, random.Random(0), "m", exclude=seen)
+    assert [t["r"] for t in sets["buy"]] == [1.0] * 10 + [0.0] * 10
+    assert all(len(sets[k]) == 5 for k in ("search", "click", "back"))
+    assert all(D.action_type(t["a"]) == k for k, v in sets.items() for t in v)
+    assert not any(D.sft_key(t) in seen for v in sets.values() for t in v)
+    assert w.shop.real_steps == real0 and w.shop.diag_steps > diag0
+    w.shop.diag_steps = diag0
+
+
+def test_exp_cache_key_holds_only_what_changes_m_exp():
+    """--n_eval_tasks, --horizon and policy flags leave M_exp's data and recipe (the cache key) unchanged; its data,
+    architecture and recipe change it."""
+    base = TINY + ["--n_random", "4"]
+    key = lambda extra: D.exp_cache_key(D.build_world(D.parse_args(base + extra)), D.parse_args(base + extra),
+                                        {"top_k": 2, "reasoning": True})[0]
+    k0 = key([])
+    assert key(["--n_eval_tasks", "9"]) == k0 and key(["--horizon", "3"]) == k0  # 3 < the expert's 4 steps
+    assert key(["--iterations", "5", "--learning_rate", "1e-3", "--n_metric_buys", "10"]) == k0
+    assert key(["--n_expert", "11"]) != k0 and key(["--exp_layers", "1"]) != k0 and key(["--exp_patience", "3"]) != k0
+    assert key(["--n_train_tasks", "21"]) != k0
+
+
+def test_exp_early_stopping_keeps_the_best_weights(monkeypatch):
+    """Held-out loss every eval_every epochs; stop after `patience` evaluations without improvement; the weights
+    of the best evaluation are restored."""
+    model, tok = C.tiny_lm(n_layer=1, d_model=16, seed=0)
+    ex = [(f"p{i}", f"t{i}") for i in range(8)]  # 8 examples, batch 4: eval every 2 steps at eval_every 1 epoch
+    script, snaps = iter([3.0, 2.0, 2.5, 2.1, 1.0]), []
+
+    def fake_val(m, *a, **k):
+        snaps.append({n: t.detach().clone() for n, t in m.state_dict().items()})
+        return next(script)
+
+    monkeypatch.setattr(D, "exp_val_loss", fake_val)
+    info = {}
+    losses = D.train_exp_model(model, tok, ex, 10, 1e-2, 4, 0, "cpu", val=[("a", "b")], eval_every=1.0, patience=2,
+                               info=info)
+    assert len(losses) == info["steps"] == 8 and info["max_steps"] == 20 and info["stopped_early"]
+    assert info["val_curve"] == [(2, 3.0), (4, 2.0), (6, 2.5), (8, 2.1)] and info["best_step"] == 4
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in snaps[1].items())
+    assert not all(torch.equal(model.state_dict()[n], t) for n, t in snaps[3].items())
+
+
 def test_sft_examples_oversample_failed_purchases_and_add_task_pairs():
     """--fail_oversample 3: each failed purchase appears 3 times, successful ones once; plus
     len(transitions) // 6 M_task pairs (a train task -> another train task of its category)."""
@@ -773,16 +969,20 @@ def test_sft_examples_oversample_failed_purchases_and_add_task_pairs():
     trajs = [[tr("a", "search[red shirt]", "results p1: x [back]", 0.0), tr("a", "buy", D.DONE_STATE, 1.0)],
              [tr("b", "buy", D.DONE_STATE, 0.0)], [tr("c", "buy", D.DONE_STATE, 0.0)],
              [tr("d", "search[red shirt]", "results p1: y [back]", 0.0)] * 4]
-    train = ["buy a red shirt, under $30", "buy a blue shirt, under $40", "buy a hat, under $9"]
+    train = ["buy a red shirt, under $30", "buy a blue shirt, under $40", "buy a red hat, under $20"]
+    cat = _shop().catalogue
     for over, n_fail in ((3, 6), (1, 2)):
-        ex = D.exp_sft_examples(trajs, D.ReplayBuffer(), 0, 100, True, train, random.Random(0), over)
+        ex = D.exp_sft_examples(trajs, D.ReplayBuffer(), 0, 100, True, train, random.Random(0), over, catalogue=cat)
         flat = 8 + 2 * (over - 1)
         assert len(ex) == flat + flat // 6
         assert sum(p.endswith("act: buy\n>") and "<reward>0</reward>" in t for p, t in ex) == n_fail
         assert sum(p.endswith("act: buy\n>") and "<reward>1</reward>" in t for p, t in ex) == 1
-        pairs = [(p, t) for p, t in ex if p.startswith("<gen_task>")]
+        pairs = [(p[11:-2], t) for p, t in ex if p.startswith("<gen_task>")]
         assert len(pairs) == flat // 6
-        assert all(D.parse_task(t).category == D.parse_task(p[11:-2]).category for p, t in pairs)
+        # M_task's targets are feasible one-edit variants of their seed (not another task of the category)
+        assert all(t in D.task_variants(p, cat) and D.task_edits(p, t) == 1 for p, t in pairs)
+    assert not any(p.startswith("<gen_task>") for p, _ in  # no catalogue (an --offline_file run): no M_task pairs
+                   D.exp_sft_examples(trajs, D.ReplayBuffer(), 0, 100, True, train, random.Random(0), 1))
     no_r = D.exp_sft_examples(trajs, D.ReplayBuffer(), 0, 100, False, train, random.Random(0), 1)
     assert not any("<think>" in t for _, t in no_r) and any("<think>" in t for _, t in ex)  # no_reasoning target
 
@@ -819,7 +1019,7 @@ def test_ablation_variants():
 
 def rule_answer(prompt: str) -> tuple[str, float, float]:
     """A rule experience model: a fixed result page and item; a purchase 'succeeds' iff a size was
-    selected (it hallucinates: the real env decides). Reads only its prompt."""
+    selected or the last 3 actions clicked item 2 (it hallucinates: the real env decides). Reads only its prompt."""
     act = [ln[5:] for ln in prompt.splitlines() if ln.startswith("act: ")][0]
     item = "item: red cotton shirt $25 sizes{S,M}"
     if act.startswith("search[") or act == "next":
@@ -830,8 +1030,9 @@ def rule_answer(prompt: str) -> tuple[str, float, float]:
         return f"{item} sel{{{act[7:-1]}}} [buy] [back]", 0.0, 0.0
     if act == "back":
         return D.SEARCH_STATE, 0.0, 0.0
-    success = "sel{" in [ln[7:] for ln in prompt.splitlines() if ln.startswith("state: ")][0]
-    return D.DONE_STATE, float(success), 1.0  # a purchase 'succeeds' iff a size was selected
+    hist = [ln[6:] for ln in prompt.splitlines() if ln.startswith("hist: ")][0].split(";")
+    success = "sel{" in [ln[7:] for ln in prompt.splitlines() if ln.startswith("state: ")][0] or "click[2]" in hist
+    return D.DONE_STATE, float(success), 1.0  # a purchase 'succeeds' iff a size was selected or item 2 clicked
 
 
 def rule_variant(seed_task: str) -> str:
@@ -915,7 +1116,7 @@ def test_dreamgym_arm_matches_plain_reference(recorded, tiny_world):
     evals = [(w, t, tr) for w, t, tr in recorded if not getattr(w, "synthetic", False)]
     assert len(train) == 3 and len(rows) == 3 and all(isinstance(w, D.DreamWorld) for w, _, _ in train)
     assert all(w.diag for w, _, _ in evals) and len(evals) == 1 + 1 + 2  # iter 0, iter 2, final greedy + sampled
-    pool, share, zv_all, succ_all = [], [], [], []
+    pool, zv_all, succ_all = [], [], []
     for k, ((_, tasks, trajs), row) in enumerate(zip(train, rows)):
         rewards = [t.reward for t in trajs]
         groups = [(tasks[g], rewards[g * G:(g + 1) * G]) for g in range(len(tasks))]
@@ -1021,6 +1222,54 @@ def test_arm_defining_flags_change_the_result(recorded, tiny_world):
     assert _strip(res) != _strip(base)
     res, rows, _, _ = _run_arm("dreamgym", ["--buffer_add", "none"], world=world)
     assert rows[-1]["real_demo_share"] == 1.0 and _strip(res) != _strip(base)
+
+
+@pytest.mark.slow
+def test_diagnostic_arms_differ_where_they_must(recorded, tiny_world):
+    """exp_states (M_exp's states, true reward) and exp_reward (true states, M_exp's reward) against dreamgym on the
+    same rule M_exp (it invents the result page and item, and pays any purchase after a size select or a click on
+    item 2): every exp_states success replayed in the real env fails only through a wrong state; every
+    exp_reward success only through a wrong reward; exp_reward takes real steps (the real env gives its states),
+    exp_states none; each arm's rewards equal the plain rule on its own recorded transitions."""
+    base, _, world, _ = _run_arm("dreamgym", world=tiny_world)
+    recorded.clear()
+    st, _, _, _ = _run_arm("exp_states", world=world)
+    syn = [tr for w, _, trs in recorded if getattr(w, "synthetic", False) for tr in trs]
+    for t in syn:  # the true reward of M_exp's states, recomputed: the last state before `buy` must satisfy the task
+        last = t.transitions[-1]
+        want = float(last["a"] == "buy" and last["d"] == 1.0 and D.satisfies(
+            D.parse_task(t.task), _product_of(last["s"])) and _size_ok(t.task, last["s"]))
+        assert t.reward == want
+    assert st["real_train_steps"] == 0 and st["halluc_reward"] == 0 and st["halluc_state"] >= 0
+    recorded.clear()
+    rw, _, _, _ = _run_arm("exp_reward", world=world)
+    syn = [tr for w, _, trs in recorded if isinstance(w, D.ExpRewardWorld) for tr in trs]
+    assert syn and rw["real_train_steps"] == sum(len(t.transitions) for t in syn)  # every step was real
+    for t in syn:  # states are ShopLite's: replaying the actions gives the same states
+        shop = D.ShopLite(world.shop.catalogue, 3, 5)
+        ep = shop.reset(t.task)
+        for x in t.transitions:
+            assert ep.state == x["s"]
+            shop.step(ep, x["a"])
+        hist = [x["a"] for x in t.transitions][-4:-1]
+        want = float(t.transitions[-1]["a"] == "buy" and ("sel{" in t.transitions[-1]["s"] or "click[2]" in hist))
+        assert t.reward == want  # the rule M_exp's reward on the real state
+    assert rw["halluc_state"] == 0 and rw["halluc_n"] > 0 and rw["halluc_reward"] == round(rw["halluc_success"] * rw["halluc_n"])
+    assert base["halluc_state"] > 0  # dreamgym: the rule's invented pages do cause wrong states
+    assert len({json.dumps(_strip(x), sort_keys=True) for x in (base, st, rw)}) == 3
+
+
+def _product_of(state):
+    m = re.match(r"item: (\w+) (\w+) (\w+) \$(\d+) sizes\{([A-Z,]*)\}", state)
+    if not m:
+        return D.Product(-1, "", "", "", (), 10 ** 6)
+    c, mat, cat, price, sizes = m.groups()
+    return D.Product(-1, cat, c, mat, tuple(sizes.split(",")), int(price))
+
+
+def _size_ok(task, state):
+    t = D.parse_task(task)
+    return t.size is None or f"sel{{{t.size}}}" in state
 
 
 # ---- bad input: one line, exit 2, nothing written -----------------------------------------------------
@@ -1198,7 +1447,7 @@ def test_kill9_and_resume_reach_the_uninterrupted_summary(tmp_path):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, os.path.join(ROOT, "dreamgym.py"), "--method", "real_grpo,dreamgym,s2r", *TINY,
                "--iterations", "4", "--eval_every", "2", "--exp_api_base", url, "--exp_api_model", "rule",
-               "--real_budget", "2000"]
+               "--real_budget", "2000", "--n_metric_buys", "6", "--n_metric_per_action", "2"]
         full, cut = tmp_path / "full", tmp_path / "cut"
         r = subprocess.run(cmd + ["--output_dir", str(full)], capture_output=True, text=True, cwd=ROOT, env=env,
                            timeout=300)
