@@ -140,7 +140,6 @@ summary.json as an uninterrupted run. It refuses a directory without a checkpoin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import fcntl
@@ -1376,20 +1375,7 @@ def score_actions_pairs(policy, tok, prompts: list[str], action_lists: list[list
     return score_mode_logp(seq, [len(a) for a in action_lists])
 
 
-class PhaseTimer:
-    """Seconds per named phase of an iteration, so a user sees where a training step's time goes without a
-    profiler: `with timer("forward"): ...`; `timer.seconds` = {phase: seconds}."""
-
-    def __init__(self, seconds: dict | None = None):
-        self.seconds = dict(seconds or {})
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+PhaseTimer = C.PhaseTimer  # seconds per named phase of an iteration (rollout_policy, logp_old, forward, ...)
 
 
 @dataclasses.dataclass
@@ -2191,7 +2177,7 @@ class ArmRun:
         self.syn_succ, self.syn_trajs, self.eval_invalid = list(d["syn_succ"]), list(d["syn_trajs"]), d["eval_invalid"]
         self.world.shop.real_steps, self.world.shop.diag_steps = d["real_steps"], d["diag_steps"]
         self.real_w.stats = dict(d["real_stats"])
-        self.timer = PhaseTimer(d["timer"])
+        self.timer = PhaseTimer(seconds=d["timer"])
         self.elapsed = d["elapsed"]
         if self.uses_exp:
             self.dream.stats = dict(d["dream_stats"])
