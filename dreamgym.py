@@ -1836,6 +1836,14 @@ def load_or_train_exp(world: World, args, variant: dict, device):
                            args.exp_max_new_tokens, args.exp_retries, task_temperature=args.task_temperature), path
 
 
+def predict_transitions(expm: ExperienceModel, buffer: ReplayBuffer, transitions: list[dict], k: int,
+                        demo_bytes: int) -> list:
+    """M_exp's answer (or None) for each real transition, with its k retrieved demos, as during training."""
+    demos = buffer.retrieve([(t["s"], t["a"], t["ep"], t["task"]) for t in transitions], k)
+    return expm.step([exp_prompt(t["task"], t["hist"], [demo_text(d, demo_bytes) for d in ds], t["s"], t["a"])
+                      for t, ds in zip(transitions, demos)])
+
+
 def exp_model_error(expm: ExperienceModel, buffer: ReplayBuffer, heldout: list[list[dict]], k: int, demo_bytes: int,
                     n_max: int) -> dict:
     """eps_R = mean |r_hat - r|, false-success rate on failed purchases, buy accuracy, and eps_P proxies
@@ -1846,10 +1854,7 @@ def exp_model_error(expm: ExperienceModel, buffer: ReplayBuffer, heldout: list[l
     sample = buys[: n_max // 2] + rest[: n_max - min(len(buys), n_max // 2)]
     if not sample:
         return {}
-    demos = buffer.retrieve([(t["s"], t["a"], t["ep"], t["task"]) for t in sample], k)
-    prompts = [exp_prompt(t["task"], t["hist"], [demo_text(d, demo_bytes) for d in ds], t["s"], t["a"])
-               for t, ds in zip(sample, demos)]
-    ans = expm.step(prompts)
+    ans = predict_transitions(expm, buffer, sample, k, demo_bytes)
     err, exact, f1, fs, nf, acc, nb = [], [], [], 0, 0, 0, 0
     for t, a in zip(sample, ans):
         r_hat, s_hat = (a[2], a[1]) if a is not None else (0.0, FAILURE_STATE)
@@ -1915,10 +1920,7 @@ def exp_metrics(expm: ExperienceModel, buffer: ReplayBuffer, sets: dict[str, lis
     flat = [t for typ in ACTION_TYPES for t in sets.get(typ, [])]
     if not flat:
         return {}
-    demos = buffer.retrieve([(t["s"], t["a"], t["ep"], t["task"]) for t in flat], k)
-    prompts = [exp_prompt(t["task"], t["hist"], [demo_text(d, demo_bytes) for d in ds], t["s"], t["a"])
-               for t, ds in zip(flat, demos)]
-    ans = expm.step(prompts)
+    ans = predict_transitions(expm, buffer, flat, k, demo_bytes)
     acc: dict[str, list[float]] = {}
     fs = nf = ms = ns = right = 0
     for t, a in zip(flat, ans):
