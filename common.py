@@ -1245,6 +1245,17 @@ def read_jsonl(path: str, keys: Sequence[str] = (), with_lines: bool = False) ->
     return rows
 
 
+def mean_std(xs: Iterable, fmt: str = "{:.3f}", ddof: int = 1) -> str:
+    """A table cell over seeds: "mean ± std" (std with `ddof`: 1 = sample std), the value alone for one
+    value, "-" for none; None and NaN entries (a metric a run did not log) are left out."""
+    v = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return fmt.format(v[0])
+    return f"{fmt.format(float(np.mean(v)))} ± {fmt.format(float(np.std(v, ddof=ddof)))}"
+
+
 def plot_metrics(jsonl_path: str, png_path: str, keys: Sequence[str] | None = None, title: str = "",
                  x: str = "step") -> str:
     """One subplot per metric (all numeric keys by default) against `x`; Agg backend; returns png_path."""

@@ -2388,11 +2388,6 @@ def run_arm(arm: str, seed: int, args, world: World, exp_cache: dict, logger, ba
 # ---------------------------------------------------------------------------------------------
 
 
-def _ms(vals) -> str:
-    v = [x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not v:
-        return "-"
-    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
 
 def malformed_cell(rs: list[dict]) -> str:
@@ -2443,7 +2438,7 @@ def results_table(results: list[dict]) -> str:
             elif k == "eval_invalid":
                 cells.append(f"{sum(vals)}")
             else:
-                cells.append(_ms(vals))
+                cells.append(C.mean_std(vals, ddof=0))
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1627,11 +1627,6 @@ def run_table(args):
     print(md, flush=True)
 
 
-def _ms(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
 def table_rows(summaries: dict, ops: str, seeds: list[int]) -> list[tuple[str, dict]]:
@@ -1669,8 +1664,8 @@ def write_table(summaries: dict, sets: list[str], seeds: list[int], out: str) ->
         parts.append("| arm | " + " | ".join(TEST_SETS) + " | routing acc | switches / response |")
         parts.append("|---" * (len(TEST_SETS) + 3) + "|")
         for lab, col in rows:
-            parts.append(f"| {lab} | " + " | ".join(_ms(col[k]) for k in TEST_SETS) + f" | {_ms(col['route_acc'])} | "
-                         f"{_ms(col['switches'])} |")
+            parts.append(f"| {lab} | " + " | ".join(C.mean_std(col[k]) for k in TEST_SETS) + f" | {C.mean_std(col['route_acc'])} | "
+                         f"{C.mean_std(col['switches'])} |")
         mins = {name: np.mean([summaries[f"{ops}-{name}-s{s}"]["wall_time_s"] / 60 for s in seeds if f"{ops}-{name}-s{s}" in summaries])
                 for name, _ in TABLE_RUNS if any(f"{ops}-{name}-s{s}" in summaries for s in seeds)}
         parts.append("\nminutes per run: " + ", ".join(f"{k} {v:.1f}" for k, v in mins.items()) + "\n")

@@ -1799,12 +1799,6 @@ def final_kl_ref(run_dir: str, last: int = 10) -> float | None:
     return float(np.mean(kls[-last:])) if kls else None
 
 
-def _ms(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    m = float(np.mean(xs))
-    return f"{m:.3f} ± {float(np.std(xs, ddof=1)):.3f}" if len(xs) > 1 else f"{m:.3f}"
 
 
 def _per_update(xs, steps: int) -> str:
@@ -1833,12 +1827,12 @@ def write_table(results: list[dict], out_dir: str) -> str:
         rs = rows[key]
         res = [r["after"] for r in rs]
         steps = max(1, rs[0]["steps"])
-        lines.append(f"| {key[0]} | {key[1]} | {','.join(str(r['seed']) for r in rs)} | {_ms([x['acc_greedy'] for x in res])} | "
-                     f"{_ms([x['acc_sample'] for x in res])} | {_ms([x.get('acc_ood') for x in res])} | "
+        lines.append(f"| {key[0]} | {key[1]} | {','.join(str(r['seed']) for r in rs)} | {C.mean_std([x['acc_greedy'] for x in res])} | "
+                     f"{C.mean_std([x['acc_sample'] for x in res])} | {C.mean_std([x.get('acc_ood') for x in res])} | "
                      f"{np.mean([r['teacher_tokens'] for r in rs]) / steps:.0f} | "
                      f"{_per_update([r.get('teacher_prompt_tokens') for r in rs], steps)} | "
                      f"{np.mean([r['student_tokens'] for r in rs]) / steps:.0f} | "
-                     f"{_ms([r.get('kl_ref_end') for r in rs])} | "
+                     f"{C.mean_std([r.get('kl_ref_end') for r in rs])} | "
                      f"{np.mean([r['wall_time_s'] for r in rs]) / 60:.1f} |")
     md = "\n".join(lines) + "\n"
     os.makedirs(out_dir, exist_ok=True)

@@ -1964,11 +1964,6 @@ def run_arm(arm, seed, args, world, logger, bar, device, out_dir, log_step, eval
 # ---------------------------------------------------------------------------------------------
 
 
-def _ms(vals, fmt="{:.3f}") -> str:
-    v = [x for x in vals if x is not None]
-    if not v:
-        return "-"
-    return (fmt + " ± " + fmt).format(np.mean(v), np.std(v)) if len(v) > 1 else fmt.format(v[0])
 
 
 def results_table(results: list[dict]) -> str:
@@ -1989,14 +1984,14 @@ def results_table(results: list[dict]) -> str:
         cells = []
         for name, f in cols:
             if f is None:
-                cells.append(f"{_ms([r['train_reward_first'] for r in rs], '{:.2f}')} → "
-                             f"{_ms([r['train_reward_last'] for r in rs], '{:.2f}')}" if rs[0]["steps"] else "-")
+                cells.append(f"{C.mean_std([r['train_reward_first'] for r in rs], '{:.2f}', ddof=0)} → "
+                             f"{C.mean_std([r['train_reward_last'] for r in rs], '{:.2f}', ddof=0)}" if rs[0]["steps"] else "-")
             elif name in ("steps", "executions", "cache hits", "masked"):
-                cells.append(_ms([f(r) for r in rs], "{:.0f}"))
+                cells.append(C.mean_std([f(r) for r in rs], "{:.0f}", ddof=0))
             elif name == "minutes":
-                cells.append(_ms([f(r) for r in rs], "{:.1f}"))
+                cells.append(C.mean_std([f(r) for r in rs], "{:.1f}", ddof=0))
             else:
-                cells.append(_ms([f(r) for r in rs]))
+                cells.append(C.mean_std([f(r) for r in rs], ddof=0))
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1315,12 +1315,6 @@ def run_table(args):
     write_table(results, args.output_dir)
 
 
-def _ms(xs, fmt="{:.3f}") -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    m = float(np.mean(xs))
-    return (fmt.format(m) + " ± " + fmt.format(float(np.std(xs, ddof=1)))) if len(xs) > 1 else fmt.format(m)
 
 
 TABLE_COLUMNS = [("greedy acc (id)", lambda r: r["after"].get("acc_greedy")),
@@ -1350,7 +1344,7 @@ def write_table(results: Sequence[dict], out_dir: str) -> str:
     lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 4)]
     groups = table_rows(results)
     for (st, lab), rs in groups:
-        cells = [_ms([f(r) for r in rs], "{:.1f}" if "kept" in c else "{:.3f}") for c, f in TABLE_COLUMNS]
+        cells = [C.mean_std([f(r) for r in rs], "{:.1f}" if "kept" in c else "{:.3f}") for c, f in TABLE_COLUMNS]
         lines.append(f"| {st} | {lab} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells)
                      + f" | {np.mean([r['wall_time_s'] for r in rs]) / 60:.1f} |")
     md = "\n".join(lines) + "\n"

@@ -1226,11 +1226,6 @@ def run_table(args):
     print(md, flush=True)
 
 
-def _ms(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
 def table_rows(summaries: dict, prefix: str, seeds: list[int]) -> list[tuple[str, dict]]:
@@ -1276,8 +1271,8 @@ def write_table(summaries: dict, seeds: list[int], out: str) -> str:
         parts.append("|---" * (len(doms) + 5) + "|")
         for lab, col in rows:
             picked = ", ".join(str(p) for p in col.get("picked", [])) or ""
-            parts.append(f"| {lab} | " + " | ".join(_ms(col[d]) for d in doms) + " | " +
-                         " | ".join(_ms(col.get(k, [])) for k in ("mean_alpha", "alpha_carry", "alpha_other")) +
+            parts.append(f"| {lab} | " + " | ".join(C.mean_std(col[d]) for d in doms) + " | " +
+                         " | ".join(C.mean_std(col.get(k, [])) for k in ("mean_alpha", "alpha_carry", "alpha_other")) +
                          f" | {picked} |")
         mins = [summaries[f"{prefix}-s{s}"]["wall_time_s"] / 60 for s in seeds if f"{prefix}-s{s}" in summaries]
         parts.append(f"\nminutes per run: {np.mean(mins):.1f}\n")

@@ -125,6 +125,15 @@ def test_autocast_modes(monkeypatch):
         C.autocast("cpu", "fp16")
 
 
+def test_mean_std_cells():
+    """Hand values: sample std by default ([1, 2, 4]: mean 2.333, sample std 1.528, population std 1.247), the value
+    alone for one run, '-' for none, None / NaN left out."""
+    assert C.mean_std([1, 2, 4]) == "2.333 ± 1.528"
+    assert C.mean_std([1, 2, 4], ddof=0) == "2.333 ± 1.247"
+    assert C.mean_std([0.5, None, float("nan"), 0.7], "{:.2f}") == "0.60 ± 0.14"
+    assert C.mean_std([3], "{:.1f}") == "3.0" and C.mean_std([None]) == "-" and C.mean_std([]) == "-"
+
+
 def test_phase_timer_accumulates_per_phase_and_take_resets():
     import time as _time
 
