@@ -368,16 +368,17 @@ def load_lm(name_or_path: str, dtype: torch.dtype | str | None = None, device: t
     return model, tok
 
 
-def bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 384):
+def bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 384, words: bool = False):
     """A small byte-level BPE tokenizer trained in memory (no files, no download): the 'other
     tokenizer' of the toy world, so a method that compares token logits across models cannot use
     a teacher built with it. vocab_size counts the 256 byte symbols and 3 specials: merges are
-    learned only above 259."""
+    learned only above 259. words=True splits the text GPT-2 style (words, numbers, punctuation)
+    before merging, so no token spans two words: a small corpus' words become whole tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=words)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -388,11 +389,13 @@ def bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 384):
 
 
 def tiny_lm(n_layer: int = 2, d_model: int = 64, n_head: int = 4, tokenizer: str = "byte", max_positions: int = 512,
-            seed: int = 0, bpe_corpus: Iterable[str] | None = None, bpe_vocab_size: int = 384):
+            seed: int = 0, bpe_corpus: Iterable[str] | None = None, bpe_vocab_size: int = 384,
+            bpe_words: bool = False):
     """A randomly initialised LlamaForCausalLM and a tokenizer that needs no files.
 
     tokenizer="byte": ByT5Tokenizer (bytes; 384 ids). tokenizer="bpe": a BPE tokenizer trained in
-    memory on `bpe_corpus` (different vocabulary and segmentation from the byte one).
+    memory on `bpe_corpus` (different vocabulary and segmentation from the byte one; bpe_words: whole
+    words, see bpe_tokenizer).
     Returns (model, tokenizer), like load_lm; `model.save_pretrained(d); tok.save_pretrained(d)`
     gives a directory that `load_lm(d)` reloads exactly as it would a hub model.
     """
@@ -402,7 +405,8 @@ def tiny_lm(n_layer: int = 2, d_model: int = 64, n_head: int = 4, tokenizer: str
         tok = ByT5Tokenizer()
         tok.padding_side = "left"
     elif tokenizer == "bpe":
-        tok = bpe_tokenizer(bpe_corpus if bpe_corpus is not None else toy_corpus(2000, seed=seed), bpe_vocab_size)
+        tok = bpe_tokenizer(bpe_corpus if bpe_corpus is not None else toy_corpus(2000, seed=seed), bpe_vocab_size,
+                            words=bpe_words)
     else:
         raise UserError(f"unknown tokenizer kind '{tokenizer}'; use 'byte' or 'bpe'")
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d_model, intermediate_size=4 * d_model,

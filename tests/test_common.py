@@ -279,6 +279,17 @@ def test_bpe_tokenizer_differs_from_byte():
     assert bpe_tok.get_vocab() != byte_tok.get_vocab()
 
 
+def test_bpe_tokenizer_words_never_spans_two_words():
+    corpus = ["buy a red cotton shirt, size M, under $30", "results p1: [1] red cotton shirt $25 [back]"] * 50
+    words = C.bpe_tokenizer(corpus, vocab_size=400, words=True)
+    merged = C.bpe_tokenizer(corpus, vocab_size=400)
+    text = "buy a red cotton shirt, size M"
+    toks = words.tokenize(text)
+    assert toks == ["buy", "Ġa", "Ġred", "Ġcotton", "Ġshirt", ",", "Ġsize", "ĠM"]  # whole words, one token each
+    assert words.decode(words(text, add_special_tokens=False)["input_ids"]) == text
+    assert any("Ġ" in t.strip("Ġ") for t in merged.tokenize(text))  # without the pre-split, merges span words
+
+
 def test_load_lm_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(C.UserError, match="does not exist"):
         C.load_lm(str(tmp_path / "nope"))

@@ -1224,6 +1224,37 @@ def test_arm_defining_flags_change_the_result(recorded, tiny_world):
     assert rows[-1]["real_demo_share"] == 1.0 and _strip(res) != _strip(base)
 
 
+def test_policy_tokenizer_words_and_flag_changes_the_result(tiny_world):
+    """The toy policy's word tokenizer: every prompt and admissible action of the tiny world round-trips exactly
+    (score mode sums the log-probs of exactly these ids), the prompts are >= 2x shorter than bytes, the
+    tokenizer is the same for every policy seed, and --policy_tokenizer byte gives another warm start."""
+    args = D.parse_args(TINY)
+    p0, tok = D.make_policy(args, torch.device("cpu"), 0, tiny_world)
+    _, tok1 = D.make_policy(args, torch.device("cpu"), 1, tiny_world)
+    assert tok.get_vocab() == tok1.get_vocab() and len(tok) < 600
+    texts = [(D.policy_prompt(t["task"], t["s"]), D.admissible(t["s"], t["task"]))
+             for tr in tiny_world.offline + tiny_world.heldout for t in tr]
+    n_word = n_byte = 0
+    for prompt, acts in texts:
+        for x in [prompt] + acts:
+            ids = tok(x, add_special_tokens=False)["input_ids"]
+            assert tok.decode(ids) == x and tok.unk_token_id not in ids
+        assert not any("Ġ" in t.lstrip("Ġ") for t in tok.tokenize(prompt))  # no token spans two words
+        n_word += len(tok(prompt, add_special_tokens=False)["input_ids"])
+        n_byte += len(prompt.encode())
+    assert n_word * 2 < n_byte
+    ctx_w = D.Ctx(args, tiny_world.shop, *D.warm_start_policy(args, tiny_world, torch.device("cpu"), 0),
+                  torch.device("cpu"))
+    bargs = D.parse_args(TINY + ["--policy_tokenizer", "byte"])
+    pb, tb = D.warm_start_policy(bargs, tiny_world, torch.device("cpu"), 0)
+    assert len(tb) == 384 and len(ctx_w.tok) == len(tok)
+    acts = D.admissible(D.SEARCH_STATE, tiny_world.eval_tasks[0])
+    prompt = D.policy_prompt(tiny_world.eval_tasks[0], D.SEARCH_STATE)
+    lw = D.score_actions(ctx_w.policy, ctx_w.tok, [prompt], [acts], torch.device("cpu"))[0]
+    lb = D.score_actions(pb, tb, [prompt], [acts], torch.device("cpu"))[0]
+    assert not torch.allclose(lw, lb, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_diagnostic_arms_differ_where_they_must(recorded, tiny_world):
     """exp_states (M_exp's states, true reward) and exp_reward (true states, M_exp's reward) against dreamgym on the
@@ -1291,6 +1322,7 @@ def _size_ok(task, state):
     (["--n_expert", "0", "--n_random", "0"], "--n_expert + --n_random"),
     (["--method", "real_grpo", "--real_budget", "50"], "--real_budget 50"),
     (["--method", "s2r", "--real_budget", "500"], "real cap"),
+    (["--model_name_or_path", "p", "--policy_tokenizer", "byte"], "--policy_tokenizer"),
 ])
 def test_validate_args_refuses_bad_flags(flags, names):
     with pytest.raises(C.UserError) as e:
@@ -1301,6 +1333,13 @@ def test_validate_args_refuses_bad_flags(flags, names):
 def test_validate_args_accepts_the_defaults_and_the_table():
     for flags in ([], ["--table"], ["--method", "real_grpo,s2r"], ["--method", "train_exp"], SMOKE):
         D.validate_args(D.parse_args(flags))
+    a = D.parse_args(["--table"])  # --table: every arm x 3 seeds at the README table's scale
+    assert (a.method.split(","), a.seeds, a.iterations, a.tasks_per_iter, a.real_budget, a.eval_every) == (
+        list(D.ARMS), "0,1,2", 40, 8, 20000, 10)
+    a = D.parse_args(["--table", "--iterations", "5"])  # a flag given explicitly wins
+    assert (a.iterations, a.tasks_per_iter) == (5, 8)
+    a = D.parse_args([])
+    assert (a.iterations, a.tasks_per_iter, a.real_budget, a.eval_every) == (12, 4, 5000, 4)
 
 
 def test_bad_input_exits_2_in_seconds_with_nothing_written(tmp_path):
