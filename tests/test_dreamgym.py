@@ -578,6 +578,8 @@ def test_malformed_and_invalid_counts_reach_table_and_final_line():
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
     assert "M_exp malformed" in rows["arm"] and "| 4/100 (4.0%) | 2 |" in rows["dreamgym"]
     assert "| - | 1 |" in rows["bc"]
+    # mean ± sample std over seeds (ddof 1, as the other files' tables): 0.5, 0.25 -> 0.375 ± 0.177
+    assert rows["dreamgym"].split("|")[2].strip() == "0.375 ± 0.177"
     line = D.final_line(results, 90.0, "out")
     assert line == ("done in 1.5 min: real success bc 0.500, dreamgym 0.375 (M_exp malformed 4/100 (4.0%)); "
                     "inadmissible eval answers 3  (out)")
