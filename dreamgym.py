@@ -22,8 +22,8 @@ Equations implemented (numbering of this file; the paper's Eq. 4-7 where they ex
 
 Toy world (CPU, minutes): ShopLite, a web-shop-like text environment (search, result pages,
 items with sizes, buy) with the WebShop-style attribute reward; M_exp and the policy are tiny
-HF Llama models trained here (M_exp on a 1,024-id BPE, the policy on whole words). The same code path takes any HF model or an
-OpenAI-compatible endpoint as M_exp, and any HF causal LM as the policy.
+HF Llama models trained here (M_exp on a 1,024-id BPE, the policy on whole words). The same code path
+takes any HF model or an OpenAI-compatible endpoint as M_exp, and any HF causal LM as the policy.
 
 Arms (--method, comma-separated; same warm-started policy, same number of synthetic/real policy
 updates): real_grpo (GRPO in the real env, stopped at --real_budget N real steps), dreamgym (all
@@ -248,8 +248,8 @@ def parse_args(argv=None):
     p.add_argument("--model_name_or_path", default=None,
                    help="policy (default: a tiny Llama, 2 layers d 64, trained here from BC on)")
     p.add_argument("--policy_tokenizer", default="word", choices=["word", "byte"],
-                   help="toy policy's tokenizer: word = BPE on whole words of ShopLite text (~2.5x fewer tokens); "
-                        "byte = bytes (spec)")
+                   help="toy policy's tokenizer: word = BPE on whole words of ShopLite text (~2.9x fewer tokens "
+                        "than bytes); byte = bytes (spec)")
     p.add_argument("--action_mode", default="score", choices=["score", "generate"], help="Eq. (7) or free text")
     p.add_argument("--max_action_tokens", type=int, default=None,
                    help="generate mode: max new tokens of one policy answer (default 32 for the toy policy, "
@@ -2045,7 +2045,7 @@ def policy_corpus(world: World, n: int = 300) -> list[str]:
 def make_policy(args, device, seed: int, world: World | None = None):
     """The policy: an HF model (--model_name_or_path) or the toy one (2 layers, d 64). DEVIATION(9): the toy
     policy reads whole words (a BPE with a word pre-split, trained in memory on policy_corpus) unless
-    --policy_tokenizer byte; its sequences are ~2.5x shorter than bytes, so its GRPO updates are faster."""
+    --policy_tokenizer byte; its prompts are ~2.9x shorter than bytes, so a GRPO iteration is ~3.5x faster."""
     if args.model_name_or_path:
         policy, tok = C.load_lm(args.model_name_or_path, device=device)
     elif args.policy_tokenizer == "byte" or world is None:
