@@ -1252,13 +1252,9 @@ class DreamWorld:
                 self.stats["invalid"] += 1
             else:
                 ask.append(i)
-        demos = self.buffer.retrieve([(eps[i].state, actions[i], eps[i].ep_id, eps[i].task) for i in ask], self.k)
-        prompts = [exp_prompt(eps[i].task, eps[i].history, [demo_text(d, self.demo_bytes) for d in ds], eps[i].state,
-                              actions[i]) for i, ds in zip(ask, demos)]
-        for ds in demos:
-            self.stats["demos"] += len(ds)
-            self.stats["real_demos"] += sum(bool(d.get("real")) for d in ds)
-        answers = self.expm.step(prompts) if prompts else []
+        answers = predict_transitions(self.expm, self.buffer, [dict(task=eps[i].task, hist=eps[i].history,
+                                      s=eps[i].state, a=actions[i], ep=eps[i].ep_id) for i in ask], self.k,
+                                      self.demo_bytes, self.stats)
         for i, ans in zip(ask, answers):
             if ans is None:
                 self.stats["malformed"] += 1
@@ -1306,13 +1302,10 @@ class ExpRewardWorld:
             out.append([s2, 0.0, d, {"valid": info["valid"], "R": ""}])
             if a == "buy" and info["valid"]:
                 ask.append(i)
-        demos = self.buffer.retrieve([(pre[i][0], actions[i], eps[i].ep_id, eps[i].task) for i in ask], self.k)
-        prompts = [exp_prompt(eps[i].task, pre[i][1], [demo_text(d, self.demo_bytes) for d in ds], pre[i][0],
-                              actions[i]) for i, ds in zip(ask, demos)]
-        for ds in demos:
-            self.stats["demos"] += len(ds)
-            self.stats["real_demos"] += sum(bool(d.get("real")) for d in ds)
-        for i, ans in zip(ask, self.expm.step(prompts) if prompts else []):
+        answers = predict_transitions(self.expm, self.buffer, [dict(task=eps[i].task, hist=pre[i][1], s=pre[i][0],
+                                      a=actions[i], ep=eps[i].ep_id) for i in ask], self.k, self.demo_bytes,
+                                      self.stats)
+        for i, ans in zip(ask, answers):
             self.stats["malformed"] += ans is None
             out[i][1] = ans[2] if ans is not None else 0.0
             out[i][3]["R"] = ans[0] if ans is not None else ""
@@ -1857,9 +1850,16 @@ def load_or_train_exp(world: World, args, variant: dict, device):
 
 
 def predict_transitions(expm: ExperienceModel, buffer: ReplayBuffer, transitions: list[dict], k: int,
-                        demo_bytes: int) -> list:
-    """M_exp's answer (or None) for each real transition, with its k retrieved demos, as during training."""
+                        demo_bytes: int, stats: dict | None = None) -> list:
+    """M_exp's answer (R, s', r, d) or None for each transition (dicts with task, hist, s, a, ep), with its k
+    retrieved demos (own episode excluded), as in SFT: the one prompt path of the synthetic worlds and of the
+    M_exp metrics. `stats` (a world's counters) gets the number of demos and of real ones among them."""
+    if not transitions:
+        return []
     demos = buffer.retrieve([(t["s"], t["a"], t["ep"], t["task"]) for t in transitions], k)
+    if stats is not None:
+        stats["demos"] += sum(len(ds) for ds in demos)
+        stats["real_demos"] += sum(bool(d.get("real")) for ds in demos for d in ds)
     return expm.step([exp_prompt(t["task"], t["hist"], [demo_text(d, demo_bytes) for d in ds], t["s"], t["a"])
                       for t, ds in zip(transitions, demos)])
 
@@ -2009,12 +2009,6 @@ def hallucination_split(shop: ShopLite, trajs: list[Trajectory], n: int) -> dict
     return out
 
 
-def hallucination_rate(shop: ShopLite, trajs: list[Trajectory], n: int) -> tuple[float | None, int]:
-    """Share of the last n synthetic successes whose actions fail when replayed in the real env (diag
-    steps); (None, 0) without a synthetic success."""
-    h = hallucination_split(shop, trajs, n)
-    return h["rate"], h["n"]
-
 
 # ---------------------------------------------------------------------------------------------
 # ---- training: one arm x seed, in named phases ----
@@ -2042,13 +2036,13 @@ def policy_corpus(world: World, n: int = 300) -> list[str]:
             for tr in world.offline[:n] for t in tr]
 
 
-def make_policy(args, device, seed: int, world: World | None = None):
+def make_policy(args, device, seed: int, world: World):
     """The policy: an HF model (--model_name_or_path) or the toy one (2 layers, d 64). DEVIATION(9): the toy
     policy reads whole words (a BPE with a word pre-split, trained in memory on policy_corpus) unless
     --policy_tokenizer byte; its prompts are ~2.9x shorter than bytes, so a GRPO iteration is ~3.5x faster."""
     if args.model_name_or_path:
         policy, tok = C.load_lm(args.model_name_or_path, device=device)
-    elif args.policy_tokenizer == "byte" or world is None:
+    elif args.policy_tokenizer == "byte":
         policy, tok = C.tiny_lm(n_layer=2, d_model=64, seed=seed)
         policy.to(device)
     else:
@@ -2378,7 +2372,8 @@ class ArmRun:
                    real_train_steps=self.real_steps_total(), offline_real_steps=self.world.offline_steps,
                    diag_real_steps=self.world.shop.diag_steps, iterations=self.it, halluc_success=halluc,
                    halluc_n=n_h, halluc_state=hs["state"] if hs else None, halluc_reward=hs["reward"] if hs else None,
-                   halluc_first_wrong=hs["first_wrong"] if hs else None, syn_success_last=syn_last, syn_real_gap=syn_last - s if syn_last is not None else None,
+                   halluc_first_wrong=hs["first_wrong"] if hs else None, syn_success_last=syn_last,
+                   syn_real_gap=syn_last - s if syn_last is not None else None,
                    zero_var_share=float(np.mean(self.zero_var)) if self.zero_var else None, curve=self.curve,
                    real_budget=self.args.real_budget, real_step_cap=self.real_cap if self.cap_basis else None,
                    real_cap_basis=self.cap_basis, real_ref_steps=self.real_ref,
@@ -2420,8 +2415,6 @@ def run_arm(arm: str, seed: int, args, world: World, exp_cache: dict, logger, ba
 # ---------------------------------------------------------------------------------------------
 # ---- table and plot ----
 # ---------------------------------------------------------------------------------------------
-
-
 
 
 def malformed_cell(rs: list[dict]) -> str:

@@ -354,7 +354,8 @@ def test_eval_uses_only_real_env_and_eval_tasks_never_enter_buffer():
     with pytest.raises(ValueError):
         buf.add([t for tr in evil for t in tr.transitions])
     # the stub's "successes" are hallucinations when replayed in the real env (it claims every buy succeeds)
-    rate, n = D.hallucination_rate(world.shop, trajs, 64)
+    h = D.hallucination_split(world.shop, trajs, 64)
+    rate, n = h["rate"], h["n"]
     assert n == sum(t.reward >= 1 for t in trajs) and 0.0 <= rate <= 1.0
 
 
@@ -781,10 +782,14 @@ def test_hallucination_rate_hand_count():
              _traj(task, ok, 1.0, synthetic=False), _traj(task, ok, 0.0),
              _traj(task, xl, 1.0, states=xl_states)]  # XL not offered: inadmissible, fails there
     assert [t.transitions[1]["s"] for t in trajs[:2]] == [RESULTS, RESULTS] and trajs[1].transitions[2]["s"] == ITEM3
-    assert D.hallucination_rate(shop, trajs, 64) == (pytest.approx(2 / 3), 3)
-    assert D.hallucination_rate(shop, trajs, 2) == (pytest.approx(1.0), 2)  # the last 2 successes both fail
-    assert D.hallucination_rate(shop, trajs[:1], 64) == (0.0, 1)
-    assert D.hallucination_rate(shop, [], 64) == (None, 0)
+    def rate(ts, n):
+        h = D.hallucination_split(shop, ts, n)
+        return h["rate"], h["n"]
+
+    assert rate(trajs, 64) == (pytest.approx(2 / 3), 3)
+    assert rate(trajs, 2) == (pytest.approx(1.0), 2)  # the last 2 successes both fail
+    assert rate(trajs[:1], 64) == (0.0, 1)
+    assert rate([], 64) == (None, 0)
     assert shop.real_steps == 0 and shop.diag_steps == (4 + 3 + 3) + (3 + 3) + 4  # replays: diagnostic steps
     h = D.hallucination_split(shop, trajs, 64)
     assert (h["n"], h["state"], h["reward"], h["first_wrong"]) == (3, 1, 1, {"click": 1})
